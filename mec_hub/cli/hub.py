@@ -1,0 +1,23 @@
+"""``mec-hub``: published models, conversion, publishing, evaluation, search and plots."""
+
+from __future__ import annotations
+
+import click
+
+from mec_hub import __version__
+from mec_hub.cli.common import show_warnings_briefly
+from mec_hub.cli.models import convert_cmd, download_cmd, info_cmd, list_cmd, push_cmd
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mec-hub")
+def main() -> None:
+    """Maximum Entropy Coding models: list, fetch, convert, publish, evaluate."""
+    show_warnings_briefly()
+
+
+for command in (list_cmd, info_cmd, download_cmd, convert_cmd, push_cmd):
+    main.add_command(command)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""``mec-hub list | info | download | convert | push``: the model registry and publishing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from mec_hub.cli.common import UserError, friendly_errors
+
+
+@click.command("list")
+@click.argument("pattern", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the records as JSON.")
+@friendly_errors
+def list_cmd(pattern: str | None, as_json: bool) -> None:
+    """List the published models (optionally those matching a shell PATTERN like '*resnet*')."""
+    from mec_hub.registry import list_models, model_info
+
+    names = list_models(pattern)
+    if as_json:
+        click.echo(json.dumps([model_info(n).to_dict() for n in names], indent=2))
+        return
+    for name in names:
+        rec = model_info(name)
+        top1 = rec.meta.get("linear_top1") or rec.meta.get("knn_top1")
+        metric = f"{'linear' if 'linear_top1' in rec.meta else 'kNN'} top-1 {top1}%" if top1 else ""
+        verified = "sha256 known" if rec.sha256 else "UNVERIFIED"
+        where = "bundled" if rec.bundled else ("hub" if rec.hf_repo_id or rec.url else "no location")
+        click.echo(f"{name:<28} {rec.architecture:<12} D={rec.embed_dim:<5} {where:<8} {verified:<12} {metric}")
+
+
+@click.command("info")
+@click.argument("name")
+@friendly_errors
+def info_cmd(name: str) -> None:
+    """Show everything known about model NAME (record, locations, digests) as JSON."""
+    from mec_hub.registry import model_info
+
+    click.echo(json.dumps(model_info(name).to_dict(), indent=2))
+
+
+@click.command("download")
+@click.argument("name")
+@click.option("--weights", "weights", help="Fetch from here instead of the published location.")
+@click.option("--head", type=click.Choice(["backbone", "projector"]), default="backbone", show_default=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Hugging Face cache folder.")
+@friendly_errors
+def download_cmd(name: str, weights: str | None, head: str, cache_dir: str | None) -> None:
+    """Download and verify model NAME into the cache, so that later runs work offline."""
+    from mec_hub.registry import model_info
+    from mec_hub.sources import fetch_weights, parse_weights_spec
+
+    record = model_info(name)
+    specs = [parse_weights_spec(weights)] if weights else [parse_weights_spec(s) for s in record.locations()]
+    if not specs:
+        raise UserError(f"model {name!r} has no published location; set {record.source_env_var} or pass --weights")
+    local = fetch_weights(specs[0], record=record, want_projector=head == "projector", cache_dir=cache_dir)
+    click.echo(f"{name}: {local.model_file}")
+    click.echo(f"sha256 {local.sha256}")
+
+
+@click.command("convert")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder to write.")
+@click.option("--arch", default=None, help="timm architecture (default: from the checkpoint, else resnet50).")
+@click.option("--from", "source", type=click.Choice(["student", "teacher"]), default="student", show_default=True,
+              help="Which network of an MEC checkpoint to export.")
+@click.option("--name", default=None, help="Model name recorded in config.json and the model card.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@friendly_errors
+def convert_cmd(checkpoint: str, out_dir: str, arch: str | None, source: str, name: str | None, overwrite: bool) -> None:
+    """Convert an MEC CHECKPOINT (official .pth.tar, training checkpoint or state dict) to safetensors."""
+    from mec_hub.convert import convert_checkpoint
+
+    result = convert_checkpoint(checkpoint, out_dir, arch=arch, source=source, name=name, overwrite=overwrite)
+    click.echo(f"read {checkpoint} ({result.layout}); wrote {result.folder}")
+    if result.dropped:
+        click.echo(f"dropped classifier keys: {', '.join(result.dropped)}")
+    for fname, digest in result.digests.items():
+        click.echo(f"  {fname}  sha256 {digest}")
+    click.echo("registry fields: " + json.dumps({
+        "architecture": result.config.architecture,
+        "embed_dim": result.config.num_features,
+        "sha256": result.digests.get("model.safetensors"),
+        "projector_sha256": result.digests.get("projector.safetensors"),
+    }))
+
+
+@click.command("push")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--repo-id", required=True, help="Hugging Face repo, e.g. org/mec_resnet50.in1k_ep100.")
+@click.option("--private", is_flag=True, help="Create the repo as private.")
+@click.option("--revision", default=None, help="Branch to push to (default: main).")
+@click.option("--message", "commit_message", default=None, help="Commit message.")
+@click.option("--dry-run", is_flag=True, help="List what would be uploaded and stop.")
+@click.option("--endpoint", default=None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co).")
+@friendly_errors
+def push_cmd(folder: str, repo_id: str, private: bool, revision: str | None, commit_message: str | None,
+             dry_run: bool, endpoint: str | None) -> None:
+    """Upload a converted FOLDER to the Hugging Face Hub (after checking its files against config.json)."""
+    from mec_hub.publish import push_folder
+
+    result = push_folder(
+        Path(folder), repo_id, private=private, revision=revision, commit_message=commit_message,
+        dry_run=dry_run, endpoint=endpoint,
+    )
+    for fname, size, digest in result.files:
+        click.echo(f"  {fname:<24} {size:>12,d} bytes  sha256 {digest}")
+    if dry_run:
+        click.echo(f"dry run: would upload {len(result.files)} files to {repo_id}; nothing was sent")
+    else:
+        click.echo(f"pushed to {result.url} (commit {result.commit})")
+        click.echo(f"pin it: hf_repo_id={repo_id!r}, hf_revision={result.commit!r}")

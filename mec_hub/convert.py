@@ -1,0 +1,271 @@
+"""Convert MEC checkpoints into the published folder format.
+
+Three layouts are read, always with ``torch.load(weights_only=True)`` (no arbitrary pickles):
+
+* the authors' checkpoint: ``{"epoch", "arch", "state_dict", "optimizer"}`` whose state dict
+  holds ``module.encoder.*`` (torchvision ResNet, ``fc`` = the 3-layer projector),
+  ``module.predictor.*`` and ``module.teacher.*`` (EMA copy of the encoder);
+* checkpoints written by ``training/pretrain.py`` (``format: mec-hub-train/1``);
+* a plain backbone state dict (timm/torchvision keys; a classifier ``fc`` is dropped).
+
+The output folder holds ``model.safetensors`` (headless backbone, timm keys, no ``fc``),
+``projector.safetensors`` when the source has a projector, ``config.json`` (timm format) and a
+model card ``README.md``. It loads with ``timm.create_model("local-dir:DIR", pretrained=True)``
+and with ``mec_hub.load(weights=DIR)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from mec_hub.errors import CheckpointReadError, IncompatibleWeightsError
+from mec_hub.fileio import atomic_directory
+from mec_hub.heads import build_projector
+from mec_hub.hubformat import (
+    CARD_FILE,
+    CONFIG_FILE,
+    METADATA_KEY,
+    MODEL_FILE,
+    PROJECTOR_FILE,
+    HubConfig,
+)
+from mec_hub.integrity import sha256_file
+from mec_hub.modelcard import render_model_card
+from mec_hub.modeling import build_backbone, load_state_dict_strict
+from mec_hub.registry import Preprocessing, ProjectorSpec
+
+TRAIN_FORMAT = "mec-hub-train/1"
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass
+class ExtractedWeights:
+    """What a checkpoint yields: backbone and projector tensors plus what is known about them."""
+
+    architecture: str
+    backbone: dict[str, torch.Tensor]
+    projector: dict[str, torch.Tensor] | None
+    layout: str
+    model_args: dict[str, Any] = field(default_factory=dict)
+    stem: str = "default"
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    meta: dict[str, Any] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    folder: Path
+    config: HubConfig
+    digests: dict[str, str]
+    layout: str
+    dropped: list[str]
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> Mapping[str, Any]:
+    """``torch.load(weights_only=True)`` with errors that say what is wrong with the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointReadError(f"{path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointReadError(f"{path}: the file is empty")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointReadError(
+            f"{path}: refused to unpickle: the checkpoint holds Python objects that cannot be loaded "
+            f"safely with weights_only=True ({str(exc).splitlines()[0]})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise CheckpointReadError(
+            f"{path}: not a readable PyTorch checkpoint, corrupted or truncated ({str(exc).splitlines()[0]})"
+        ) from None
+    if not isinstance(obj, Mapping):
+        raise CheckpointReadError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    return obj
+
+
+def _strip_wrappers(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix) :], True
+    return key
+
+
+def _tensors(state: Mapping[str, Any], *, origin: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointReadError(f"{origin}: entry {key!r} of the state dict is not a tensor")
+        out[_strip_wrappers(key)] = value
+    return out
+
+
+def _select(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _split_encoder(encoder: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Official encoder keys -> (backbone without ``fc``, projector = what was ``fc.*``)."""
+    backbone = {k: v for k, v in encoder.items() if not k.startswith("fc.")}
+    projector = _select(encoder, "fc.")
+    return backbone, projector
+
+
+def extract_weights(
+    checkpoint: Mapping[str, Any], *, source: str = "student", arch: str | None = None, origin: str = "checkpoint"
+) -> ExtractedWeights:
+    """Find the backbone (and projector) of ``source`` ("student" or "teacher") in any supported layout."""
+    if source not in ("student", "teacher"):
+        raise ValueError(f"source must be 'student' or 'teacher', not {source!r}")
+
+    if checkpoint.get("format") == TRAIN_FORMAT:
+        state = _tensors(checkpoint["model"], origin=origin)
+        backbone = _select(state, f"{source}.backbone.")
+        projector = _select(state, f"{source}.projector.")
+        if not backbone:
+            raise CheckpointReadError(f"{origin}: no {source}.backbone.* weights in this training checkpoint")
+        info = checkpoint.get("export", {})
+        return ExtractedWeights(
+            architecture=arch or str(checkpoint["arch"]),
+            backbone=backbone,
+            projector=projector or None,
+            layout="mec-hub training checkpoint",
+            model_args=dict(checkpoint.get("model_args") or {}),
+            stem=str(checkpoint.get("stem") or "default"),
+            preprocessing=Preprocessing.from_pretrained_cfg(info.get("preprocessing") or {}),
+            meta={**dict(info.get("meta") or {}), "converted_from": f"{source} (backbone + projector)"},
+        )
+
+    raw = checkpoint.get("state_dict", checkpoint.get("model", checkpoint))
+    if not isinstance(raw, Mapping):
+        raise CheckpointReadError(f"{origin}: no state dict found (keys: {', '.join(map(str, checkpoint))})")
+    state = _tensors(raw, origin=origin)
+    official_prefix = "encoder." if source == "student" else "teacher."
+    if any(k.startswith(("encoder.", "teacher.")) for k in state):
+        encoder = _select(state, official_prefix)
+        if not encoder:
+            raise CheckpointReadError(f"{origin}: no {official_prefix}* weights for --from {source}")
+        backbone, projector = _split_encoder(encoder)
+        meta: dict[str, Any] = {"converted_from": f"official MEC checkpoint, {source} ({official_prefix[:-1]}.*)"}
+        if isinstance(checkpoint.get("epoch"), int):
+            meta["epochs"] = checkpoint["epoch"]
+        return ExtractedWeights(
+            architecture=arch or str(checkpoint.get("arch") or "resnet50"),
+            backbone=backbone,
+            projector=projector or None,
+            layout="official MEC checkpoint",
+            meta=meta,
+        )
+
+    if source == "teacher":
+        raise CheckpointReadError(f"{origin}: a plain state dict has no teacher; drop --from teacher")
+    for prefix in ("backbone.", "encoder."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = _select(state, prefix)
+    dropped = sorted(k for k in state if k.startswith("fc."))
+    backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    return ExtractedWeights(
+        architecture=arch or str(checkpoint.get("arch") or "resnet50"),
+        backbone=backbone,
+        projector=None,
+        layout="plain state dict",
+        meta={"converted_from": "plain backbone state dict"},
+        dropped=dropped,
+    )
+
+
+def _check_projector(projector: dict[str, torch.Tensor], *, origin: str) -> ProjectorSpec:
+    try:
+        first, last = projector["0.weight"], projector["6.weight"]
+    except KeyError as exc:
+        raise IncompatibleWeightsError(f"{origin}: projector lacks {exc.args[0]!r}; not an MEC projector") from None
+    spec = ProjectorSpec(in_dim=first.shape[1], hidden_dim=first.shape[0], out_dim=last.shape[0])
+    module = build_projector(spec.in_dim, spec.hidden_dim, spec.out_dim)
+    load_state_dict_strict(module, projector, origin=origin, target="MEC projector")
+    return spec
+
+
+def _contiguous(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared or strided storage; clone gives each tensor its own.
+    return {k: v.detach().to("cpu").clone().contiguous() for k, v in sorted(state.items())}
+
+
+def write_hub_folder(
+    extracted: ExtractedWeights,
+    out_dir: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    overwrite: bool = False,
+    origin: str = "checkpoint",
+    extra_meta: Mapping[str, Any] | None = None,
+) -> ConversionResult:
+    """Validate the tensors against the architecture and write the folder atomically."""
+    backbone_module = build_backbone(extracted.architecture, extracted.model_args, extracted.stem)
+    load_state_dict_strict(
+        backbone_module, extracted.backbone, origin=origin, target=f"{extracted.architecture} backbone"
+    )
+    projector_spec = _check_projector(extracted.projector, origin=origin) if extracted.projector else None
+    num_features = int(backbone_module.num_features)
+    if projector_spec is not None and projector_spec.in_dim != num_features:
+        raise IncompatibleWeightsError(
+            f"{origin}: projector takes {projector_spec.in_dim} features, the backbone gives {num_features}"
+        )
+    meta = {**extracted.meta, **dict(extra_meta or {})}
+    config = HubConfig(
+        architecture=extracted.architecture,
+        num_features=num_features,
+        preprocessing=extracted.preprocessing,
+        model_args=extracted.model_args,
+        projector=projector_spec,
+        stem=extracted.stem,
+        name=name,
+        meta=meta,
+    )
+    # One metadata key only: safetensors writes several in hash order, which would make the
+    # digest of the same weights differ from one conversion to the next.
+    header = {METADATA_KEY: json.dumps(config.to_json_dict(), sort_keys=True)}
+    out_dir = Path(out_dir)
+    try:
+        with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+            save_file(_contiguous(extracted.backbone), str(tmp / MODEL_FILE), metadata=header)
+            digests = {MODEL_FILE: sha256_file(tmp / MODEL_FILE)}
+            if extracted.projector is not None:
+                save_file(_contiguous(extracted.projector), str(tmp / PROJECTOR_FILE), metadata=header)
+                digests[PROJECTOR_FILE] = sha256_file(tmp / PROJECTOR_FILE)
+            config = config.with_files(digests)
+            (tmp / CONFIG_FILE).write_text(json.dumps(config.to_json_dict(), indent=2) + "\n", encoding="utf-8")
+            (tmp / CARD_FILE).write_text(render_model_card(config, layout=extracted.layout), encoding="utf-8")
+    except FileExistsError:
+        raise CheckpointReadError(f"{out_dir} already exists; pass --overwrite to replace it") from None
+    return ConversionResult(out_dir, config, digests, extracted.layout, extracted.dropped)
+
+
+def convert_checkpoint(
+    checkpoint: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    arch: str | None = None,
+    source: str = "student",
+    name: str | None = None,
+    overwrite: bool = False,
+    extra_meta: Mapping[str, Any] | None = None,
+) -> ConversionResult:
+    """Read ``checkpoint`` (any supported layout) and write the hub folder ``out_dir``."""
+    origin = str(checkpoint)
+    extracted = extract_weights(read_checkpoint(checkpoint), source=source, arch=arch, origin=origin)
+    meta = {"source_checkpoint": Path(checkpoint).name, **dict(extra_meta or {})}
+    return write_hub_folder(extracted, out_dir, name=name, overwrite=overwrite, origin=origin, extra_meta=meta)

@@ -1,0 +1,95 @@
+"""``mec_hub.load``: a verified, headless MEC encoder from any weights spec."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from safetensors.torch import load_file
+
+from mec_hub.errors import CheckpointReadError
+from mec_hub.hubformat import HubConfig
+from mec_hub.modeling import MECEncoder, build_encoder, load_state_dict_strict
+from mec_hub.registry import ModelRecord, model_info
+from mec_hub.sources import WeightsSpec, fetch_weights, parse_weights_spec
+
+DEFAULT_MODEL = "mec_resnet50"
+
+
+def _read_safetensors(path: os.PathLike[str] | str, *, origin: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises SafetensorError, OSError, ... for bad files
+        raise CheckpointReadError(f"{origin}: cannot read {path} as safetensors, corrupted or truncated ({exc})") from None
+
+
+def load(
+    name: str | None = None,
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    pretrained: bool = True,
+    head: str = "backbone",
+    device: str | torch.device = "cpu",
+    cache_dir: str | os.PathLike[str] | None = None,
+    endpoint: str | None = None,
+) -> MECEncoder:
+    """Load an MEC encoder mapping ``(N, 3, H, W)`` images to ``(N, D)`` embeddings, in eval mode.
+
+    Args:
+        name: a registry name (see ``mec_hub.list_models()``); the default model when both
+            ``name`` and ``weights`` are omitted.
+        weights: where to take the weights from: a registry name, a local ``.safetensors`` file,
+            a folder written by ``mec-hub convert``, ``hf-hub:org/name[@revision]`` or an https
+            URL. Given together with ``name``, it relocates that model's published files (a
+            mirror, a local copy), which are still checked against the model's SHA-256.
+        pretrained: ``False`` returns the architecture with random weights.
+        head: ``"backbone"`` (pooled features) or ``"projector"`` (the MEC projector's output).
+        device: where to put the model.
+        cache_dir, endpoint: passed to huggingface_hub (default: its own settings).
+
+    Every file is checked against its SHA-256 before it is read; a mismatching download is
+    removed from the cache. Keys are loaded strictly.
+    """
+    spec: WeightsSpec | None = parse_weights_spec(weights) if weights is not None else None
+    if spec is not None and spec.kind == "registry":
+        if name is not None and name != spec.value:
+            raise ValueError(f"name={name!r} and weights={spec.value!r} name two different models")
+        name, spec = spec.value, None
+    if name is None and spec is None:
+        name = DEFAULT_MODEL
+    record: ModelRecord | None = model_info(name) if name is not None else None
+
+    if not pretrained:
+        if spec is not None:
+            raise ValueError("weights= was given with pretrained=False; drop one of them")
+        assert record is not None
+        return build_encoder(HubConfig.from_record(record), head=head).to(device).eval()
+
+    locations = [spec] if spec is not None else [parse_weights_spec(loc) for loc in record.locations()]  # type: ignore[union-attr]
+    if not locations:
+        raise CheckpointReadError(
+            f"model {name!r} has no published location yet; set {record.source_env_var} "  # type: ignore[union-attr]
+            f"or pass weights=PATH (a folder written by `mec-hub convert`)"
+        )
+    local = fetch_weights(
+        locations[0],
+        record=record,
+        want_projector=head == "projector",
+        cache_dir=cache_dir,
+        endpoint=endpoint,
+    )
+    encoder = build_encoder(local.config, head=head)
+    target = f"{local.config.architecture} backbone"
+    load_state_dict_strict(
+        encoder.backbone, _read_safetensors(local.model_file, origin=local.origin), origin=local.origin, target=target
+    )
+    if encoder.projector is not None:
+        assert local.projector_file is not None
+        load_state_dict_strict(
+            encoder.projector,
+            _read_safetensors(local.projector_file, origin=local.origin),
+            origin=local.origin,
+            target="MEC projector",
+        )
+    encoder.weights_sha256 = local.sha256
+    return encoder.to(device).eval()
