@@ -1,0 +1,78 @@
+"""Shared fixtures: small real weights made on the spot, and the read-only data sets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"shared data not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return _require(DATA_DIR)
+
+
+@pytest.fixture(scope="session")
+def photos_dir(data_dir: Path) -> Path:
+    return _require(data_dir / "photos")
+
+
+@pytest.fixture(scope="session")
+def odd_images_dir(data_dir: Path) -> Path:
+    return _require(data_dir / "odd-images")
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(data_dir: Path) -> Path:
+    return _require(data_dir / "cifar10-subset")
+
+
+def make_tiny_hub_folder(out: Path, *, seed: int = 0, input_size: int = 32, name: str = "tiny_resnet18") -> Path:
+    """A converted folder (random ResNet-18 + projector) with small-input preprocessing.
+
+    Weights are random but with non-trivial BatchNorm statistics, so that an eval-mode forward
+    is not the same as a train-mode one and a mix-up of the two shows.
+    """
+    import torch
+    from torch import nn
+
+    from mec_hub.convert import ExtractedWeights, write_hub_folder
+    from mec_hub.heads import build_projector
+    from mec_hub.modeling import build_backbone
+    from mec_hub.registry import Preprocessing
+
+    torch.manual_seed(seed)
+    backbone = build_backbone("resnet18")
+    projector = build_projector(512, 256, 128)
+    for module in [*backbone.modules(), *projector.modules()]:
+        if isinstance(module, nn.BatchNorm2d | nn.BatchNorm1d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+            if module.affine:
+                module.weight.data.uniform_(0.5, 1.5)
+                module.bias.data.uniform_(-0.2, 0.2)
+    extracted = ExtractedWeights(
+        architecture="resnet18",
+        backbone=backbone.state_dict(),
+        projector=projector.state_dict(),
+        layout="test fixture",
+        preprocessing=Preprocessing(input_size=(3, input_size, input_size), crop_pct=1.0, interpolation="bicubic"),
+        meta={"license": "mit"},
+    )
+    write_hub_folder(extracted, out, name=name, overwrite=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Session-wide read-only folder; copy it before changing anything in it."""
+    return make_tiny_hub_folder(tmp_path_factory.mktemp("weights") / "tiny")
