@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import zipfile
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,14 +81,18 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Mapping[str, Any]:
         raise CheckpointReadError(f"{path}: the file is empty")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
+    except Exception as exc:  # garbage bytes make the unpickler fail in many ways (IndexError, KeyError, ...)
+        unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if isinstance(exc, pickle.UnpicklingError) and unsafe:
+            raise CheckpointReadError(
+                f"{path}: refused to unpickle {unsafe.group(1)}: the checkpoint holds Python objects that "
+                f"cannot be loaded safely with weights_only=True; re-save only its tensors "
+                f"(e.g. the state_dict) from a trusted environment"
+            ) from None
+        reason = re.search(r"WeightsUnpickler error: \s*(.+)", str(exc))
+        detail = reason.group(1) if reason else str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointReadError(
-            f"{path}: refused to unpickle: the checkpoint holds Python objects that cannot be loaded "
-            f"safely with weights_only=True ({str(exc).splitlines()[0]})"
-        ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise CheckpointReadError(
-            f"{path}: not a readable PyTorch checkpoint, corrupted or truncated ({str(exc).splitlines()[0]})"
+            f"{path}: not a readable PyTorch checkpoint, corrupted or truncated ({detail})"
         ) from None
     if not isinstance(obj, Mapping):
         raise CheckpointReadError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")

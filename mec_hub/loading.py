@@ -20,7 +20,9 @@ def _read_safetensors(path: os.PathLike[str] | str, *, origin: str) -> dict[str,
     try:
         return load_file(str(path), device="cpu")
     except Exception as exc:  # safetensors raises SafetensorError, OSError, ... for bad files
-        raise CheckpointReadError(f"{origin}: cannot read {path} as safetensors, corrupted or truncated ({exc})") from None
+        raise CheckpointReadError(
+            f"{origin}: cannot read {path} as safetensors, corrupted or truncated ({exc})"
+        ) from None
 
 
 def load(

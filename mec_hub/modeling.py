@@ -13,7 +13,6 @@ from mec_hub.errors import IncompatibleWeightsError
 from mec_hub.heads import build_projector
 from mec_hub.hubformat import HubConfig
 
-
 STEMS = ("default", "small")
 
 
@@ -125,7 +124,8 @@ def load_state_dict_strict(
     )
     if missing or unexpected or mis_shaped:
         parts = []
-        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mis_shaped)):
+        found = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mis_shaped))
+        for label, keys in found:
             if keys:
                 shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
                 parts.append(f"{label}: {shown}")

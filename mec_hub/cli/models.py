@@ -70,7 +70,9 @@ def download_cmd(name: str, weights: str | None, head: str, cache_dir: str | Non
 @click.option("--name", default=None, help="Model name recorded in config.json and the model card.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @friendly_errors
-def convert_cmd(checkpoint: str, out_dir: str, arch: str | None, source: str, name: str | None, overwrite: bool) -> None:
+def convert_cmd(
+    checkpoint: str, out_dir: str, arch: str | None, source: str, name: str | None, overwrite: bool
+) -> None:
     """Convert an MEC CHECKPOINT (official .pth.tar, training checkpoint or state dict) to safetensors."""
     from mec_hub.convert import convert_checkpoint
 

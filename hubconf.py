@@ -1,0 +1,8 @@
+"""torch.hub entry points: ``torch.hub.load("<owner>/mec-hub", "mec_resnet50")``.
+
+Offline, from a clone: ``torch.hub.load(repo_dir, "mec_resnet50", source="local", weights=PATH)``.
+"""
+
+dependencies = ["torch", "timm", "safetensors", "huggingface_hub"]
+
+from mec_hub.hub_entrypoints import mec_resnet50  # noqa: E402, F401

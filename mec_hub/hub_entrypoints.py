@@ -1,0 +1,25 @@
+"""torch.hub entry points (re-exported by ``hubconf.py``): three lines each, one private factory."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from mec_hub.modeling import MECEncoder
+
+
+def _load(name: str, pretrained: bool, weights: str | os.PathLike[str] | None, **kwargs: Any) -> MECEncoder:
+    from mec_hub.loading import load
+
+    return load(name, weights=weights, pretrained=pretrained, **kwargs)
+
+
+def mec_resnet50(pretrained: bool = True, weights: str | os.PathLike[str] | None = None, **kwargs: Any) -> MECEncoder:
+    """MEC ResNet-50, ImageNet-1k, 100 epochs (authors' checkpoint; 70.8% linear top-1): (N,3,224,224) -> (N,2048).
+
+    pretrained: False for random weights. weights: a local folder or .safetensors file written by
+    `mec-hub convert` (no network needed), hf-hub:org/name[@rev], or an https URL; default: the
+    published location. kwargs: head ("backbone" | "projector"), device, cache_dir, endpoint.
+    Preprocessing: mec_hub.get_transform(model) or model.pretrained_cfg.
+    """
+    return _load("mec_resnet50", pretrained, weights, **kwargs)

@@ -1,0 +1,173 @@
+"""The ``mec-hub`` model commands: output, error messages and exit statuses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from official_checkpoint import make_official_checkpoint
+
+from mec_hub.cli.hub import main
+from mec_hub.integrity import sha256_file
+
+
+@pytest.fixture(autouse=True)
+def _restore_warning_display():
+    # The CLI prints warnings as one line; keep that from leaking into other tests.
+    saved = warnings.showwarning
+    yield
+    warnings.showwarning = saved
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "mec.pth.tar"
+    make_official_checkpoint(path, arch="resnet18", dim=32, seed=0)
+    return path
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.output
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from mec_hub.cli.hub import main; from mec_hub.cli.embed import main as e\n" \
+           "import click.testing as t\n" \
+           "r = t.CliRunner().invoke(main, ['--help']); r2 = t.CliRunner().invoke(e, ['--help'])\n" \
+           "print(r.exit_code, r2.exit_code, 'torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["0", "0", "False"], done.stderr
+
+
+def test_console_scripts_answer_help():
+    bindir = Path(sys.executable).parent
+    for script in ("mec-hub", "mec-embed"):
+        done = subprocess.run([str(bindir / script), "--help"], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "Usage:" in done.stdout, done.stderr
+
+
+def test_list_and_info():
+    code, out = run("list")
+    assert code == 0 and "mec_resnet50" in out and "UNVERIFIED" in out
+    code, out = run("info", "mec_resnet50")
+    info = json.loads(out)
+    assert info["architecture"] == "resnet50" and info["meta"]["linear_top1"] == 70.8
+    assert info["source_env_var"] == "MEC_HUB_MEC_RESNET50_WEIGHTS"
+    code, out = run("list", "--json", "nothing*")
+    assert code == 0 and json.loads(out) == []
+
+
+def test_unknown_model_suggests_close_names():
+    code, out = run("info", "mec_resnet5")
+    assert code == 1
+    assert out.startswith("Error: Unknown model 'mec_resnet5'. Did you mean: mec_resnet50?")
+    assert "Traceback" not in out
+
+
+def test_convert_prints_digests_and_refuses_to_overwrite(checkpoint, tmp_path):
+    out_dir = tmp_path / "out"
+    code, out = run("convert", str(checkpoint), "--out", str(out_dir), "--name", "mec_test")
+    assert code == 0, out
+    digest = sha256_file(out_dir / "model.safetensors")
+    assert f"model.safetensors  sha256 {digest}" in out
+    assert json.loads(out.split("registry fields: ")[1])["sha256"] == digest
+
+    code, out = run("convert", str(checkpoint), "--out", str(out_dir))
+    assert code == 1 and "already exists; pass --overwrite" in out
+    code, out = run("convert", str(checkpoint), "--out", str(out_dir), "--overwrite", "--from", "teacher")
+    assert code == 0 and sha256_file(out_dir / "model.safetensors") != digest
+
+
+@pytest.mark.parametrize(
+    ("make", "args", "message"),
+    [
+        (lambda p: p.write_bytes(b"garbage"), [], "not a readable PyTorch checkpoint"),
+        (lambda p: None, [], "no such checkpoint file"),
+        ("checkpoint", ["--arch", "resnet34"], "wrong architecture for these weights"),
+        ("checkpoint", ["--arch", "no_such_net"], "cannot build architecture 'no_such_net'"),
+    ],
+)
+def test_convert_errors_are_one_line(checkpoint, tmp_path, make, args, message):
+    if make == "checkpoint":
+        source = checkpoint
+    else:
+        source = tmp_path / "input.pth.tar"
+        make(source)
+    code, out = run("convert", str(source), "--out", str(tmp_path / "out"), *args)
+    assert code == 1, out
+    assert message in out and "Traceback" not in out
+    assert out.count("\n") == 1
+
+
+def test_download_offline_with_nothing_cached_says_what_to_do(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)}
+    bindir = Path(sys.executable).parent
+    done = subprocess.run([str(bindir / "mec-hub"), "download", "mec_resnet50"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 1
+    assert "Run `mec-hub download mec_resnet50` once while online, or pass local weights" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_download_from_a_local_mirror_warns_when_unverified(checkpoint, tmp_path):
+    out_dir = tmp_path / "r18"
+    run("convert", str(checkpoint), "--out", str(out_dir))
+    code, out = run("download", "mec_resnet50", "--weights", str(out_dir))
+    assert code == 1 and "holds a resnet18, but model 'mec_resnet50' is a resnet50" in out
+
+
+def test_push_dry_run_lists_files_and_sends_nothing(checkpoint, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("dry run must not contact the Hub")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", refuse)
+    out_dir = tmp_path / "r18"
+    run("convert", str(checkpoint), "--out", str(out_dir))
+    code, out = run("push", str(out_dir), "--repo-id", "org/mec_test", "--dry-run")
+    assert code == 0, out
+    for name in ("config.json", "model.safetensors", "projector.safetensors", "README.md"):
+        assert name in out
+    assert sha256_file(out_dir / "model.safetensors") in out
+    assert "nothing was sent" in out
+
+
+def test_push_creates_repo_and_uploads_the_folder(checkpoint, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["create"] = (repo_id, kwargs)
+        return f"https://hub.example/{repo_id}"
+
+    def upload_folder(self, **kwargs):
+        calls["upload"] = kwargs
+        return type("CommitInfo", (), {"oid": "abc123"})()
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    out_dir = tmp_path / "r18"
+    run("convert", str(checkpoint), "--out", str(out_dir))
+    code, out = run("push", str(out_dir), "--repo-id", "org/mec_test", "--private")
+    assert code == 0, out
+    assert calls["create"] == ("org/mec_test", {"private": True, "exist_ok": True, "repo_type": "model"})
+    assert Path(calls["upload"]["folder_path"]) == out_dir and calls["upload"]["repo_id"] == "org/mec_test"
+    assert "hf_revision='abc123'" in out
+
+
+def test_push_refuses_a_folder_whose_files_changed(checkpoint, tmp_path):
+    out_dir = tmp_path / "r18"
+    run("convert", str(checkpoint), "--out", str(out_dir))
+    with open(out_dir / "model.safetensors", "ab") as fh:
+        fh.write(b"\0")
+    code, out = run("push", str(out_dir), "--repo-id", "org/mec_test", "--dry-run")
+    assert code == 1 and "SHA-256 mismatch" in out
