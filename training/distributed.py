@@ -1,0 +1,81 @@
+"""Process-group setup for ``torchrun`` (and the single-process case) and the few collectives a run needs."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device: str = "auto", *, timeout_minutes: float = 30.0) -> DistEnv:
+    """Read torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) and join the group.
+
+    NCCL on GPUs, gloo on CPUs. ``device``: ``auto`` (a GPU when there is one), ``cuda`` or ``cpu``.
+    """
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"--device must be auto, cuda or cpu, not {device!r}")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda, but torch sees no GPU")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        target = torch.device("cuda", local_rank)
+    else:
+        target = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        kwargs = {"backend": "nccl" if use_cuda else "gloo", "timeout": datetime.timedelta(minutes=timeout_minutes)}
+        try:  # binding the GPU up front lets NCCL set up eagerly; PyTorch < 2.3 has no device_id
+            dist.init_process_group(**kwargs, device_id=target if use_cuda else None)
+        except TypeError:
+            dist.init_process_group(**kwargs)
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=target)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def all_agree(flag: bool, env: DistEnv) -> bool:
+    """Whether ``flag`` is true on every rank."""
+    if not env.distributed:
+        return flag
+    value = torch.tensor([1 if flag else 0], device=env.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def any_rank(flag: bool, env: DistEnv) -> bool:
+    """Whether ``flag`` is true on at least one rank."""
+    if not env.distributed:
+        return flag
+    value = torch.tensor([1 if flag else 0], device=env.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

@@ -1,0 +1,616 @@
+"""MEC pretraining with the official recipe, from one CPU to many GPUs.
+
+    python training/pretrain.py --data DIR --output-dir OUT [options]
+    torchrun --nproc_per_node=8 training/pretrain.py --data DIR --output-dir OUT [options]
+
+``--data`` is any folder of images (searched recursively; class folders are just folders,
+labels are ignored). ``--batch-size`` is the global batch, split evenly over the processes;
+``--lr`` is the base learning rate, scaled by ``batch / 256`` as in the official code. The
+recipe's defaults are the paper's (ResNet-50, 100 epochs, batch 1024, lr 0.5, wd 1e-5, eps^2 64,
+order 4, teacher momentum 0.996 -> 1, 10 warm-up epochs for lr and lamda).
+
+Rerunning the same command resumes from ``OUT/checkpoint_last.pt`` and reaches the same
+weights as an uninterrupted run (bit for bit on CPU in fp32): the data order, every
+augmentation and every other random draw are functions of (seed, step), not of the process's
+history. At the end the student (or ``--export-from teacher``) is exported to ``OUT/export``,
+which ``mec_hub.load(weights=OUT/export)`` and ``timm.create_model("local-dir:OUT/export")`` load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `training` and `mec_hub` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from mec_hub.convert import TRAIN_FORMAT, extract_weights, write_hub_folder
+from mec_hub.errors import MecHubError
+from mec_hub.fileio import atomic_write_json
+from mec_hub.modeling import STEMS
+from training import checkpoint as ckpt
+from training import distributed
+from training.data import (
+    AUGMENTATIONS,
+    GlobalBatchSampler,
+    TwoViewImages,
+    derive_seed,
+    find_images,
+    mocov3_views,
+)
+from training.engine import PRECISIONS, EpochTotals, NonFiniteLossError, Precision, StepStats, train_step
+from training.loss import MECLoss, warn_if_not_converging
+from training.metrics import MetricsLog
+from training.model import MECModel, build_mec_model
+from training.optim import OPTIMIZERS, build_optimizer
+from training.schedules import Schedules, ScheduleValues
+
+PAPER = "Liu et al., Self-Supervised Learning via Maximum Entropy Coding, NeurIPS 2022 (arXiv:2210.11464)"
+DIVERGENCE_ADVICE = (
+    "Try a lower --lr, a longer --lamda-warmup-epochs (or a larger --lamda-warmup-factor or --eps2), "
+    "or --precision fp32."
+)
+
+
+# --------------------------------------------------------------------------------------------
+# options
+
+
+def _order(value: str) -> int | None:
+    if value.lower() in ("exact", "none", "logdet"):
+        return None
+    order = int(value)
+    if order < 1:
+        raise argparse.ArgumentTypeError("--order must be >= 1, or 'exact'")
+    return order
+
+
+def _json_dict(value: str) -> dict[str, Any]:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"--model-args is not valid JSON ({exc})") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError("--model-args must be a JSON object, e.g. '{\"drop_path_rate\": 0.1}'")
+    return parsed
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="training/pretrain.py",
+        description=__doc__.split("\n\n")[0],
+        epilog="See the module docstring and README for resuming, DDP and exporting.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data", type=Path, help="folder of training images (recursive; labels ignored)")
+    p.add_argument("--output-dir", type=Path, required=True, help="checkpoints, metrics.jsonl and export/")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="resnet50", help="any timm architecture name")
+    g.add_argument("--model-args", type=_json_dict, default={}, help="JSON keyword arguments for timm.create_model")
+    g.add_argument("--stem", choices=STEMS, default="default", help="'small': 3x3/1 ResNet stem for 32-64 px images")
+    g.add_argument("--image-size", type=int, default=224, help="training crop size")
+    g.add_argument(
+        "--augmentation",
+        choices=AUGMENTATIONS,
+        default="mocov3",
+        help="view augmentations; 'mocov3-noblur' drops the Gaussian blur, for 32-64 px images",
+    )
+    g.add_argument("--dim", type=int, default=2048, help="projector output size d")
+    g.add_argument("--hidden-dim", type=int, default=None, help="projector hidden size (default: backbone features)")
+    g.add_argument("--pred-dim", type=int, default=512, help="predictor hidden size")
+
+    g = p.add_argument_group("recipe")
+    g.add_argument("--epochs", type=int, default=100)
+    g.add_argument("--batch-size", type=int, default=1024, help="global batch m, over all processes")
+    g.add_argument("--lr", type=float, default=0.5, help="base lr; the peak lr is lr * batch_size / 256")
+    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=1e-5)
+    g.add_argument("--momentum", type=float, default=0.9, help="optimizer momentum")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
+    g.add_argument("--eps2", type=float, default=64.0, help="squared distortion eps^2; lamda = d / (m * eps2)")
+    g.add_argument("--order", type=_order, default=4, help="Taylor order, or 'exact' for the log-determinant")
+    g.add_argument("--teacher-momentum", type=float, default=0.996, help="EMA momentum at step 0 (cosine to 1)")
+    g.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warm-up")
+    g.add_argument("--lamda-warmup-epochs", type=int, default=10, help="1/lamda goes from factor/lamda to 1/lamda")
+    g.add_argument("--lamda-warmup-factor", type=float, default=8.0)
+    g.add_argument("--seed", type=int, default=0)
+
+    g = p.add_argument_group("run")
+    g.add_argument("--workers", type=int, default=8, help="data-loading processes per training process")
+    g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    g.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="autocast dtype (fp16: scaled)")
+    g.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convolutions on GPUs)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total (smoke runs)")
+    g.add_argument("--log-every", type=int, default=50, help="steps between log lines")
+    g.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N steps (0: epoch ends only)")
+    g.add_argument("--snapshot-every", type=int, default=10, help="keep checkpoint_epochNNNN.pt every N epochs (0: no)")
+    g.add_argument("--keep-snapshots", type=int, default=0, help="keep only the newest N snapshots (0: all)")
+    g.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs even if installed")
+    g.add_argument("--dist-timeout-minutes", type=float, default=30.0, help="collective timeout (kNN runs on rank 0)")
+
+    g = p.add_argument_group("export")
+    g.add_argument("--export-from", choices=("student", "teacher"), default="student")
+    g.add_argument("--export-name", default=None, help="model name in the exported config (default: mec_ARCH_DATA)")
+    g.add_argument("--export-only", action="store_true", help="export OUT/checkpoint_last.pt to OUT/export and exit")
+
+    g = p.add_argument_group("kNN monitor")
+    g.add_argument("--knn-train", type=Path, default=None, help="labelled ImageFolder for the kNN bank")
+    g.add_argument("--knn-val", type=Path, default=None, help="labelled ImageFolder to classify")
+    g.add_argument("--knn-every", type=int, default=1, help="epochs between kNN measurements (and at the end)")
+    g.add_argument("--knn-k", type=int, default=20)
+    g.add_argument("--knn-temperature", type=float, default=0.07)
+    return p
+
+
+def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser, world_size: int) -> None:
+    if not args.export_only and args.data is None:
+        parser.error("--data is required (unless --export-only)")
+    positive = ("epochs", "batch_size", "image_size", "dim", "pred_dim", "log_every", "knn_every", "knn_k")
+    for name in positive:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("warmup_epochs", "lamda_warmup_epochs", "workers", "save_every_steps", "snapshot_every", "seed"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0")
+    if args.hidden_dim is not None and args.hidden_dim < 1:
+        parser.error("--hidden-dim must be >= 1")
+    if args.max_steps is not None and args.max_steps < 1:
+        parser.error("--max-steps must be >= 1")
+    if not (args.lr > 0 and args.eps2 > 0 and args.lamda_warmup_factor > 0 and args.weight_decay >= 0):
+        parser.error("--lr, --eps2 and --lamda-warmup-factor must be > 0, --wd >= 0")
+    if not 0 <= args.teacher_momentum <= 1:
+        parser.error("--teacher-momentum must be in [0, 1]")
+    if args.batch_size % world_size:
+        parser.error(f"--batch-size {args.batch_size} is not divisible by the {world_size} processes")
+    if (args.knn_train is None) != (args.knn_val is None):
+        parser.error("--knn-train and --knn-val go together")
+    if args.stem == "small" and args.image_size > 64:
+        warnings.warn("--stem small is meant for 32-64 px images; at larger sizes it is slow", stacklevel=2)
+
+
+def recipe_config(args: argparse.Namespace, *, hidden_dim: int, num_images: int) -> dict[str, Any]:
+    """What defines the run (compared on resume) plus facts about it; only JSON-able values."""
+    return {
+        "arch": args.arch,
+        "model_args": dict(args.model_args),
+        "stem": args.stem,
+        "image_size": args.image_size,
+        "augmentation": args.augmentation,
+        "dim": args.dim,
+        "hidden_dim": hidden_dim,
+        "pred_dim": args.pred_dim,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "momentum": args.momentum,
+        "optimizer": args.optimizer,
+        "eps2": args.eps2,
+        "order": args.order,
+        "teacher_momentum": args.teacher_momentum,
+        "warmup_epochs": args.warmup_epochs,
+        "lamda_warmup_epochs": args.lamda_warmup_epochs,
+        "lamda_warmup_factor": args.lamda_warmup_factor,
+        "seed": args.seed,
+        "num_images": num_images,
+        "data": str(args.data),
+    }
+
+
+def eval_preprocessing(image_size: int) -> dict[str, Any]:
+    """Evaluation transform for weights trained at ``image_size``: small images are not center-cropped."""
+    return {
+        "input_size": [3, image_size, image_size],
+        "interpolation": "bilinear",
+        "crop_pct": 1.0 if image_size <= 64 else 0.875,
+        "crop_mode": "center",
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoint and export
+
+
+def export_info(config: dict[str, Any], *, step: int, steps_per_epoch: int, command: str, knn_top1: float | None):
+    epochs_done = step / steps_per_epoch
+    dataset = Path(config["data"]).name or config["data"]
+    meta: dict[str, Any] = {
+        "pretraining": (
+            f"MEC on {dataset} ({config['num_images']} images), {epochs_done:g} of {config['epochs']} epochs"
+        ),
+        "epochs": config["epochs"],
+        "epochs_completed": epochs_done,
+        "steps": step,
+        "batch_size": config["batch_size"],
+        "lr": config["lr"],
+        "eps2": config["eps2"],
+        "order": config["order"] if config["order"] is not None else "exact",
+        "dim": config["dim"],
+        "image_size": config["image_size"],
+        "optimizer": config["optimizer"],
+        "dataset": dataset,
+        "recipe": (
+            f"{config['optimizer'].upper()} momentum {config['momentum']}, lr {config['lr']} x batch/256 "
+            f"({config['warmup_epochs']}-epoch warm-up, cosine), wd {config['weight_decay']}, "
+            f"1/lamda warm-up x{config['lamda_warmup_factor']:g} over {config['lamda_warmup_epochs']} epochs, "
+            f"EMA teacher {config['teacher_momentum']} -> 1, "
+            f"{config.get('augmentation', 'mocov3')} augmentations"
+        ),
+        "command": command,
+        "paper": PAPER,
+    }
+    if knn_top1 is not None:
+        meta["knn_top1"] = round(knn_top1, 2)
+        meta["metrics_source"] = "kNN monitor of training/pretrain.py (k-NN on the --knn-val folder)"
+    return {"preprocessing": eval_preprocessing(config["image_size"]), "meta": meta}
+
+
+def export(state: dict[str, Any], out_dir: Path, *, source: str, name: str | None) -> Path:
+    extracted = extract_weights(state, source=source, origin=str(out_dir / ckpt.LAST))
+    config = state["config"]
+    default_name = f"mec_{config['arch']}_{Path(config['data']).name or 'data'}".replace("-", "_")
+    result = write_hub_folder(
+        extracted,
+        out_dir / "export",
+        name=name or default_name,
+        overwrite=True,
+        origin=str(out_dir / ckpt.LAST),
+        extra_meta={"source_checkpoint": ckpt.LAST, "exported_from": source},
+    )
+    return result.folder
+
+
+# --------------------------------------------------------------------------------------------
+# training
+
+
+class SetupError(RuntimeError):
+    """The data or options cannot make a run (reported without a traceback)."""
+
+
+class Run:
+    """Everything one training process holds; ``train()`` runs from the current step to the end."""
+
+    def __init__(self, args: argparse.Namespace, env: distributed.DistEnv, command: str) -> None:
+        self.args, self.env, self.command = args, env, command
+        self.out = Path(args.output_dir)
+        self.log = print if env.is_main else (lambda *a, **k: None)
+
+        files = find_images(args.data)
+        torch.manual_seed(args.seed)
+        self.model: MECModel = build_mec_model(
+            args.arch, args.model_args, stem=args.stem, dim=args.dim, hidden_dim=args.hidden_dim, pred_dim=args.pred_dim
+        )
+        hidden_dim = self.model.student.projector[0].out_features
+        self.config = recipe_config(args, hidden_dim=hidden_dim, num_images=len(files))
+
+        try:
+            self.sampler = GlobalBatchSampler(
+                len(files), args.batch_size, rank=env.rank, world_size=env.world_size, seed=args.seed
+            )
+        except ValueError as exc:
+            raise SetupError(f"--data {args.data}: {exc}; lower --batch-size") from None
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.total_steps = args.epochs * self.steps_per_epoch
+        self.schedules = Schedules(
+            total_steps=self.total_steps,
+            lr=args.lr * args.batch_size / 256,
+            lr_warmup_steps=args.warmup_epochs * self.steps_per_epoch,
+            lamda_inv=args.batch_size * args.eps2 / args.dim,
+            lamda_warmup_steps=args.lamda_warmup_epochs * self.steps_per_epoch,
+            lamda_warmup_factor=args.lamda_warmup_factor,
+            teacher_momentum=args.teacher_momentum,
+        )
+        if max(args.warmup_epochs, args.lamda_warmup_epochs) > args.epochs:
+            warnings.warn(
+                f"the warm-ups ({args.warmup_epochs} lr, {args.lamda_warmup_epochs} lamda epochs) are longer than "
+                f"the {args.epochs}-epoch run: the lr never reaches its peak",
+                stacklevel=2,
+            )
+        views = mocov3_views(args.image_size, args.augmentation)
+        dataset = TwoViewImages(args.data, views, seed=args.seed, files=files)
+        self.loader = DataLoader(
+            dataset,
+            batch_sampler=self.sampler,
+            num_workers=args.workers,
+            pin_memory=env.device.type == "cuda",
+            persistent_workers=args.workers > 0,
+            prefetch_factor=4 if args.workers > 0 else None,
+        )
+
+        if env.distributed and env.device.type == "cuda":
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        elif env.distributed:
+            warnings.warn("SyncBatchNorm needs GPUs: on CPU each process normalises its own share", stacklevel=2)
+        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        self.model.to(env.device, memory_format=self.memory_format)
+        self.optimizer = build_optimizer(
+            args.optimizer, self.model, lr=self.schedules.lr, momentum=args.momentum, weight_decay=args.weight_decay
+        )
+        self.precision = Precision(args.precision, env.device.type)
+        self.scaler = self.precision.grad_scaler()
+        self.criterion = MECLoss(
+            args.eps2,
+            args.order,
+            gather_distributed=env.distributed,
+            power_iterations=10,  # estimated on logged steps only, so it can afford more iterations
+            # Checked here, once per log line, rather than with a device sync every step.
+            warn_on_divergence=False,
+            check_finite=False,
+        )
+        self.step = 0
+        self.stats = StepStats()
+        self.epoch_totals = EpochTotals()
+        self.knn_top1: float | None = None
+        self.monitor = None
+        if args.knn_train is not None:
+            from training.monitor import KnnMonitor
+
+            self.monitor = KnnMonitor(
+                args.knn_train,
+                args.knn_val,
+                preprocessing=eval_preprocessing(args.image_size),
+                k=args.knn_k,
+                temperature=args.knn_temperature,
+                num_workers=min(args.workers, 8),
+                device=env.device,
+            )
+
+    # ---- state
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "format": TRAIN_FORMAT,
+            "arch": self.args.arch,
+            "model_args": dict(self.args.model_args),
+            "stem": self.args.stem,
+            "model": self.model.state_dict(),
+            "export": export_info(
+                self.config,
+                step=self.step,
+                steps_per_epoch=self.steps_per_epoch,
+                command=self.command,
+                knn_top1=self.knn_top1,
+            ),
+            "step": self.step,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "config": self.config,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "knn_top1": self.knn_top1,
+            # Unlogged steps and epoch totals, so that a resumed run logs what an uninterrupted one does.
+            "metrics_state": {"window": self.stats.state_dict(), "epoch": self.epoch_totals.state_dict()},
+            "loss_state": self.criterion.state_dict(),
+            "world_size": self.env.world_size,
+            "versions": {"torch": str(torch.__version__)},
+        }
+        ckpt.assert_weights_only_safe(state)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.knn_top1 = state.get("knn_top1")
+        self.stats.load_state_dict(state["metrics_state"]["window"], self.env.device)
+        self.epoch_totals.load_state_dict(state["metrics_state"]["epoch"])
+        self.criterion.load_state_dict(state["loss_state"])
+
+    def save(self, *, snapshot_epoch: int | None = None) -> None:
+        # Never save weights that a NaN step has already touched.
+        self.stats.check_finite(steps_per_epoch=self.steps_per_epoch, advice=DIVERGENCE_ADVICE)
+        if self.env.is_main:
+            ckpt.save(self.out / ckpt.LAST, self.state_dict())
+            if snapshot_epoch is not None:
+                ckpt.keep_snapshot(self.out, snapshot_epoch, self.args.keep_snapshots)
+        distributed.barrier(self.env)
+
+    # ---- loop
+
+    def train(self, metrics: MetricsLog) -> None:
+        args, env = self.args, self.env
+        step_model: nn.Module = self.model
+        if env.distributed:
+            device_ids = [env.device.index] if env.device.type == "cuda" else None
+            step_model = DistributedDataParallel(self.model, device_ids=device_ids)
+        if args.compile:
+            step_model = torch.compile(step_model)
+        if env.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+        stop = min(self.total_steps, args.max_steps or self.total_steps)
+        window_start = epoch_start = time.perf_counter()
+        window_first = epoch_first = self.step  # images/s count the steps this process ran
+        while self.step < stop:
+            epoch, first_in_epoch = divmod(self.step, self.steps_per_epoch)
+            self.sampler.set_epoch(epoch, first_in_epoch)
+            for views in self.loader:
+                values = self.schedules.at(self.step)
+                # Drop-path and any other random op draw from (seed, step, rank), as the data does.
+                torch.manual_seed(derive_seed(args.seed, self.step, env.rank, 1))
+                views = tuple(v.to(env.device, non_blocking=True, memory_format=self.memory_format) for v in views)
+                upcoming = self.step + 1
+                logged = upcoming % args.log_every == 0 or upcoming % self.steps_per_epoch == 0 or upcoming == stop
+                out = train_step(
+                    step_model,
+                    self.model.update_teacher,
+                    self.criterion,
+                    self.optimizer,
+                    views,
+                    values,
+                    self.precision,
+                    self.scaler,
+                    # The norm estimate is for the log line, so only logged steps compute it.
+                    estimate_norm=logged,
+                )
+                self.stats.add(out)
+                self.step += 1
+                epoch_end = self.step % self.steps_per_epoch == 0
+                if logged:
+                    now = time.perf_counter()
+                    images_per_s = (self.step - window_first) * args.batch_size / (now - window_start)
+                    self._log_window(metrics, values, images_per_s=images_per_s)
+                    window_start, window_first = now, self.step
+                if epoch_end or self.step == stop:
+                    break
+                if args.save_every_steps and self.step % args.save_every_steps == 0:
+                    self.save()
+            finished_epoch = self.step % self.steps_per_epoch == 0
+            seconds = time.perf_counter() - epoch_start
+            self._end_of_epoch(metrics, finished_epoch, stop, seconds=seconds, steps_here=self.step - epoch_first)
+            epoch_start, epoch_first = time.perf_counter(), self.step
+
+    def _log_window(self, metrics: MetricsLog, values: ScheduleValues, *, images_per_s: float) -> None:
+        steps = len(self.stats)
+        summary = self.stats.flush(steps_per_epoch=self.steps_per_epoch, advice=DIVERGENCE_ADVICE)
+        self.epoch_totals.add(summary, steps)
+        record = {
+            "kind": "step",
+            "step": self.step,
+            "epoch": self.step / self.steps_per_epoch,
+            **summary,
+            "lr": values.lr,
+            "lamda_inv": values.lamda_inv,
+            "teacher_momentum": values.teacher_momentum,
+            "images_per_s": images_per_s,
+        }
+        metrics.write(record)
+        self.log(
+            f"epoch {self.step // self.steps_per_epoch + (self.step % self.steps_per_epoch > 0)}/{self.args.epochs} "
+            f"step {self.step}/{self.total_steps} loss {summary['loss']:.4f} coding {summary['coding_length']:.2f} "
+            f"lr {values.lr:.4g} 1/lamda {values.lamda_inv:.4g} ema {values.teacher_momentum:.5f} "
+            f"|C| {summary['spectral_norm']:.3f} {images_per_s:.1f} img/s",
+            flush=True,
+        )
+        if self.env.is_main:
+            warn_if_not_converging(summary["spectral_norm"], order=self.args.order, context=f" at step {self.step}")
+
+    def _end_of_epoch(
+        self, metrics: MetricsLog, finished_epoch: bool, stop: int, *, seconds: float, steps_here: int
+    ) -> None:
+        args = self.args
+        epoch = self.step // self.steps_per_epoch
+        last = self.step == stop
+        measured = self.monitor is not None and (last or (finished_epoch and epoch % args.knn_every == 0))
+        if measured:
+            if self.env.is_main:
+                started = time.perf_counter()
+                self.knn_top1 = self.monitor(self._export_source().backbone)
+                self.log(f"kNN top-1 {self.knn_top1:.2f}% ({time.perf_counter() - started:.0f}s)", flush=True)
+            distributed.barrier(self.env)
+        if finished_epoch:
+            totals = self.epoch_totals
+            record = {
+                "kind": "epoch",
+                "step": self.step,
+                "epoch": float(epoch),
+                **totals.means(),
+                "images_per_s": steps_here * args.batch_size / seconds,
+                "epoch_time_s": seconds,
+            }
+            if measured:
+                record["knn_top1"] = self.knn_top1
+            metrics.write(record)
+            self.epoch_totals = EpochTotals()
+        elif measured:
+            epoch_float = self.step / self.steps_per_epoch
+            metrics.write({"kind": "knn", "step": self.step, "epoch": epoch_float, "knn_top1": self.knn_top1})
+        snapshot = finished_epoch and args.snapshot_every and epoch % args.snapshot_every == 0
+        self.save(snapshot_epoch=epoch if snapshot else None)
+        kept = f" (+ epoch {epoch} snapshot)" if snapshot else ""
+        self.log(f"saved {self.out / ckpt.LAST} at step {self.step}{kept}", flush=True)
+
+    def _export_source(self):
+        return self.model.student if self.args.export_from == "student" else self.model.teacher
+
+
+def run(args: argparse.Namespace, env: distributed.DistEnv, command: str) -> int:
+    out = Path(args.output_dir)
+    last = out / ckpt.LAST
+    log = print if env.is_main else (lambda *a, **k: None)
+    if args.export_only:
+        if env.is_main:
+            state = ckpt.load(last)
+            folder = export(state, out, source=args.export_from, name=args.export_name)
+            log(f"exported {args.export_from} of {last} (step {state['step']}) to {folder}")
+        return 0
+
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    distributed.barrier(env)
+    exists = last.exists()
+    if distributed.any_rank(exists, env) and not distributed.all_agree(exists, env):
+        raise ckpt.ResumeMismatchError(
+            f"{last} is visible to some processes only: --output-dir must be on a file system all nodes share"
+        )
+    state = ckpt.load(last) if exists else None
+
+    training = Run(args, env, command)
+    if state is not None:
+        ckpt.check_resumable(state["config"], training.config, path=last)
+        if state["config"].get("data") != training.config["data"]:
+            log(f"note: the data folder moved ({state['config'].get('data')} -> {training.config['data']})")
+        training.load_state_dict(state)
+        log(f"resuming {last} at step {training.step} of {training.total_steps}")
+        del state
+    elif env.is_main:
+        atomic_write_json(out / "config.json", {**training.config, "command": command})
+
+    tensorboard = not args.no_tensorboard
+    metrics = MetricsLog(out, resume_step=training.step, enabled=env.is_main, tensorboard=tensorboard)
+    log(
+        f"MEC pretraining: {args.arch} ({args.stem} stem), {training.config['num_images']} images, "
+        f"batch {args.batch_size} over {env.world_size} process(es) on {env.device}, "
+        f"{training.steps_per_epoch} steps/epoch, {training.total_steps} steps, precision {args.precision}"
+        + ("" if metrics.tensorboard_active or not tensorboard or not env.is_main else " (no TensorBoard installed)"),
+        flush=True,
+    )
+    try:
+        if training.step < training.total_steps:
+            training.train(metrics)
+        else:
+            log("training already complete")
+    finally:
+        metrics.close()
+    if env.is_main:
+        folder = export(training.state_dict(), out, source=args.export_from, name=args.export_name)
+        log(f"exported the {args.export_from} to {folder}")
+    distributed.barrier(env)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    env = distributed.setup(args.device, timeout_minutes=args.dist_timeout_minutes)
+    try:
+        check_args(args, parser, env.world_size)
+        return run(args, env, command=shlex.join(["training/pretrain.py", *argv]))
+    except (NonFiniteLossError, ckpt.ResumeMismatchError, SetupError, MecHubError, FileNotFoundError) as exc:
+        if env.is_main:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        distributed.cleanup()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
