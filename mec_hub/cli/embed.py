@@ -1,11 +1,167 @@
-"""``mec-embed``: placeholder until the embedding engine lands (issue 3)."""
+"""``mec-embed``: images in, ``FEATS.npy`` + ``FEATS.paths.txt`` + ``FEATS.meta.json`` out.
+
+Only click is imported at module level, so that ``mec-embed --help`` answers without torch.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
+from mec_hub import __version__
+from mec_hub.cli.common import UserError, friendly_errors, show_warnings_briefly
+from mec_hub.embedding import DEFAULT_BATCH_SIZE
 
-@click.command()
-def main() -> None:
-    """Embed images with an MEC model (not implemented yet)."""
-    raise click.ClickException("mec-embed is not implemented yet")
+if TYPE_CHECKING:
+    from mec_hub.embedding.job import EmbedResult
+
+EXIT_STRICT = 3  # --strict and some images failed (the outputs are still written)
+EXIT_INTERRUPTED = 130  # Ctrl-C; --resume continues
+SHOWN_FAILURES = 10
+
+EPILOG = """\b
+Outputs, for --out feats.npy:
+  feats.npy         N x D features (np.load(..., mmap_mode="r") works)
+  feats.paths.txt   line i = the image of row i
+  feats.meta.json   model, options, counts, and every failed file with its reason
+They appear only when the run is complete. A killed run continues with --resume.
+
+\b
+Exit status: 0 done (files that cannot be read are skipped and listed in the meta
+file); 1 error, or no image could be embedded; 2 bad usage; 3 --strict and some
+images failed; 130 interrupted.
+
+\b
+Examples:
+  mec-embed photos/ --out feats.npy
+  mec-embed 'data/**/*.jpg' extra.png --out feats.npy --precision bf16 --normalize
+  mec-embed --files-from list.txt --out feats.npy --weights hf-hub:org/model
+  torchrun --nproc_per_node 4 -m mec_hub.cli.embed images/ --out feats.npy
+"""
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
+@click.argument("inputs", nargs=-1, metavar="INPUT...")
+@click.option("--out", "-o", required=True, metavar="OUT.npy", help="Features file to write (N x D .npy).")
+@click.option("--model", "-m", default=None, metavar="NAME",
+              help="Registry model (see `mec-hub list`).  [default: the package's default model]")
+@click.option("--weights", default=None, metavar="SRC",
+              help="Weights: a .safetensors file, a converted folder, hf-hub:org/name[@rev] or a URL.")
+@click.option("--head", type=click.Choice(["backbone", "projector"]), default="backbone", show_default=True,
+              help="Pooled backbone features, or the MEC projector's output.")
+@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True)
+@click.option("--num-workers", "-j", type=click.IntRange(min=0), default=None,
+              help="Decoding processes (0: decode in the main process).  [default: chosen for the device]")
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
+              help="auto: the GPU if there is one (under torchrun, this process's GPU), else CPU.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="Autocast precision of the model (fp16 needs CUDA).")
+@click.option("--out-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option("--normalize/--no-normalize", default=False, show_default=True, help="L2-normalise each feature.")
+@click.option("--files-from", default=None, metavar="LIST",
+              help="Also embed the paths listed in LIST, one per line ('-': standard input).")
+@click.option("--recursive/--no-recursive", default=True, show_default=True, help="Walk sub-folders of folders.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run (same inputs and options).")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs (once the new ones are complete).")
+@click.option("--strict", is_flag=True, help=f"Exit with status {EXIT_STRICT} if any image failed.")
+@click.option("--max-pixels", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Images over N pixels fail as decompression bombs (0: no limit).  [default: Pillow's]")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary; errors only.")
+@click.version_option(__version__, prog_name="mec-embed")
+@friendly_errors
+def main(
+    inputs: tuple[str, ...],
+    out: str,
+    model: str | None,
+    weights: str | None,
+    head: str,
+    batch_size: int,
+    num_workers: int | None,
+    device: str,
+    precision: str,
+    out_dtype: str,
+    normalize: bool,
+    files_from: str | None,
+    recursive: bool,
+    resume: bool,
+    overwrite: bool,
+    strict: bool,
+    max_pixels: int | None,
+    quiet: bool,
+) -> None:
+    """Embed the images in INPUT (folders, files or glob patterns) with an MEC model.
+
+    Rows follow a sorted walk of each folder, inputs in the order given. Files that cannot be
+    read (truncated, empty, not images, decompression bombs) are skipped and listed with the
+    reason in OUT.meta.json; the run goes on.
+    """
+    show_warnings_briefly()
+    if not inputs and files_from is None:
+        raise click.UsageError("give at least one INPUT (folder, file or glob pattern) or --files-from LIST")
+
+    from mec_hub.embedding.inputs import check_inputs_exist, collect_inputs
+    from mec_hub.embedding.job import preflight
+    from mec_hub.embedding.outputs import OutputFiles
+
+    # Everything that can be checked without the model, before loading it.
+    files = OutputFiles.for_out(out)
+    preflight(files, resume=resume, overwrite=overwrite)
+    check_inputs_exist(inputs, files_from)
+    if max_pixels is not None:
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = max_pixels or None
+    collected = collect_inputs(inputs, files_from=files_from, recursive=recursive)
+
+    from mec_hub.embedding.distributed import dist_env
+    from mec_hub.embedding.engine import Embedder
+    from mec_hub.embedding.job import EmbeddingInterrupted
+
+    embedder = Embedder(
+        model, weights=weights, head=head, device=device, precision=precision, batch_size=batch_size,
+        num_workers=num_workers, normalize=normalize, out_dtype=out_dtype,
+    )
+    try:
+        result = embedder.embed_folder(
+            collected, files.npy, recursive=recursive, resume=resume, overwrite=overwrite,
+            progress=False if quiet else None,
+        )
+    except EmbeddingInterrupted as exc:
+        click.echo(f"mec-embed: {exc}", err=True)
+        raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+
+    talk = not quiet and dist_env().is_main
+    if talk:
+        _report(result)
+    if result.num_embedded == 0:
+        raise UserError(f"no image could be embedded ({result.num_failed} failed; reasons in {result.meta_path})")
+    if strict and result.num_failed:
+        if not quiet:
+            click.echo(f"Error: {result.num_failed} image(s) failed (--strict)", err=True)
+        raise click.exceptions.Exit(EXIT_STRICT)
+
+
+def _report(result: EmbedResult) -> None:
+    meta = result.meta
+    rows, dim = meta["shape"]
+    if result.already_complete:
+        click.echo(f"mec-embed: {result.features} is already complete; nothing to do", err=True)
+    click.echo(
+        f"mec-embed: embedded {rows} of {meta['num_inputs']} images -> {result.features} "
+        f"({rows} x {dim} {meta['out_dtype']})",
+        err=True,
+    )
+    failed = meta["failed"]
+    if failed:
+        click.echo(f"  {len(failed)} failed (all listed in {result.meta_path.name}):", err=True)
+        for entry in failed[:SHOWN_FAILURES]:
+            click.echo(f"    {entry['path']}: {entry['reason']}", err=True)
+        if len(failed) > SHOWN_FAILURES:
+            click.echo(f"    ... and {len(failed) - SHOWN_FAILURES} more", err=True)
+    if meta.get("num_skipped_non_images"):
+        click.echo(f"  {meta['num_skipped_non_images']} file(s) without an image extension left out", err=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Progress of one process, saved after every batch, so that a killed run continues where it was.
+
+After each batch the rows are appended to the part file, failures to the failed log, both are
+synced to disk, and only then is the small state file replaced (atomically) with the new counts.
+Whatever the moment of a kill, the state names a prefix of what is on disk; resuming cuts the
+part files back to that prefix and goes on from the next batch, so the result is the same as an
+uninterrupted run.
+
+The state also holds the run's fingerprint (inputs digest, model digest, every option that
+changes the numbers); a resume with a different fingerprint is refused, naming what changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from mec_hub.errors import MecHubError
+from mec_hub.fileio import atomic_write_json
+
+STATE_VERSION = 1
+
+# Fingerprint keys, and how to name them to a user who changed one.
+FINGERPRINT_LABELS = {
+    "inputs_sha256": "the list of input files",
+    "num_inputs": "the number of input files",
+    "weights_sha256": "the model weights",
+    "state_dict_sha256": "the model weights",
+    "head": "--head",
+    "embed_dim": "the feature dimension",
+    "preprocessing": "the model's preprocessing",
+    "precision": "--precision",
+    "normalize": "--normalize",
+    "out_dtype": "--out-dtype",
+    "optimizations": "the model's inference rewrites (Embedder optimize=)",
+    "batch_size": "--batch-size",
+    "world_size": "the number of processes (torchrun --nproc_per_node x nodes)",
+    "decoding": "image decoding (Pillow version or --max-pixels)",
+    "mec_hub_version": "the mec-hub version",
+}
+
+
+class ResumeError(MecHubError):
+    """An unfinished run that cannot be continued with the options given."""
+
+
+def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+
+
+def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable list of what differs between two fingerprints."""
+    changes = []
+    seen_labels = set()
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) == new.get(key):
+            continue
+        label = FINGERPRINT_LABELS.get(key, key)
+        if label in seen_labels:
+            continue
+        seen_labels.add(label)
+        if key in ("inputs_sha256", "weights_sha256", "state_dict_sha256", "preprocessing", "decoding"):
+            changes.append(f"{label} changed")
+        else:
+            changes.append(f"{label} was {old.get(key)!r}, now {new.get(key)!r}")
+    return changes
+
+
+@dataclass
+class PartState:
+    """Checkpoint of one process: its slice ``[start, end)`` and how far it got."""
+
+    fingerprint: dict[str, Any]
+    start: int
+    end: int
+    items_done: int  # absolute index of the next item to embed
+    rows_done: int
+    failed_bytes: int  # length of the failed log covered by this checkpoint
+    started_at: str
+    version: int = STATE_VERSION
+
+    @property
+    def complete(self) -> bool:
+        return self.items_done >= self.end
+
+    def save(self, path: Path) -> None:
+        atomic_write_json(path, asdict(self))
+
+    @classmethod
+    def load(cls, path: Path) -> PartState:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            if data.get("version") != STATE_VERSION:
+                raise ValueError(f"state version {data.get('version')}")
+            return cls(**data)
+        except (OSError, ValueError, TypeError) as exc:
+            raise ResumeError(
+                f"the progress file {path} of the unfinished run is unreadable ({exc}); "
+                "start over with --overwrite"
+            ) from None
+
+
+def append_failures(fh: Any, failures: list[tuple[int, str]]) -> None:
+    for index, reason in failures:
+        fh.write((json.dumps({"index": index, "reason": reason}) + "\n").encode())
+
+
+def read_failures(path: Path, length: int) -> list[tuple[int, str]]:
+    """The failures recorded in the first ``length`` bytes of a failed log."""
+    if length == 0:
+        return []
+    with open(path, "rb") as fh:
+        data = fh.read(length)
+    if len(data) < length:
+        raise ResumeError(f"{path} is shorter than its checkpoint says; start over with --overwrite")
+    out = []
+    for line in data.decode().splitlines():
+        record = json.loads(line)
+        out.append((int(record["index"]), str(record["reason"])))
+    return out
+
+
+def truncate(path: Path, length: int) -> None:
+    with open(path, "r+b") as fh:
+        fh.truncate(length)
+
+
+def sync_file(fh: Any) -> None:
+    fh.flush()
+    os.fsync(fh.fileno())

@@ -1,0 +1,506 @@
+"""``Embedder``: images in, ``(N, D)`` NumPy features out, with the preprocessing the weights expect.
+
+    >>> import mec_hub
+    >>> embedder = mec_hub.Embedder("mec_resnet50", device="auto", precision="bf16")
+    >>> feats = embedder.embed(["a.jpg", "b.png"])            # np.ndarray (2, 2048)
+    >>> result = embedder.embed_folder("images/", "feats.npy")  # what `mec-embed` runs
+
+The model runs under ``torch.inference_mode`` in channels-last layout, fed by DataLoader workers
+that decode ahead of it (pinned memory and non-blocking copies on CUDA); ``precision="bf16"`` or
+``"fp16"`` runs it under autocast. Features are taken in float32, L2-normalised on request, then
+cast to ``out_dtype``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from mec_hub.embedding import DEFAULT_BATCH_SIZE
+from mec_hub.embedding.devices import cpu_has_bf16, decoding_plan, default_num_workers, resolve_device
+from mec_hub.embedding.images import ImageDecodeError
+from mec_hub.embedding.loader import (
+    Collate,
+    ImageSource,
+    decode_isolated,
+    is_worker_failure,
+    make_loader,
+    worker_deaths_deferred,
+)
+from mec_hub.errors import MecHubError
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+OUT_DTYPES = {"float32": np.float32, "float16": np.float16}
+HEADS = ("backbone", "projector")
+
+
+class ModelMismatchError(MecHubError):
+    """The model rebuilt from a meta file is not the one that made the features."""
+
+
+def state_dict_sha256(module: nn.Module) -> str:
+    """Digest of a module's parameters and buffers (names, dtypes, shapes, values)."""
+    sha = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        sha.update(f"{key}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        sha.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return sha.hexdigest()
+
+
+def _weights_to_record(weights: str | os.PathLike[str] | None) -> tuple[str | None, str | None]:
+    """(registry name, loadable weights string) for the meta file: local paths made absolute."""
+    if weights is None:
+        return None, None
+    from mec_hub.sources import parse_weights_spec
+
+    spec = parse_weights_spec(weights)
+    if spec.kind == "registry":
+        return spec.value, None
+    if spec.kind in ("file", "folder"):
+        return None, str(Path(spec.value).resolve())
+    return None, str(spec)
+
+
+class Embedder:
+    """Turns images into ``(N, D)`` NumPy features with an MEC encoder.
+
+    Args:
+        model: a registry name (see ``mec_hub.list_models()``), any weights spec
+            ``mec_hub.load`` accepts, or an ``nn.Module`` with a ``pretrained_cfg`` (what
+            ``mec_hub.load`` returns; it is put in eval mode, and runs as a BatchNorm-folded copy
+            or, when it has nothing to fold, is itself moved to ``device``, channels-last). ``None``:
+            the package's default model, or the model ``weights`` holds.
+        weights: where to load the weights from (a local ``.safetensors`` file, a converted folder,
+            ``hf-hub:org/name[@rev]``, a URL); with ``model`` a name, relocates that model's files.
+        head: ``"backbone"`` (pooled features) or ``"projector"`` (MEC projector output).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast; fp16 needs CUDA).
+        batch_size: images per forward pass.
+        num_workers: decoding processes (``None``: a default for the device, 0: in this process).
+        normalize: L2-normalise each feature vector.
+        out_dtype: ``"float32"`` or ``"float16"`` for the returned / written features.
+        optimize: run a copy of the model with each BatchNorm folded into the convolution before
+            it (same outputs up to float rounding, faster; see ``mec_hub.embedding.optimize``).
+    """
+
+    def __init__(
+        self,
+        model: str | nn.Module | None = None,
+        *,
+        weights: str | os.PathLike[str] | None = None,
+        head: str = "backbone",
+        device: str | torch.device = "auto",
+        precision: str = "fp32",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        num_workers: int | None = None,
+        normalize: bool = False,
+        out_dtype: str = "float32",
+        optimize: bool = True,
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
+        if out_dtype not in OUT_DTYPES:
+            raise ValueError(f"out_dtype must be one of {sorted(OUT_DTYPES)}, not {out_dtype!r}")
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, not {head!r}")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        if num_workers is not None and int(num_workers) < 0:
+            raise ValueError(f"num_workers must be 0 or more, not {num_workers}")
+        self.device = resolve_device(device)
+        if precision == "fp16" and self.device.type != "cuda":
+            raise MecHubError(
+                "fp16 autocast needs a CUDA device; CPU kernels for float16 are missing or slow. "
+                "On CPU use --precision bf16 (or fp32)."
+            )
+        if precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise MecHubError(f"this GPU ({torch.cuda.get_device_name(self.device)}) has no bf16 support; use fp16")
+        if precision == "bf16" and self.device.type == "cpu" and not cpu_has_bf16():
+            warnings.warn(
+                "this CPU has no bf16 instructions: bf16 is emulated here and runs several times slower "
+                "than fp32 (the results are fine)",
+                stacklevel=2,
+            )
+        self.precision = precision
+        self.batch_size = int(batch_size)
+        self.num_workers = default_num_workers(self.device) if num_workers is None else int(num_workers)
+        self.decode_threads, self.worker_niceness = decoding_plan(self.device)
+        self.normalize = bool(normalize)
+        self.out_dtype = out_dtype
+        self.model, self.name, self.weights = self._load(model, weights, head)
+        self.head = str(getattr(self.model, "head", head))
+        cfg = getattr(self.model, "pretrained_cfg", None)
+        if not isinstance(cfg, Mapping):
+            raise TypeError(
+                f"{type(self.model).__name__} has no pretrained_cfg (its preprocessing); load it with "
+                "mec_hub.load, or set module.pretrained_cfg = {'input_size': ..., 'mean': ..., ...}"
+            )
+        self.pretrained_cfg: dict[str, Any] = json.loads(json.dumps(dict(cfg)))
+        from mec_hub.transforms import get_transform, resolve_preprocessing
+
+        self.input_size = tuple(resolve_preprocessing(self.pretrained_cfg).input_size)
+        self.transform = get_transform(self.pretrained_cfg)
+        self.weights_sha256: str | None = getattr(self.model, "weights_sha256", None)
+        self._state_dict_sha256: str | None = None
+        self._prepare_model(optimize)
+        self.embed_dim = self._probe_embed_dim()
+
+    # -- model ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _load(
+        model: str | nn.Module | None, weights: str | os.PathLike[str] | None, head: str
+    ) -> tuple[nn.Module, str | None, str | None]:
+        """(module, registry name or None, loadable weights string or None)."""
+        if isinstance(model, nn.Module):
+            if weights is not None:
+                raise ValueError("weights= cannot be combined with an already loaded model")
+            own_head = getattr(model, "head", None)
+            if own_head is not None and head != "backbone" and head != own_head:
+                raise ValueError(f"head={head!r}, but the given model's head is {own_head!r}")
+            from mec_hub.registry import is_registered
+
+            name = getattr(model, "name", None)
+            return model, (name if isinstance(name, str) and is_registered(name) else None), None
+        import mec_hub
+        from mec_hub.loading import DEFAULT_MODEL
+        from mec_hub.registry import is_registered
+
+        if model is not None and not isinstance(model, str):
+            raise TypeError(f"model must be a registry name or an nn.Module, not {type(model).__name__}")
+        if model is not None and weights is None and not is_registered(model):
+            model, weights = None, model  # a weights spec given as the model: a path, hf-hub:..., a URL
+        if model is None and weights is None:
+            model = DEFAULT_MODEL
+        name_from_weights, weights_text = _weights_to_record(weights)
+        module = mec_hub.load(model, weights=weights, head=head, device="cpu")
+        return module, model or name_from_weights, weights_text
+
+    def _prepare_model(self, optimize: bool) -> None:
+        """The module that runs: the model, or its BatchNorm-folded copy, on the device, channels-last."""
+        self.model.eval()
+        folded = 0
+        if optimize:
+            from mec_hub.embedding.optimize import fold_batchnorm
+
+            self._runner, folded = fold_batchnorm(self.model)
+        else:
+            self._runner = self.model
+        self.optimizations = ["fold_batchnorm"] if folded else []
+        self._runner.to(self.device)
+        self.channels_last = any(p.dim() == 4 for p in self._runner.parameters())
+        if self.channels_last:
+            self._runner.to(memory_format=torch.channels_last)
+
+    def _probe_embed_dim(self) -> int:
+        dim = getattr(self.model, "embed_dim", None)
+        if isinstance(dim, int):
+            return dim
+        with torch.inference_mode():
+            probe = self._forward(torch.zeros(1, *self.input_size))
+        return int(probe.shape[1])
+
+    @property
+    def state_dict_sha256(self) -> str:
+        """Digest of the weights as loaded, for models without a weights file digest (computed once)."""
+        if self._state_dict_sha256 is None:
+            self._state_dict_sha256 = state_dict_sha256(self.model)
+        return self._state_dict_sha256
+
+    def identity(self) -> dict[str, Any]:
+        """How to rebuild this model, as recorded in FEATS.meta.json."""
+        info: dict[str, Any] = {
+            "model": self.name,
+            "weights": self.weights,
+            "weights_sha256": self.weights_sha256,
+        }
+        if self.weights_sha256 is None:
+            info["state_dict_sha256"] = self.state_dict_sha256
+        config = getattr(self.model, "config", None)
+        info.update(
+            architecture=getattr(config, "architecture", type(self.model).__name__),
+            head=self.head,
+            embed_dim=self.embed_dim,
+            normalize=self.normalize,
+            precision=self.precision,
+            out_dtype=self.out_dtype,
+            preprocessing=self.pretrained_cfg,
+            optimizations=self.optimizations,
+        )
+        return info
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Preprocessed ``(N, 3, H, W)`` images -> ``(N, D)`` float32 features on the device."""
+        with torch.inference_mode(), self._autocast():
+            x = images.to(self.device, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            features = self._runner(x)
+        if features.dim() != 2 or features.shape[0] != images.shape[0]:
+            raise MecHubError(f"the model returned shape {tuple(features.shape)}; expected (N, D) features")
+        with torch.inference_mode():
+            features = features.float()
+            if self.normalize:
+                features = F.normalize(features, dim=1)
+        return features
+
+    def _to_numpy(self, features: torch.Tensor) -> np.ndarray:
+        return features.cpu().numpy().astype(OUT_DTYPES[self.out_dtype], copy=False)
+
+    @contextlib.contextmanager
+    def _running(self) -> Iterator[None]:
+        """Global settings for a run, restored after it: cuDNN autotuning for fixed-size batches."""
+        if self.device.type != "cuda":
+            yield
+            return
+        before = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:
+            with torch.cuda.device(self.device):
+                yield
+        finally:
+            torch.backends.cudnn.benchmark = before
+
+    def iter_batches(
+        self, loader: Iterable[tuple[list[int], torch.Tensor, list[tuple[int, str]]]]
+    ) -> Iterator[tuple[list[int], list[tuple[int, str]], np.ndarray]]:
+        """(good indices, failures, features) per loader batch, in order.
+
+        On CUDA the next batch is queued on the GPU before the previous one is copied back, so
+        the GPU is not idle while the host writes results.
+        """
+        pending: tuple[list[int], list[tuple[int, str]], torch.Tensor | None] | None = None
+        lag = self.device.type == "cuda"
+        for indices, images, failures in loader:
+            features = self._forward(images) if indices else None
+            if not lag:
+                yield indices, failures, self._finish(features)
+                continue
+            if pending is not None:
+                yield pending[0], pending[1], self._finish(pending[2])
+            pending = (indices, failures, features)
+        if pending is not None:
+            yield pending[0], pending[1], self._finish(pending[2])
+
+    def _finish(self, features: torch.Tensor | None) -> np.ndarray:
+        if features is None:
+            return np.empty((0, self.embed_dim), OUT_DTYPES[self.out_dtype])
+        return self._to_numpy(features)
+
+    def run_batches(
+        self,
+        source: ImageSource,
+        start: int,
+        end: int,
+        commit: Callable[[list[int], list[tuple[int, str]], np.ndarray], None],
+        *,
+        num_workers: int | None = None,
+    ) -> None:
+        """Embed ``source[start:end]`` in order, one ``commit(good indices, failures, features)`` per batch.
+
+        Decoding runs ``num_workers`` processes ahead of the model. If one of them dies or stalls
+        (a file that crashes or hangs the decoder), the batch after the last commit is decoded
+        again one file per process, the culprit becomes a failure, and the run goes on.
+        """
+        workers = self.num_workers if num_workers is None else num_workers
+        source.threads = self.decode_threads
+        position = start
+        with self._running():
+            while position < end:
+                loader = make_loader(
+                    source, start=position, end=end, batch_size=self.batch_size, num_workers=workers,
+                    input_size=self.input_size, pin_memory=self.device.type == "cuda", niceness=self.worker_niceness,
+                )
+                batches = self.iter_batches(loader)
+                try:
+                    for indices, failures, features in batches:
+                        with worker_deaths_deferred():
+                            commit(indices, failures, features)
+                            position = _batch_end(indices, failures)
+                    continue
+                except RuntimeError as exc:
+                    if workers == 0 or not is_worker_failure(exc):
+                        raise
+                finally:
+                    batches.close()
+                if position >= end:
+                    break
+                stop = min(position + self.batch_size, end)
+                isolated = decode_isolated(source, range(position, stop), Collate(self.input_size))
+                for indices, failures, features in self.iter_batches([isolated]):
+                    with worker_deaths_deferred():
+                        commit(indices, failures, features)
+                        position = stop
+
+    # -- public API -------------------------------------------------------------------------
+
+    def embed(self, items: Any) -> np.ndarray:
+        """Features of ``items``: paths, PIL images (a list or a single one), or a preprocessed
+        ``(N, 3, H, W)`` float tensor. Returns ``np.ndarray`` ``(N, D)`` of ``out_dtype``.
+
+        Files are decoded exactly as ``mec-embed`` decodes them (EXIF orientation, RGB
+        conversion, pixel limit); one that cannot be read raises ``ImageDecodeError`` naming it.
+        """
+        if isinstance(items, torch.Tensor):
+            return self._embed_tensor(items)
+        if isinstance(items, str | os.PathLike | Image.Image):
+            items = [items]
+        items = list(items)
+        if not items:
+            return np.empty((0, self.embed_dim), OUT_DTYPES[self.out_dtype])
+        bad = [type(x).__name__ for x in items if not isinstance(x, str | os.PathLike | Image.Image)]
+        if bad:
+            raise TypeError(f"items must be paths or PIL images (or one tensor batch), got {bad[0]}")
+        sources = [x if isinstance(x, Image.Image) else os.fspath(x) for x in items]
+        in_memory = any(isinstance(x, Image.Image) for x in sources)
+        workers = 0 if in_memory or len(sources) <= self.batch_size else self.num_workers
+        blocks = []
+
+        def keep(_: list[int], failures: list[tuple[int, str]], features: np.ndarray) -> None:
+            if failures:
+                index, reason = failures[0]
+                where = sources[index] if isinstance(sources[index], str) else f"image #{index}"
+                more = f" (and {len(failures) - 1} more in the same batch)" if len(failures) > 1 else ""
+                raise ImageDecodeError(reason + more, path=str(where))
+            blocks.append(features)
+
+        self.run_batches(ImageSource(sources, self.transform), 0, len(sources), keep, num_workers=workers)
+        return np.concatenate(blocks)
+
+    def _embed_tensor(self, images: torch.Tensor) -> np.ndarray:
+        if images.dim() == 3:
+            images = images.unsqueeze(0)
+        if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            raise ValueError(
+                f"a tensor batch must be float (N, 3, H, W), already preprocessed; got {images.dtype} "
+                f"{tuple(images.shape)}"
+            )
+        blocks = []
+        with self._running():
+            for start in range(0, images.shape[0], self.batch_size):
+                blocks.append(self._to_numpy(self._forward(images[start : start + self.batch_size])))
+        if not blocks:
+            return np.empty((0, self.embed_dim), OUT_DTYPES[self.out_dtype])
+        return np.concatenate(blocks)
+
+    def embed_folder(
+        self,
+        inputs: Any,
+        out: str | os.PathLike[str],
+        *,
+        files_from: str | os.PathLike[str] | None = None,
+        recursive: bool = True,
+        resume: bool = False,
+        overwrite: bool = False,
+        progress: bool | None = None,
+    ) -> Any:
+        """Embed every image named by ``inputs`` into ``out`` (``.npy``) plus ``.paths.txt`` and
+        ``.meta.json`` beside it; see ``mec_hub.embedding.job.run_job``. Returns an ``EmbedResult``.
+        """
+        from mec_hub.embedding.job import run_job
+
+        return run_job(
+            self, inputs, out, files_from=files_from, recursive=recursive, resume=resume, overwrite=overwrite,
+            progress=progress,
+        )
+
+    @classmethod
+    def from_meta(cls, meta: str | os.PathLike[str] | Mapping[str, Any], **overrides: Any) -> Embedder:
+        """An Embedder that embeds like the run that wrote ``meta`` (a FEATS.meta.json path or dict).
+
+        ``overrides`` replace constructor arguments (``device``, ``batch_size``, ``model`` for an
+        already loaded module, ...). The rebuilt model must have the recorded weights digest,
+        head, dimension and preprocessing, or ``ModelMismatchError`` says what differs.
+        """
+        if not isinstance(meta, Mapping):
+            path = Path(meta)
+            try:
+                meta = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as exc:
+                raise MecHubError(f"cannot read {path}: {exc}") from None
+        assert isinstance(meta, Mapping)
+        kwargs: dict[str, Any] = {
+            "model": meta.get("model"),
+            "weights": meta.get("weights"),
+            "head": meta.get("head", "backbone"),
+            "precision": meta.get("precision", "fp32"),
+            "normalize": bool(meta.get("normalize", False)),
+            "out_dtype": meta.get("out_dtype", "float32"),
+        }
+        if meta.get("batch_size"):
+            kwargs["batch_size"] = int(meta["batch_size"])
+        if "optimizations" in meta:
+            kwargs["optimize"] = "fold_batchnorm" in meta["optimizations"]
+        if isinstance(overrides.get("model"), nn.Module):
+            kwargs["weights"] = None
+        kwargs.update(overrides)
+        embedder = cls(**kwargs)
+        embedder.check_matches(meta)
+        return embedder
+
+    def check_matches(self, meta: Mapping[str, Any]) -> None:
+        """Raise ``ModelMismatchError`` unless this model is the one recorded in ``meta``."""
+        problems = []
+        want_sha, have_sha = meta.get("weights_sha256"), self.weights_sha256
+        if want_sha and have_sha and want_sha != have_sha:
+            problems.append(f"weights SHA-256 {have_sha[:12]}... instead of {want_sha[:12]}...")
+        elif (
+            meta.get("state_dict_sha256")
+            and not (want_sha and have_sha)
+            and self.state_dict_sha256 != meta["state_dict_sha256"]
+        ):
+            problems.append("different weights (state_dict digest)")
+        for key, have in (("head", self.head), ("embed_dim", self.embed_dim)):
+            if key in meta and meta[key] != have:
+                problems.append(f"{key} {have!r} instead of {meta[key]!r}")
+        if "preprocessing" in meta:
+            from mec_hub.transforms import resolve_preprocessing
+
+            if resolve_preprocessing(dict(meta["preprocessing"])) != resolve_preprocessing(self.pretrained_cfg):
+                problems.append(f"preprocessing {self.pretrained_cfg} instead of {dict(meta['preprocessing'])}")
+        if problems:
+            raise ModelMismatchError(
+                "the model does not match the one that made these features: " + "; ".join(problems)
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"Embedder(model={self.name!r}, head={self.head!r}, embed_dim={self.embed_dim}, "
+            f"device={str(self.device)!r}, precision={self.precision!r}, batch_size={self.batch_size}, "
+            f"normalize={self.normalize})"
+        )
+
+
+def embed(items: Any, model: str | nn.Module | None = None, **kwargs: Any) -> np.ndarray:
+    """One line: ``mec_hub.embed(["a.jpg", "b.jpg"], "mec_resnet50")`` -> ``(2, D)`` features.
+
+    ``kwargs`` are ``Embedder``'s (``weights``, ``device``, ``precision``, ``normalize``, ...).
+    For many calls, build one ``Embedder`` and reuse it: each call here loads the model.
+    """
+    return Embedder(model, **kwargs).embed(items)
+
+
+def _batch_end(indices: list[int], failures: list[tuple[int, str]]) -> int:
+    """One past the last item of a batch (every item is either embedded or failed)."""
+    return max(indices + [index for index, _ in failures]) + 1

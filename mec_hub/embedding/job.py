@@ -1,0 +1,480 @@
+"""The run behind ``mec-embed`` and ``Embedder.embed_folder``: ordered, resumable, atomic, multi-process.
+
+1. Checks, before anything is computed: the output folder is writable; the inputs exist; an
+   existing output is only replaced with ``overwrite``, an unfinished one only continued with
+   ``resume`` and the same inputs and options.
+2. Each process (one, or one per torchrun rank) embeds its batch-aligned slice of the image list
+   into its own part file, checkpointing after every batch (``checkpoint.py``).
+3. The first process joins the parts into the final ``.npy``, writes ``.paths.txt`` and
+   ``.meta.json`` and renames them into place, ``.npy`` last; then the parts are removed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from mec_hub.embedding.checkpoint import (
+    PartState,
+    ResumeError,
+    append_failures,
+    describe_changes,
+    fingerprint_digest,
+    read_failures,
+    sync_file,
+    truncate,
+)
+from mec_hub.embedding.distributed import DistEnv, ProcessGroup, batch_aligned_slice, dist_env
+from mec_hub.embedding.images import describe_decoding
+from mec_hub.embedding.inputs import CollectedInputs, InputError, collect_inputs
+from mec_hub.embedding.npy_writer import NpyRowWriter
+from mec_hub.embedding.outputs import OutputError, OutputFiles, RunLock, check_output_location
+from mec_hub.errors import MecHubError
+from mec_hub.fileio import atomic_write, atomic_write_json
+
+if TYPE_CHECKING:
+    from mec_hub.embedding.engine import Embedder
+
+T = TypeVar("T")
+META_FORMAT_VERSION = 1
+# Test hooks (used by tests/test_embed_resume.py only): SIGKILL this process after writing the rows
+# of its N-th batch but before checkpointing them; sleep this many seconds after each checkpoint.
+KILL_AFTER_BATCHES_ENV = "MEC_HUB_TEST_KILL_AFTER_BATCHES"
+BATCH_DELAY_ENV = "MEC_HUB_TEST_BATCH_DELAY"
+
+
+class EmbeddingInterrupted(MecHubError):
+    """Ctrl-C during a run: what was done is kept, and ``--resume`` continues from there."""
+
+
+@dataclass
+class EmbedResult:
+    """What a run wrote: the three files and the meta record (counts, failures, model)."""
+
+    features: Path
+    paths: Path
+    meta_path: Path
+    meta: dict[str, Any] = field(repr=False)
+    already_complete: bool = False
+
+    @property
+    def num_embedded(self) -> int:
+        return int(self.meta["num_embedded"])
+
+    @property
+    def num_failed(self) -> int:
+        return int(self.meta["num_failed"])
+
+    @property
+    def failed(self) -> list[dict[str, str]]:
+        return list(self.meta["failed"])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows, dim = self.meta["shape"]
+        return int(rows), int(dim)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def preflight(files: OutputFiles, *, resume: bool, overwrite: bool) -> None:
+    """The checks that need no model: a writable place, and no silent clobbering."""
+    if resume and overwrite:
+        raise OutputError("--resume and --overwrite exclude each other: continue the old run, or replace it")
+    check_output_location(files)
+    if resume or overwrite:
+        return
+    if files.part_states():
+        raise OutputError(
+            f"an unfinished run into {files.npy} was found; pass --resume to continue it, "
+            "or --overwrite to start over"
+        )
+    existing = files.existing_finals()
+    if existing:
+        names = ", ".join(p.name for p in existing)
+        raise OutputError(f"{names} already exist in {files.npy.parent}; pass --overwrite to replace them")
+
+
+def _agreed(group: ProcessGroup, step: Callable[[], T]) -> T:
+    """Run ``step`` on every process; if it fails anywhere, fail everywhere with the same message."""
+    try:
+        value, error = step(), None
+    except MecHubError as exc:
+        value, error = None, f"{type(exc).__name__}\0{exc}"
+    errors = [e for e in group.all_gather(error) if e]
+    if errors:
+        kind, message = errors[0].split("\0", 1)
+        raise (ResumeError if kind == "ResumeError" else OutputError)(message)
+    return value  # type: ignore[return-value]
+
+
+def result_digest(fingerprint: dict[str, Any]) -> str:
+    """Digest of what decides the output files: the fingerprint without the number of processes."""
+    return fingerprint_digest({k: v for k, v in fingerprint.items() if k != "world_size"})
+
+
+def make_fingerprint(embedder: Embedder, collected: CollectedInputs, world_size: int) -> dict[str, Any]:
+    """Everything that decides the numbers in the output; a resume must match it exactly."""
+    from mec_hub import __version__
+
+    identity = embedder.identity()
+    return {
+        "inputs_sha256": collected.digest(),
+        "num_inputs": len(collected),
+        "weights_sha256": identity["weights_sha256"],
+        "state_dict_sha256": identity.get("state_dict_sha256"),
+        "head": identity["head"],
+        "embed_dim": identity["embed_dim"],
+        "preprocessing": identity["preprocessing"],
+        "precision": embedder.precision,
+        "normalize": embedder.normalize,
+        "out_dtype": embedder.out_dtype,
+        "optimizations": identity["optimizations"],
+        "batch_size": embedder.batch_size,
+        "world_size": world_size,
+        "decoding": describe_decoding(),
+        "mec_hub_version": __version__,
+    }
+
+
+@dataclass
+class _Plan:
+    kind: str  # "fresh" | "resume" | "complete"
+    state: PartState | None = None
+    meta: dict[str, Any] | None = None
+
+
+def _read_meta(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _plan(files: OutputFiles, env: DistEnv, fingerprint: dict[str, Any], *, resume: bool, overwrite: bool) -> _Plan:
+    """Decide, without changing anything, whether this process starts, resumes or has nothing to do."""
+    digest = result_digest(fingerprint)
+    if overwrite:
+        return _Plan("fresh")
+    finals = files.existing_finals()
+    meta = _read_meta(files.meta_json) if files.meta_json.exists() else None
+    finished = len(finals) == 3 and meta is not None and meta.get("fingerprint") == digest
+    states = files.part_states()
+    if states and not resume:
+        raise OutputError(
+            f"an unfinished run into {files.npy} was found; pass --resume to continue it, or --overwrite to start over"
+        )
+    if resume and finished:
+        return _Plan("complete", meta=meta)  # done before; at most leftovers of the cleanup remain
+    if states:
+        suffix = f"-of-{env.world_size}.state.json"
+        others = sorted({s.name.rsplit("-of-", 1)[1].split(".")[0] for s in states if not s.name.endswith(suffix)})
+        if others:
+            raise ResumeError(
+                f"the unfinished run used {' or '.join(others)} process(es), this one {env.world_size}; resume it "
+                "with the same number (torchrun --nproc_per_node), or pass --overwrite to start over"
+            )
+        mine = files.part(env.rank, env.world_size)
+        state = PartState.load(mine.state)
+        changes = describe_changes(state.fingerprint, fingerprint)
+        if changes:
+            raise ResumeError(
+                f"cannot resume the unfinished run into {files.npy.name}: " + "; ".join(changes)
+                + ". Run it with the same inputs and options, or pass --overwrite to start over."
+            )
+        if not mine.data.exists() or not mine.failed.exists():
+            raise ResumeError(f"the partial files of the unfinished run ({mine.data}) are missing; pass --overwrite")
+        return _Plan("resume", state=state)
+    if finals:
+        if resume:
+            raise OutputError(
+                f"{files.npy.name} was made by a run with other inputs or options; "
+                "pass --overwrite to replace it"
+            )
+        names = ", ".join(p.name for p in finals)
+        raise OutputError(f"{names} already exist in {files.npy.parent}; pass --overwrite to replace them")
+    return _Plan("fresh")
+
+
+def _remove_parts(files: OutputFiles) -> None:
+    for path in files.all_part_files():
+        path.unlink(missing_ok=True)
+
+
+def _embed_slice(
+    embedder: Embedder,
+    collected: CollectedInputs,
+    part: Any,
+    state: PartState,
+    *,
+    show_progress: bool,
+    label: str = "embedding",
+) -> None:
+    """Embed ``collected.items[state.items_done:state.end]``, checkpointing after every batch."""
+    import numpy as np
+
+    from mec_hub.embedding.loader import ImageSource, StringTable
+
+    dtype = np.dtype(embedder.out_dtype)
+    if state.rows_done == 0 and state.items_done == state.start:
+        writer = NpyRowWriter.create(part.data, embedder.embed_dim, dtype)
+        part.failed.write_bytes(b"")
+        state.save(part.state)
+    else:
+        writer = NpyRowWriter.open_for_resume(part.data, embedder.embed_dim, dtype, state.rows_done)
+        truncate(part.failed, state.failed_bytes)
+    if state.complete:
+        writer.close()
+        return
+    items = collected.items
+    source = ImageSource(
+        StringTable([it.path for it in items]), embedder.transform, names=StringTable([it.name for it in items])
+    )
+    kill_after = int(os.environ.get(KILL_AFTER_BATCHES_ENV, 0) or 0)
+    delay = float(os.environ.get(BATCH_DELAY_ENV, 0) or 0)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=state.end - state.start, initial=state.items_done - state.start, unit="img", desc=label,
+        disable=not show_progress, file=sys.stderr, dynamic_ncols=True, smoothing=0.05,
+    )
+    num_failed = len(read_failures(part.failed, state.failed_bytes))
+    failed_log = open(part.failed, "ab")  # noqa: SIM115
+    batches = 0
+
+    def commit(indices: list[int], failures: list[tuple[int, str]], features: np.ndarray) -> None:
+        """Rows and failures to disk and synced, then (only then) the checkpoint that counts them."""
+        nonlocal batches, num_failed
+        writer.append(features)
+        append_failures(failed_log, failures)
+        writer.sync()
+        sync_file(failed_log)
+        batches += 1
+        if batches == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        batch_end = max(indices + [i for i, _ in failures]) + 1
+        bar.update(batch_end - state.items_done)
+        state.items_done, state.rows_done, state.failed_bytes = batch_end, writer.rows, failed_log.tell()
+        state.save(part.state)
+        if failures:
+            num_failed += len(failures)
+            bar.set_postfix(failed=num_failed, refresh=False)
+        if delay:
+            time.sleep(delay)
+
+    try:
+        embedder.run_batches(source, state.items_done, state.end, commit)
+    except KeyboardInterrupt:
+        raise EmbeddingInterrupted(
+            f"interrupted: {state.items_done - state.start} of {state.end - state.start} images done and kept; "
+            "run the same command with --resume to continue"
+        ) from None
+    finally:
+        bar.close()
+        failed_log.close()
+        writer.close()
+
+
+def _build_meta(
+    embedder: Embedder,
+    collected: CollectedInputs,
+    files: OutputFiles,
+    *,
+    rows: int,
+    failures: list[tuple[int, str]],
+    fingerprint: dict[str, Any],
+    recursive: bool,
+    started_at: str,
+) -> dict[str, Any]:
+    import torch
+
+    from mec_hub import __version__
+
+    identity = embedder.identity()
+    meta: dict[str, Any] = {
+        "format": "mec-embed",
+        "format_version": META_FORMAT_VERSION,
+        "features": files.npy.name,
+        "paths": files.paths_txt.name,
+        "shape": [rows, identity["embed_dim"]],
+    }
+    meta.update(identity)
+    meta.update(
+        num_inputs=len(collected),
+        num_embedded=rows,
+        num_failed=len(failures),
+        num_skipped_non_images=collected.skipped,
+        failed=[{"path": collected.items[i].name, "reason": reason} for i, reason in failures],
+        inputs=collected.sources,
+        files_from=collected.files_from,
+        recursive=recursive,
+        base_dir=collected.base_dir,
+        batch_size=embedder.batch_size,
+        device=embedder.device.type,
+        decoding=fingerprint["decoding"],
+        fingerprint=result_digest(fingerprint),
+        mec_hub_version=__version__,
+        torch_version=torch.__version__,
+        started_at=started_at,
+        finished_at=_now(),
+    )
+    return meta
+
+
+def _finalize(
+    embedder: Embedder,
+    collected: CollectedInputs,
+    files: OutputFiles,
+    env: DistEnv,
+    fingerprint: dict[str, Any],
+    *,
+    recursive: bool,
+) -> dict[str, Any]:
+    """Join the parts, write paths and meta, rename everything into place (``.npy`` last)."""
+    import numpy as np
+
+    parts = [files.part(rank, env.world_size) for rank in range(env.world_size)]
+    states = [PartState.load(p.state) for p in parts]
+    unfinished = [rank for rank, s in enumerate(states) if not s.complete]
+    if unfinished:
+        raise ResumeError(f"process(es) {unfinished} did not finish their share; run again with --resume")
+    failures: list[tuple[int, str]] = []
+    for part, state in zip(parts, states, strict=True):
+        failures.extend(read_failures(part.failed, state.failed_bytes))
+    dtype = np.dtype(embedder.out_dtype)
+    writer = NpyRowWriter.open_for_resume(parts[0].data, embedder.embed_dim, dtype, states[0].rows_done)
+    try:
+        for part, state in zip(parts[1:], states[1:], strict=True):
+            writer.append_file_rows(part.data, state.rows_done)
+    except BaseException:
+        writer.close()
+        raise
+    writer.finish()
+    failed_indices = {index for index, _ in failures}
+    if writer.rows != len(collected) - len(failed_indices):
+        raise MecHubError(
+            f"internal error: {writer.rows} rows for {len(collected)} inputs with {len(failed_indices)} failures"
+        )
+
+    def write_paths(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as fh:
+            for index, item in enumerate(collected.items):
+                if index not in failed_indices:
+                    fh.write(item.name + "\n")
+
+    meta = _build_meta(
+        embedder, collected, files, rows=writer.rows, failures=failures, fingerprint=fingerprint,
+        recursive=recursive, started_at=min(s.started_at for s in states),
+    )
+    atomic_write(files.paths_txt, write_paths)
+    atomic_write_json(files.meta_json, meta)
+    os.replace(parts[0].data, files.npy)
+    _fsync_dir(files.npy.parent)
+    _remove_parts(files)
+    return meta
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def run_job(
+    embedder: Embedder,
+    inputs: Any,
+    out: str | os.PathLike[str],
+    *,
+    files_from: str | os.PathLike[str] | None = None,
+    recursive: bool = True,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> EmbedResult:
+    """Embed the images named by ``inputs`` (folders, files, globs, or a ``CollectedInputs``) into ``out``.
+
+    Writes ``out`` (``.npy``, N x D), ``.paths.txt`` (line i = image of row i) and ``.meta.json``
+    (model, options, counts, failures). Files that cannot be read are skipped and listed in the
+    meta file with a reason. ``resume`` continues an interrupted run with the same inputs and
+    options; ``overwrite`` replaces existing outputs (only once the new ones are complete).
+    ``progress``: show a progress bar (default: when stderr is a terminal). Under torchrun each
+    process embeds its own slice and the first one writes the files.
+    """
+    files = OutputFiles.for_out(out)
+    env = dist_env()
+    preflight(files, resume=resume, overwrite=overwrite)
+    if isinstance(inputs, CollectedInputs):
+        collected = inputs
+    else:
+        collected = collect_inputs(inputs, files_from=files_from, recursive=recursive)
+    if not collected.items:
+        skipped = f" ({collected.skipped} file(s) without an image extension left out)" if collected.skipped else ""
+        where = ", ".join([*collected.sources, *([collected.files_from] if collected.files_from else [])])
+        raise InputError(f"no image files found in {where}{skipped}")
+    group = ProcessGroup(env)
+    lock = RunLock(files)
+    try:
+        fingerprint = make_fingerprint(embedder, collected, env.world_size)
+        digests = group.all_gather(fingerprint_digest(fingerprint))
+        if len(set(digests)) > 1:
+            raise MecHubError(
+                "the processes of this run see different inputs or options (is every input folder "
+                "reachable under the same path on every node?)"
+            )
+        if env.is_main:
+            _agreed(group, lock.acquire)
+        else:
+            _agreed(group, lambda: None)
+        plan = _agreed(group, lambda: _plan(files, env, fingerprint, resume=resume, overwrite=overwrite))
+        if plan.kind == "complete":
+            if env.is_main:
+                _remove_parts(files)
+            group.barrier()
+            assert plan.meta is not None
+            return EmbedResult(files.npy, files.paths_txt, files.meta_json, plan.meta, already_complete=True)
+        if overwrite and env.is_main:
+            _remove_parts(files)
+        group.barrier()
+
+        start, end = batch_aligned_slice(len(collected), embedder.batch_size, env.rank, env.world_size)
+        state = plan.state or PartState(fingerprint, start, end, start, 0, 0, _now())
+        if (state.start, state.end) != (start, end):
+            raise ResumeError(f"the saved progress covers items {state.start}..{state.end}, expected {start}..{end}")
+        show = (sys.stderr.isatty() if progress is None else progress) and env.is_main
+        label = "embedding" if env.world_size == 1 else f"embedding (process 1 of {env.world_size}, its share)"
+        _embed_slice(embedder, collected, files.part(env.rank, env.world_size), state, show_progress=show, label=label)
+
+        group.barrier()
+        outcome: Any = None
+        if env.is_main:
+            try:
+                outcome = _finalize(embedder, collected, files, env, fingerprint, recursive=recursive)
+            except BaseException as exc:
+                group.broadcast_from_main(str(exc) or type(exc).__name__)
+                raise
+            group.broadcast_from_main(outcome)
+        else:
+            outcome = group.broadcast_from_main(None)
+            if isinstance(outcome, str):
+                raise MecHubError(f"the first process could not write the outputs: {outcome}")
+        return EmbedResult(files.npy, files.paths_txt, files.meta_json, outcome)
+    finally:
+        lock.release()
+        group.close()

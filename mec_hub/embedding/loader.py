@@ -1,0 +1,282 @@
+"""Decode and preprocess images in DataLoader workers, ahead of the model, never failing a batch.
+
+A sample that cannot be read comes back as its reason (a string) instead of a tensor; the
+collate function sets those aside, so a batch is (indices of the good samples, their stacked
+tensors, [(index, reason), ...]) and a bad file never reaches the model, stops the run or shifts
+a row.
+
+Worse than an exception, a file can crash the decoder (a bug in a C library: the worker process
+dies) or make it hang. Then the batch is decoded again one file per fresh process
+(``decode_isolated``) with a time limit, and the file that kills or stalls its process is the
+failure. The limit is ``MEC_HUB_DECODE_TIMEOUT`` seconds (default 600) of waiting for a batch,
+or for one file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from mec_hub.embedding.images import ImageDecodeError, decode_image, prepare_image
+
+Sample = tuple[int, "torch.Tensor | str"]
+Batch = tuple[list[int], torch.Tensor, list[tuple[int, str]]]
+
+DECODE_TIMEOUT_ENV = "MEC_HUB_DECODE_TIMEOUT"
+DEFAULT_DECODE_TIMEOUT = 600.0
+# Test hooks (tests/test_embed_robustness.py): inside a worker process, a file whose path contains
+# this text crashes the worker (SIGSEGV) or hangs it, as a broken decoder would.
+CRASH_ON_ENV = "MEC_HUB_TEST_CRASH_ON"
+HANG_ON_ENV = "MEC_HUB_TEST_HANG_ON"
+
+
+def decode_timeout() -> float:
+    return float(os.environ.get(DECODE_TIMEOUT_ENV) or DEFAULT_DECODE_TIMEOUT)
+
+
+class StringTable(Sequence[str]):
+    """Many strings packed in one bytes object, read back one at a time.
+
+    A list of a million path strings is a million Python objects; forked DataLoader workers that
+    touch them (reference counts) copy the pages they live on, and each worker's memory grows
+    towards a full copy of the list. One bytes buffer and an offsets array avoid that.
+    """
+
+    def __init__(self, strings: Sequence[str]) -> None:
+        import numpy as np
+
+        encoded = [os.fsencode(s) for s in strings]
+        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in encoded], out=self._offsets[1:])
+        self._data = b"".join(encoded)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, index: int) -> str:  # type: ignore[override]
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        index %= len(self)
+        return os.fsdecode(self._data[self._offsets[index] : self._offsets[index + 1]])
+
+
+class ImageSource(Dataset):
+    """Items (paths or PIL images) -> ``(index, tensor)``, or ``(index, reason)`` when unreadable."""
+
+    def __init__(
+        self,
+        items: Sequence[str | os.PathLike[str] | Image.Image],
+        transform: Callable[[Any], Any],
+        names: Sequence[str] | None = None,
+    ) -> None:
+        self.items = items
+        self.transform = transform
+        self.names = names
+        self._crash_on = os.environ.get(CRASH_ON_ENV) or None
+        self._hang_on = os.environ.get(HANG_ON_ENV) or None
+        self._in_worker = False
+        self.threads = 1  # decoding threads per process, for __getitems__
+        self._pool: Any = None
+        self._pool_pid = -1
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Sample:
+        item = self.items[index]
+        if self.names is not None and ("\n" in self.names[index] or "\r" in self.names[index]):
+            return index, "its name contains a line break, which a line of FEATS.paths.txt cannot hold"
+        if (self._crash_on or self._hang_on) and (self._in_worker or get_worker_info() is not None):
+            self._simulate_broken_decoder(str(item))
+        try:
+            image = prepare_image(item) if isinstance(item, Image.Image) else decode_image(item)
+        except ImageDecodeError as exc:
+            return index, exc.reason
+        except Exception as exc:  # never let one file stop the run
+            return index, f"cannot decode image ({type(exc).__name__}: {exc})"
+        try:
+            return index, self.transform(image)
+        except Exception as exc:
+            return index, f"preprocessing failed ({type(exc).__name__}: {exc})"
+
+    def __getitems__(self, indices: list[int]) -> list[Sample]:
+        """A whole batch, decoded by ``self.threads`` threads (Pillow and torch release the GIL)."""
+        if self.threads <= 1 or len(indices) <= 1:
+            return [self[i] for i in indices]
+        if self._pool is None or self._pool_pid != os.getpid():  # a forked worker needs its own threads
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool, self._pool_pid = ThreadPoolExecutor(self.threads, "mec-decode"), os.getpid()
+        return list(self._pool.map(self.__getitem__, indices))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_pool": None, "_pool_pid": -1}
+
+    def _simulate_broken_decoder(self, path: str) -> None:
+        if self._crash_on and self._crash_on in path:
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if self._hang_on and self._hang_on in path:
+            time.sleep(3600)
+
+
+class Collate:
+    """Stack the good samples; keep the failures, with their indices, out of the tensor."""
+
+    def __init__(self, input_size: Sequence[int]) -> None:
+        self.empty_shape = (0, *input_size)
+
+    def __call__(self, samples: list[Sample]) -> Batch:
+        indices, tensors, failures = [], [], []
+        for index, value in samples:
+            if isinstance(value, str):
+                failures.append((index, value))
+            else:
+                indices.append(index)
+                tensors.append(value)
+        images = torch.stack(tensors) if tensors else torch.empty(self.empty_shape)
+        return indices, images, failures
+
+
+class _WorkerInit:
+    """Per-worker setup: one torch thread, lower priority, the main process's pixel limit."""
+
+    def __init__(self, max_pixels: int | None, niceness: int) -> None:
+        self.max_pixels = max_pixels
+        self.niceness = niceness
+
+    def __call__(self, worker_id: int) -> None:
+        torch.set_num_threads(1)
+        Image.MAX_IMAGE_PIXELS = self.max_pixels
+        if self.niceness and hasattr(os, "nice"):
+            with contextlib.suppress(OSError):
+                os.nice(self.niceness)
+
+
+class OrderedBatches(torch.utils.data.Sampler[list[int]]):
+    """Consecutive batches of ``range(start, end)``: batch k is always items ``start+k*B ...``."""
+
+    def __init__(self, start: int, end: int, batch_size: int) -> None:
+        self.start, self.end, self.batch_size = start, end, batch_size
+
+    def __len__(self) -> int:
+        return -(-(self.end - self.start) // self.batch_size)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        for first in range(self.start, self.end, self.batch_size):
+            yield list(range(first, min(first + self.batch_size, self.end)))
+
+
+def make_loader(
+    source: ImageSource,
+    *,
+    start: int,
+    end: int,
+    batch_size: int,
+    num_workers: int,
+    input_size: Sequence[int],
+    pin_memory: bool,
+    niceness: int = 0,
+    prefetch_factor: int = 2,
+) -> DataLoader:
+    """Batches of ``source[start:end]`` in order, decoded by ``num_workers`` processes ahead of use
+    (``niceness`` lowers their CPU priority; 0 workers: decoded in this process)."""
+    kwargs: dict[str, Any] = {}
+    if num_workers > 0:
+        kwargs.update(
+            prefetch_factor=prefetch_factor,
+            worker_init_fn=_WorkerInit(Image.MAX_IMAGE_PIXELS, niceness),
+            persistent_workers=False,
+            timeout=decode_timeout(),
+        )
+    return DataLoader(
+        source,
+        batch_sampler=OrderedBatches(start, end, batch_size),
+        num_workers=num_workers,
+        collate_fn=Collate(input_size),
+        pin_memory=pin_memory,
+        **kwargs,
+    )
+
+
+def is_worker_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is the DataLoader's report of a worker that died or a batch that never came."""
+    message = str(exc)
+    return isinstance(exc, RuntimeError) and ("DataLoader worker" in message or "DataLoader timed out" in message)
+
+
+def _decode_in_child(source: ImageSource, connection: Any, max_pixels: int | None) -> None:
+    source._in_worker = True
+    torch.set_num_threads(1)
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    _, value = source[0]
+    # As plain pickled data: torch's own tensor pickling would pass a shared-memory handle that
+    # dies with this process.
+    connection.send(value if isinstance(value, str) else value.numpy())
+    connection.close()
+
+
+def decode_one_isolated(source: ImageSource, index: int) -> Sample:
+    """``source[index]`` decoded in a process of its own; its death or a hang is that item's failure."""
+    import multiprocessing
+
+    timeout = decode_timeout()
+    names = None if source.names is None else [source.names[index]]
+    single = ImageSource([source.items[index]], source.transform, names)
+    single._crash_on, single._hang_on = source._crash_on, source._hang_on
+    context = multiprocessing.get_context()
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_decode_in_child, args=(single, sender, Image.MAX_IMAGE_PIXELS), daemon=True)
+    process.start()
+    sender.close()
+    try:
+        if receiver.poll(timeout):
+            try:
+                value = receiver.recv()
+                return index, value if isinstance(value, str) else torch.from_numpy(value)
+            except EOFError:  # the process died before answering
+                pass
+        else:
+            process.kill()
+            return index, f"decoding did not finish within {timeout:g} s (a malformed file that hangs the decoder?)"
+    finally:
+        receiver.close()
+        process.join()
+    return index, f"the decoder crashed on this file (its process died, {_exit_description(process.exitcode)})"
+
+
+def _exit_description(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+def decode_isolated(source: ImageSource, indices: Iterable[int], collate: Collate) -> Batch:
+    """Decode each item in a fresh process of its own; a crash or hang fails that item alone."""
+    return collate([decode_one_isolated(source, index) for index in indices])
+
+
+@contextlib.contextmanager
+def worker_deaths_deferred() -> Iterator[None]:
+    """Hold back SIGCHLD (through which the DataLoader reports a dead worker, raising wherever the
+    main thread happens to be) for the duration of the block, so that the report arrives between
+    two checkpoints, never inside one."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -1,0 +1,130 @@
+"""``mec_hub.Embedder`` / ``mec_hub.embed``: the same numbers as a plain forward, from every kind of input."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from embed_support import make_images, reference_features
+from PIL import Image
+
+import mec_hub
+from mec_hub.embedding.engine import Embedder, ModelMismatchError
+from mec_hub.embedding.images import ImageDecodeError
+from mec_hub.errors import MecHubError
+
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_weights_dir: Path) -> Embedder:
+    return Embedder(weights=tiny_weights_dir, device="cpu", batch_size=5, num_workers=1)
+
+
+@pytest.fixture(scope="module")
+def photos(photos_dir: Path) -> list[Path]:
+    return sorted(photos_dir.iterdir())
+
+
+@pytest.fixture(scope="module")
+def photo_reference(tiny_weights_dir: Path, photos: list[Path]) -> np.ndarray:
+    return reference_features(tiny_weights_dir, photos)
+
+
+def test_paths_give_the_plain_forward(embedder: Embedder, photos: list[Path], photo_reference: np.ndarray):
+    features = embedder.embed(photos)  # 18 photos > batch size: decoded by a worker process
+    assert features.shape == (18, 512) and features.dtype == np.float32
+    np.testing.assert_allclose(features, photo_reference, **TOL)
+
+
+def test_pil_images_and_tensors_give_the_same_rows(embedder: Embedder, photos: list[Path], tiny_weights_dir: Path):
+    some = photos[:4]
+    from_paths = embedder.embed([str(p) for p in some])
+    images = [Image.open(p) for p in some]
+    np.testing.assert_array_equal(embedder.embed(images), from_paths)
+    np.testing.assert_allclose(embedder.embed(images[0]), from_paths[:1], **TOL)  # a batch of one
+
+    model = mec_hub.load(weights=tiny_weights_dir)
+    transform = mec_hub.get_transform(model)
+    batch = torch.stack([transform(im.convert("RGB")) for im in images])
+    with torch.no_grad():
+        direct = model(batch).numpy()
+    np.testing.assert_allclose(embedder.embed(batch), direct, **TOL)
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        embedder.embed(torch.zeros(2, 1, 32, 32))
+
+
+def test_one_liner_and_lazy_export(tiny_weights_dir: Path, photos: list[Path], photo_reference: np.ndarray):
+    features = mec_hub.embed(photos[:3], weights=tiny_weights_dir, device="cpu", normalize=True, out_dtype="float16")
+    assert features.dtype == np.float16
+    expected = photo_reference[:3] / np.linalg.norm(photo_reference[:3], axis=1, keepdims=True)
+    np.testing.assert_allclose(features.astype(np.float32), expected, atol=1e-3)
+    assert mec_hub.Embedder is Embedder
+
+
+def test_an_unreadable_file_raises_naming_it(embedder: Embedder, photos: list[Path], odd_images_dir: Path):
+    with pytest.raises(ImageDecodeError) as info:
+        embedder.embed([photos[0], odd_images_dir / "truncated.png"])
+    assert "truncated.png" in str(info.value) and "truncated image data" in str(info.value)
+
+
+def test_precision_rules(tiny_weights_dir: Path, photos: list[Path], photo_reference: np.ndarray):
+    with pytest.raises(MecHubError, match="fp16 autocast needs a CUDA device"):
+        Embedder(weights=tiny_weights_dir, device="cpu", precision="fp16")
+    with pytest.raises(ValueError, match="precision"):
+        Embedder(weights=tiny_weights_dir, device="cpu", precision="int8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "this CPU has no bf16 instructions" on older CPUs
+        bf16 = Embedder(weights=tiny_weights_dir, device="cpu", precision="bf16").embed(photos[:6])
+    ref = photo_reference[:6]
+    cosine = (bf16 * ref).sum(1) / np.linalg.norm(bf16, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cosine.min() >= 0.99
+    assert not np.allclose(bf16, ref, rtol=1e-5, atol=1e-5)  # bf16 really ran
+
+
+def test_a_loaded_module_is_accepted(tiny_weights_dir: Path, photos: list[Path], photo_reference: np.ndarray):
+    module = mec_hub.load(weights=tiny_weights_dir, head="projector")
+    embedder = Embedder(module, device="cpu")
+    assert embedder.head == "projector" and embedder.embed_dim == 128
+    np.testing.assert_allclose(embedder.embed(photos[:2]), module(torch.stack(
+        [mec_hub.get_transform(module)(Image.open(p).convert("RGB")) for p in photos[:2]])).detach().numpy(), **TOL)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    with pytest.raises(TypeError, match="pretrained_cfg"):
+        Embedder(plain, device="cpu")
+    plain.pretrained_cfg = {"input_size": (3, 16, 16), "crop_pct": 1.0}
+    generic = Embedder(plain, device="cpu")
+    assert generic.embed_dim == 4 and generic.identity()["state_dict_sha256"]
+
+
+def test_progress_bar_shows_rate(embedder: Embedder, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    make_images(tmp_path / "imgs", 7)
+    embedder.embed_folder(tmp_path / "imgs", tmp_path / "f.npy", progress=True)
+    err = capsys.readouterr().err
+    assert "embedding" in err and "7/7" in err and "img/s" in err
+
+
+def test_from_meta_rebuilds_the_same_embedder(
+    embedder: Embedder, tiny_weights_dir: Path, tmp_path: Path, photos: list[Path]
+):
+    images = make_images(tmp_path / "imgs", 6)
+    result = embedder.embed_folder(tmp_path / "imgs", tmp_path / "f.npy", progress=False)
+    rebuilt = Embedder.from_meta(result.meta_path, device="cpu", num_workers=0)
+    assert rebuilt.weights_sha256 == result.meta["weights_sha256"] == embedder.weights_sha256
+    np.testing.assert_array_equal(rebuilt.embed(images), np.load(result.features))
+
+    meta = json.loads(result.meta_path.read_text())
+    other = tmp_path / "other"
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import make_tiny_hub_folder
+
+    make_tiny_hub_folder(other, seed=1)
+    with pytest.raises(ModelMismatchError, match="weights SHA-256"):
+        Embedder.from_meta({**meta, "weights": str(other)}, device="cpu")
+    with pytest.raises(ModelMismatchError, match="preprocessing"):
+        Embedder.from_meta({**meta, "preprocessing": {**meta["preprocessing"], "input_size": [3, 64, 64]}})
