@@ -19,6 +19,11 @@ _LAZY = {
     "get_transform": "mec_hub.transforms",
     "MECEncoder": "mec_hub.modeling",
     "convert_checkpoint": "mec_hub.convert",
+    "Embedder": "mec_hub.embedding.engine",
+    "embed": "mec_hub.embedding.engine",
+    "knn_classify": "mec_hub.evaluation.knn",
+    "linear_probe": "mec_hub.evaluation.linear",
+    "extract_image_folder": "mec_hub.evaluation.features",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -1,0 +1,74 @@
+"""``mec-hub search``: the rows of a feature file nearest to some query images."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from mec_hub.cli.common import UserError, friendly_errors
+
+
+@click.command("search")
+@click.argument("features", type=click.Path(dir_okay=False))
+@click.argument("queries", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--top-k", "-k", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Neighbours per query.")
+@click.option("--grid", "grid_path", type=click.Path(dir_okay=False),
+              help="Also draw the queries beside their neighbours as one picture (PNG).")
+@click.option("--tile", type=click.IntRange(min=16, max=1024), default=128, show_default=True,
+              help="Size of one image in the --grid picture, in pixels.")
+@click.option("--weights", default=None,
+              help="Load the model from here instead of the location in FEATS.meta.json (same SHA-256 required).")
+@click.option("--device", default="auto", show_default=True, help="Where to embed the queries (auto: cuda if present).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@friendly_errors
+def search_cmd(features: str, queries: tuple[str, ...], top_k: int, grid_path: str | None, tile: int,
+               weights: str | None, device: str, as_json: bool) -> None:
+    """Find the rows of FEATURES (a .npy written by mec-embed) most similar to each QUERY image.
+
+    The queries are embedded with the model recorded in FEATURES' .meta.json, after checking
+    that its weights are the very ones (SHA-256) that made the file; the search is an exact
+    cosine search, read from disk in blocks. With --grid, each query gets a row of 1 + K tiles
+    of --tile pixels, 8 px apart with a 16 px caption: (1 + K) * (T + 8) + 8 pixels wide and
+    Q * (T + 24) + 8 tall.
+    """
+    from mec_hub.search import FeatureFile, search
+
+    index = FeatureFile.open(features)
+    results = search(index, list(queries), top_k=top_k, weights=weights, device=device)
+    if as_json:
+        click.echo(json.dumps([
+            {"query": query, "neighbours": [
+                {"rank": n.rank, "row": n.row, "score": n.score, "path": n.path,
+                 "resolved": None if n.resolved is None else str(n.resolved)}
+                for n in hits
+            ]}
+            for query, hits in zip(queries, results, strict=True)
+        ], indent=2))
+    else:
+        for query, hits in zip(queries, results, strict=True):
+            click.echo(f"query {query}")
+            for n in hits:
+                click.echo(f"  {n.rank:>3}  {n.score:+.4f}  {n.resolved or n.path}")
+    if grid_path:
+        from pathlib import Path
+
+        from mec_hub.grid import Cell, draw_grid, save_picture
+
+        cells = [
+            [Cell(Path(query), f"query {_short(query)}", is_query=True)]
+            + [Cell(n.resolved, f"#{n.rank} {n.score:.3f} {_short(n.path)}") for n in hits]
+            for query, hits in zip(queries, results, strict=True)
+        ]
+        try:
+            written = save_picture(draw_grid(cells, tile=tile), grid_path)
+        except OSError as exc:
+            raise UserError(f"--grid {grid_path}: cannot write ({exc.strerror or exc})") from None
+        click.echo(f"grid: {written}", err=as_json)
+
+
+def _short(path: str) -> str:
+    """``.../cat/0001.png`` -> ``cat/0001.png``: in an ImageFolder the folder is the class."""
+    parts = path.replace("\\", "/").rstrip("/").split("/")
+    return "/".join(parts[-2:])

@@ -1,0 +1,36 @@
+"""Frozen-feature evaluation: weighted kNN (DINO's protocol) and a linear probe.
+
+Features come from any model (``extract_image_folder``) or from ``.npy`` files
+(``load_feature_file``). Importing this package is cheap; each name imports torch when first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "KnnResult": "mec_hub.evaluation.knn",
+    "knn_classify": "mec_hub.evaluation.knn",
+    "LinearProbeResult": "mec_hub.evaluation.linear",
+    "linear_probe": "mec_hub.evaluation.linear",
+    "LabelledFeatures": "mec_hub.evaluation.features",
+    "extract_image_folder": "mec_hub.evaluation.features",
+    "load_feature_file": "mec_hub.evaluation.features",
+    "InvalidFeaturesError": "mec_hub.evaluation.inputs",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mec_hub.evaluation' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,372 @@
+"""Frozen features with their labels: extracted from an ImageFolder, or read from ``.npy`` files.
+
+Labels follow torchvision's ImageFolder: the sorted names of the class folders are the classes,
+and a class's index is its position in that list. A validation folder is labelled with the
+*training* class list (pass ``classes=train.classes``), so that the same class gets the same
+index on both sides even when the validation folder lacks a class.
+
+Feature files are those ``mec-embed`` writes (and ``mec-hub eval --save-features``): ``X.npy``,
+an ``(N, D)`` array, with row-aligned labels from either
+
+* ``X.paths.txt`` beside it (found automatically), or any text file given as labels: one image
+  path per line, the class of a row being the name of the folder holding its image
+  (``cat/0001.png`` and ``/data/val/cat/0001.png`` are both ``cat``); or
+* an integer ``.npy`` vector of class indices (classes are then named ``"0"``, ``"1"``, ...).
+
+``X.meta.json`` beside it, when present, says which model made the features.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
+from mec_hub.errors import MecHubError
+from mec_hub.evaluation.inputs import InvalidFeaturesError, as_feature_matrix, as_label_vector
+from mec_hub.fileio import atomic_write, atomic_write_json, atomic_write_text
+
+PATHS_SUFFIX = ".paths.txt"
+META_SUFFIX = ".meta.json"
+
+
+@dataclass
+class LabelledFeatures:
+    """``features``: float32 ``(N, D)``; ``labels``: int64 ``(N,)`` indices into ``classes``.
+
+    ``paths`` (row-aligned image paths, when known), ``skipped`` (images that could not be read,
+    as ``(path, reason)``) and ``meta`` (what made the features, e.g. ``X.meta.json``) are extras.
+    """
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    paths: list[str] | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+
+def sidecar(features_path: str | os.PathLike[str], suffix: str) -> Path:
+    """``X.npy`` -> ``X<suffix>`` (``X.paths.txt``, ``X.meta.json``)."""
+    path = Path(features_path)
+    stem = path.name[: -len(".npy")] if path.name.endswith(".npy") else path.name
+    return path.with_name(stem + suffix)
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+def list_image_folder(
+    folder: str | os.PathLike[str], classes: Sequence[str] | None = None
+) -> tuple[list[tuple[str, int]], list[str]]:
+    """``([(path, label), ...], classes)`` of an ImageFolder; ``classes`` forces the class list."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise MecHubError(f"image folder not found: {root}")
+    own = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    if not own:
+        raise MecHubError(f"{root}: no class folders (expected an ImageFolder: {root}/CLASS/IMAGE)")
+    if classes is None:
+        classes = own
+    else:
+        classes = list(classes)
+        unknown = [name for name in own if name not in classes]
+        if unknown:
+            shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+            raise MecHubError(f"{root}: class folders not among the training classes: {shown}")
+    class_to_idx = {name: classes.index(name) for name in own}
+    samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    if not samples:
+        raise MecHubError(f"{root}: no images ({', '.join(IMG_EXTENSIONS)}) in its class folders")
+    return samples, list(classes)
+
+
+def read_rgb(path: str) -> Image.Image:
+    """What torchvision's ImageFolder reads: the file decoded by Pillow, converted to RGB."""
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+class _ImageList(Dataset):
+    """``(index, tensor, None)`` per image, or ``(index, None, reason)`` when it cannot be read."""
+
+    def __init__(self, paths: Sequence[str], transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            image = read_rgb(self.paths[index])
+        except Exception as exc:  # Pillow raises many types for broken files; skip the file, keep going
+            return index, None, f"{type(exc).__name__}: {exc}"
+        return index, self.transform(image), None
+
+
+def _collate(batch: list[tuple[int, torch.Tensor | None, str | None]]) -> tuple[Any, ...]:
+    good = [(i, x) for i, x, _ in batch if x is not None]
+    failed = [(i, reason) for i, x, reason in batch if x is None]
+    indices = torch.tensor([i for i, _ in good], dtype=torch.long)
+    images = torch.stack([x for _, x in good]) if good else None
+    return indices, images, failed
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def default_transform(model: nn.Module) -> Callable[[Image.Image], torch.Tensor]:
+    from mec_hub.transforms import get_transform
+
+    try:
+        return get_transform(model)
+    except TypeError:
+        raise TypeError(
+            f"cannot tell which preprocessing a {type(model).__name__} expects; pass transform=..."
+        ) from None
+
+
+@torch.inference_mode()
+def extract_features(
+    model: nn.Module,
+    paths: Sequence[str],
+    *,
+    transform: Callable[[Image.Image], torch.Tensor] | None = None,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
+    """``(features (M, D) float32 on CPU, kept row indices, [(index, reason) of unreadable images])``.
+
+    The model runs in eval mode (its previous mode is restored afterwards, so a network in
+    training can be evaluated in the middle of a run) without gradients, on ``device``
+    (default: where its parameters are).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    transform = transform or default_transform(model)
+    device = torch.device(device) if device is not None else model_device(model)
+    where = model_device(model)
+    if where.type != device.type or (None not in (where.index, device.index) and where.index != device.index):
+        raise ValueError(f"the model is on {where}, not on device={device}; move it there first")
+    loader = DataLoader(
+        _ImageList(paths, transform),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+    )
+    batches = loader
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(loader, desc="features", unit="batch", leave=False)
+    was_training = model.training
+    model.eval()
+    chunks: list[torch.Tensor] = []
+    kept: list[int] = []
+    failed: list[tuple[int, str]] = []
+    try:
+        for indices, images, batch_failed in batches:
+            failed.extend(batch_failed)
+            if images is None:
+                continue
+            out = model(images.to(device, non_blocking=True))
+            if out.ndim != 2:
+                raise ValueError(f"the model returned shape {tuple(out.shape)}; expected (N, D) features")
+            chunks.append(out.float().cpu())
+            kept.extend(indices.tolist())
+    finally:
+        model.train(was_training)
+    if not chunks:
+        raise MecHubError(f"none of the {len(paths)} images could be read")
+    return torch.cat(chunks), kept, failed
+
+
+def extract_image_folder(
+    model: nn.Module,
+    folder: str | os.PathLike[str],
+    *,
+    transform: Callable[[Image.Image], torch.Tensor] | None = None,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: str | torch.device | None = None,
+    classes: Sequence[str] | None = None,
+    progress: bool = False,
+) -> LabelledFeatures:
+    """Features of every image of an ImageFolder, with ImageFolder labels.
+
+    ``model`` maps ``(N, 3, H, W)`` to ``(N, D)``; ``transform`` (PIL image to tensor) defaults to
+    ``mec_hub.get_transform(model)``. ``classes`` imposes the class list (give the training
+    set's when extracting a validation set). Unreadable images are skipped with a warning and
+    listed in ``skipped``; ``paths`` are relative to ``folder``.
+    """
+    samples, classes = list_image_folder(folder, classes)
+    root = Path(folder)
+    paths = [path for path, _ in samples]
+    features, kept, failed = extract_features(
+        model, paths, transform=transform, batch_size=batch_size, num_workers=num_workers,
+        device=device, progress=progress,
+    )
+    skipped = [(paths[i], reason) for i, reason in failed]
+    if skipped:
+        shown = "; ".join(f"{p} ({r})" for p, r in skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
+        warnings.warn(f"{root}: skipped {len(skipped)} unreadable images: {shown}", stacklevel=2)
+    return LabelledFeatures(
+        features=features,
+        labels=torch.tensor([samples[i][1] for i in kept], dtype=torch.long),
+        classes=classes,
+        paths=[os.path.relpath(paths[i], root) for i in kept],
+        skipped=skipped,
+        meta={"inputs": [str(root)]},
+    )
+
+
+# --------------------------------------------------------------------------- feature files
+
+
+def _load_npy(path: Path, *, what: str) -> np.ndarray:
+    if not path.is_file():
+        raise MecHubError(f"{what} not found: {path}")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InvalidFeaturesError(f"{path}: not a readable .npy array ({exc})") from None
+
+
+def read_paths_file(path: str | os.PathLike[str]) -> list[str]:
+    """Lines of a paths file (``X.paths.txt``), without the line ends; a trailing empty line is ignored."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MecHubError(f"paths file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MecHubError(f"{path}: unreadable paths file ({exc})") from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+def read_meta(features_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``X.meta.json`` beside ``X.npy`` as a dict (empty when there is none)."""
+    path = sidecar(features_path, META_SUFFIX)
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MecHubError(f"{path}: unreadable metadata ({exc})") from None
+    if not isinstance(data, dict):
+        raise MecHubError(f"{path}: metadata must be a JSON object")
+    return data
+
+
+def labels_from_paths(
+    paths: Sequence[str], *, origin: str, classes: Sequence[str] | None = None
+) -> tuple[np.ndarray, list[str]]:
+    """Class of each path: the name of its folder, as an index into ``classes`` (default: sorted names)."""
+    names = []
+    for row, line in enumerate(paths):
+        name = Path(line.replace("\\", "/")).parent.name
+        if not name:
+            raise InvalidFeaturesError(
+                f"{origin}: row {row} ({line!r}) has no folder to take its class from; "
+                "paths must look like CLASS/IMAGE (or pass integer labels as a .npy file)"
+            )
+        names.append(name)
+    if classes is None:
+        classes = sorted(set(names))
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = sorted(set(names) - set(index))
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        raise InvalidFeaturesError(f"{origin}: classes not among the training classes: {shown}")
+    return np.array([index[name] for name in names], dtype=np.int64), list(classes)
+
+
+def load_feature_file(
+    features: str | os.PathLike[str],
+    labels: str | os.PathLike[str] | None = None,
+    *,
+    classes: Sequence[str] | None = None,
+) -> LabelledFeatures:
+    """Read ``X.npy`` and its labels (see the module docstring for the accepted label files).
+
+    ``labels`` defaults to ``X.paths.txt`` beside the features. ``classes`` imposes the class
+    list (give the training set's when reading a validation set).
+    """
+    features_path = Path(features)
+    array = _load_npy(features_path, what="features file")
+    tensor = as_feature_matrix(np.array(array, dtype=np.float32), what=str(features_path))  # a copy, in memory
+    label_path = Path(labels) if labels is not None else sidecar(features_path, PATHS_SUFFIX)
+    if labels is None and not label_path.is_file():
+        raise MecHubError(
+            f"no labels for {features_path}: no {label_path.name} beside it; pass a labels file "
+            "(an integer .npy vector, or a text file of CLASS/IMAGE paths)"
+        )
+    paths = None
+    if label_path.suffix == ".npy":
+        raw = _load_npy(label_path, what="labels file")
+        label_tensor = as_label_vector(np.array(raw), what=str(label_path), length=tensor.shape[0],
+                                       length_of=str(features_path))
+        largest = int(label_tensor.max()) if label_tensor.numel() else -1
+        if classes is None:
+            classes = [str(i) for i in range(largest + 1)]
+        elif largest >= len(classes):
+            raise InvalidFeaturesError(
+                f"{label_path}: label {largest} is not among the {len(classes)} training classes"
+            )
+    else:
+        paths = read_paths_file(label_path)
+        if len(paths) != tensor.shape[0]:
+            raise InvalidFeaturesError(
+                f"{label_path} has {len(paths)} paths but {features_path} has {tensor.shape[0]} rows; "
+                "they must match one to one"
+            )
+        values, classes = labels_from_paths(paths, origin=str(label_path), classes=classes)
+        label_tensor = torch.from_numpy(values)
+    return LabelledFeatures(
+        features=tensor,
+        labels=label_tensor,
+        classes=list(classes),
+        paths=paths,
+        meta=read_meta(features_path),
+    )
+
+
+def save_feature_file(data: LabelledFeatures, path: str | os.PathLike[str], meta: dict[str, Any]) -> Path:
+    """Write ``X.npy``, ``X.paths.txt`` and ``X.meta.json``, each atomically, for ``load_feature_file``."""
+    path = Path(path)
+    if not path.name.endswith(".npy"):
+        raise ValueError(f"{path}: the features file name must end in .npy")
+    if data.paths is None:
+        raise ValueError("these features have no paths to write")
+    array = data.features.numpy()
+
+    def write_array(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object, or np.save would append ".npy" to the temporary name
+            np.save(fh, array)
+
+    atomic_write(path, write_array)
+    atomic_write_text(sidecar(path, PATHS_SUFFIX), "".join(p + "\n" for p in data.paths))
+    atomic_write_json(sidecar(path, META_SUFFIX), meta)
+    return path

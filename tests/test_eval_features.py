@@ -1,0 +1,114 @@
+"""Feature extraction from ImageFolders and feature files, against a direct model forward and files on disk."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mec_hub
+from mec_hub.errors import MecHubError
+from mec_hub.evaluation.features import extract_image_folder, load_feature_file, save_feature_file
+from mec_hub.evaluation.inputs import InvalidFeaturesError
+
+
+@pytest.fixture(scope="module")
+def small_folder(cifar_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 classes x 3 images, plus a broken file in one class."""
+    root = tmp_path_factory.mktemp("imagefolder")
+    for cls in ("bird", "cat", "ship"):
+        (root / cls).mkdir()
+        for src in sorted((cifar_dir / "test" / cls).iterdir())[:3]:
+            shutil.copy(src, root / cls / src.name)
+    (root / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_weights_dir: Path):
+    return mec_hub.load(weights=tiny_weights_dir)
+
+
+def test_extract_equals_direct_forward(small_folder: Path, tiny_model):
+    tiny_model.train()  # as a network in the middle of training would be
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable images: .*broken\.png"):
+        data = extract_image_folder(tiny_model, small_folder, batch_size=4)
+    assert tiny_model.training, "the model's mode is restored"
+
+    expected_paths = [f"{cls}/{name}" for cls in ("bird", "cat", "ship")
+                      for name in sorted(p.name for p in (small_folder / cls).iterdir() if p.name != "broken.png")]
+    assert data.paths == expected_paths
+    assert data.classes == ["bird", "cat", "ship"]
+    assert data.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert [Path(p).name for p, _ in data.skipped] == ["broken.png"]
+
+    transform = mec_hub.get_transform(tiny_model)
+    tiny_model.eval()
+    with torch.no_grad():
+        direct = tiny_model(torch.stack([transform(Image.open(small_folder / p).convert("RGB"))
+                                         for p in expected_paths]))
+    assert data.features.dtype == torch.float32 and data.features.shape == (9, 512)
+    torch.testing.assert_close(data.features, direct, rtol=1e-4, atol=1e-5)
+
+
+def test_validation_folder_uses_training_classes(small_folder: Path, tiny_model, tmp_path: Path):
+    val = tmp_path / "val"
+    (val / "ship").mkdir(parents=True)
+    shutil.copy(next((small_folder / "ship").iterdir()), val / "ship" / "a.png")
+    data = extract_image_folder(tiny_model, val, classes=["bird", "cat", "ship"])
+    assert data.labels.tolist() == [2] and data.classes == ["bird", "cat", "ship"]
+
+    (val / "dog").mkdir()
+    with pytest.raises(MecHubError, match="not among the training classes: dog"):
+        extract_image_folder(tiny_model, val, classes=["bird", "cat", "ship"])
+
+
+def test_missing_or_empty_folder(tiny_model, tmp_path: Path):
+    with pytest.raises(MecHubError, match="image folder not found"):
+        extract_image_folder(tiny_model, tmp_path / "nope")
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(MecHubError, match="no images"):
+        extract_image_folder(tiny_model, tmp_path / "empty")
+
+
+def test_feature_file_round_trip_and_label_sources(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(4, 3)).astype(np.float16)  # as mec-embed may store them
+    np.save(tmp_path / "x.npy", features)
+    (tmp_path / "x.paths.txt").write_text("b/1.png\n/data/a/2.png\nb/3.jpg\nc/sub/4.png\n")
+
+    data = load_feature_file(tmp_path / "x.npy")  # labels from x.paths.txt beside it
+    assert data.classes == ["a", "b", "sub"]
+    assert data.labels.tolist() == [1, 0, 1, 2]
+    assert data.features.dtype == torch.float32
+    assert np.array_equal(data.features.numpy(), features.astype(np.float32))
+
+    np.save(tmp_path / "y.npy", np.array([2, 0, 1, 1]))
+    by_index = load_feature_file(tmp_path / "x.npy", tmp_path / "y.npy")
+    assert by_index.labels.tolist() == [2, 0, 1, 1] and by_index.classes == ["0", "1", "2"]
+
+    save_feature_file(data, tmp_path / "out" / "z.npy", {"model": "m", "weights_sha256": "abc"})
+    again = load_feature_file(tmp_path / "out" / "z.npy")
+    assert torch.equal(again.features, data.features) and again.paths == data.paths
+    assert again.meta == {"model": "m", "weights_sha256": "abc"}
+
+
+def test_feature_file_errors(tmp_path: Path):
+    np.save(tmp_path / "x.npy", np.zeros((3, 2), np.float32))
+    with pytest.raises(MecHubError, match=r"no labels for .*x\.paths\.txt"):
+        load_feature_file(tmp_path / "x.npy")
+    (tmp_path / "x.paths.txt").write_text("a/1.png\nb/2.png\n")
+    with pytest.raises(InvalidFeaturesError, match=r"has 2 paths but .*x\.npy has 3 rows"):
+        load_feature_file(tmp_path / "x.npy")
+    np.save(tmp_path / "y.npy", np.zeros(4, dtype=int))
+    with pytest.raises(InvalidFeaturesError, match=r"has 4 labels but .*x\.npy has 3 rows"):
+        load_feature_file(tmp_path / "x.npy", tmp_path / "y.npy")
+    (tmp_path / "bad.npy").write_bytes(b"not numpy")
+    with pytest.raises(InvalidFeaturesError, match=r"not a readable \.npy"):
+        load_feature_file(tmp_path / "bad.npy", tmp_path / "y.npy")
+    with pytest.raises(MecHubError, match="features file not found"):
+        load_feature_file(tmp_path / "missing.npy")
