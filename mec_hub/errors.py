@@ -12,6 +12,10 @@ class MecHubError(Exception):
     """Base class of all errors raised on purpose by mec_hub."""
 
 
+class InvalidArgumentError(MecHubError, ValueError):
+    """Arguments that contradict each other or take a value that does not exist."""
+
+
 class UnknownModelError(MecHubError, ValueError):
     """A model name that is not in the registry."""
 

@@ -7,7 +7,7 @@ import os
 import torch
 from safetensors.torch import load_file
 
-from mec_hub.errors import CheckpointReadError
+from mec_hub.errors import CheckpointReadError, InvalidArgumentError
 from mec_hub.hubformat import HubConfig
 from mec_hub.modeling import MECEncoder, build_encoder, load_state_dict_strict
 from mec_hub.registry import ModelRecord, model_info
@@ -55,7 +55,7 @@ def load(
     spec: WeightsSpec | None = parse_weights_spec(weights) if weights is not None else None
     if spec is not None and spec.kind == "registry":
         if name is not None and name != spec.value:
-            raise ValueError(f"name={name!r} and weights={spec.value!r} name two different models")
+            raise InvalidArgumentError(f"name={name!r} and weights={spec.value!r} name two different models")
         name, spec = spec.value, None
     if name is None and spec is None:
         name = DEFAULT_MODEL
@@ -63,7 +63,7 @@ def load(
 
     if not pretrained:
         if spec is not None:
-            raise ValueError("weights= was given with pretrained=False; drop one of them")
+            raise InvalidArgumentError("weights= was given with pretrained=False; drop one of them")
         assert record is not None
         return build_encoder(HubConfig.from_record(record), head=head).to(device).eval()
 

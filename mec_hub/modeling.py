@@ -9,7 +9,7 @@ import timm
 import torch
 from torch import nn
 
-from mec_hub.errors import IncompatibleWeightsError
+from mec_hub.errors import IncompatibleWeightsError, InvalidArgumentError
 from mec_hub.heads import build_projector
 from mec_hub.hubformat import HubConfig
 
@@ -92,7 +92,7 @@ class MECEncoder(nn.Module):
 def build_encoder(config: HubConfig, *, head: str = "backbone") -> MECEncoder:
     """An encoder with random weights, shaped as ``config`` says."""
     if head not in ("backbone", "projector"):
-        raise ValueError(f"head must be 'backbone' or 'projector', not {head!r}")
+        raise InvalidArgumentError(f"head must be 'backbone' or 'projector', not {head!r}")
     backbone = build_backbone(config.architecture, config.model_args, config.stem)
     actual = getattr(backbone, "num_features", None)
     if actual != config.num_features:

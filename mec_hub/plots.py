@@ -32,15 +32,19 @@ class Panel:
     fields: tuple[str, ...]  # the first field present in a record is used
     ylabel: str = ""
     log: bool = False
+    # A reference level drawn as a dashed line (e.g. where the Taylor series stops converging).
+    limit: float | None = None
 
 
 PANELS = (
     Panel("Loss", ("loss",)),
     Panel("Coding length", ("coding_length",)),
     Panel("kNN top-1", ("knn_top1",), "%"),
+    Panel("‖C‖₂ (series limit 1)", ("spectral_norm",), limit=1.0),
     Panel("Learning rate", ("lr",)),
     Panel("1/λ (λ warm-up)", ("lamda_inv", "lambda_inv", "lamda", "lambda")),
     Panel("Teacher momentum", ("teacher_momentum",)),
+    Panel("Throughput", ("images_per_s",), "images/s"),
 )
 
 
@@ -81,8 +85,14 @@ def series(records: Sequence[dict[str, Any]], panel: Panel) -> tuple[list[float]
     """``(steps, values, field)`` of the panel's first field present; lines without a number are left out.
 
     The x value is ``step`` when the line has one, else the line's position among the records.
+    ``training/pretrain.py`` also writes per-epoch summaries (``"kind": "epoch"``) at the same
+    steps as its log lines; they are used only for a quantity the log lines lack (kNN top-1).
     """
     name = next((f for f in panel.fields if any(_number(r.get(f)) is not None for r in records)), None)
+    if name is not None:
+        per_step = [r for r in records if r.get("kind") != "epoch"]
+        if any(_number(r.get(name)) is not None for r in per_step):
+            records = per_step
     if name is None:
         return [], [], None
     steps, values = [], []
@@ -118,7 +128,7 @@ def plot_training_curves(
     title: str | None = None,
     dpi: int = 100,
 ) -> Path:
-    """Draw the six panels of ``PANELS`` from a metrics file (or its records) and write ``out`` atomically.
+    """Draw the panels of ``PANELS`` from a metrics file (or its records) and write ``out`` atomically.
 
     The picture is 15 x 8 inches at ``dpi`` (1500 x 800 pixels by default). A quantity the run
     did not record gets an empty panel that says so.
@@ -139,7 +149,7 @@ def plot_training_curves(
     if image_format not in canvas.get_supported_filetypes():
         known = ", ".join(sorted(canvas.get_supported_filetypes()))
         raise MecHubError(f"{out}: cannot tell the picture format from the name; use one of: {known}")
-    axes = figure.subplots(2, 3, sharex=True)  # one step axis, so that events line up across panels
+    axes = figure.subplots(2, 4, sharex=True)  # one step axis, so that events line up across panels
     bottom_row = set(axes[-1])
     for ax, panel in zip(axes.flat, PANELS, strict=True):
         steps, values, name = series(records, panel)
@@ -154,6 +164,8 @@ def plot_training_curves(
             continue
         marker = "o" if len(values) <= 50 else None
         ax.plot(steps, values, marker=marker, markersize=3, linewidth=1.2)
+        if panel.limit is not None:
+            ax.axhline(panel.limit, color="tab:red", linestyle="--", linewidth=1)
     if title:
         figure.suptitle(title)
     return atomic_write(out, lambda tmp: figure.savefig(tmp, format=image_format, dpi=dpi))

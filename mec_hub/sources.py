@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 
 from mec_hub.errors import (
     CheckpointReadError,
+    InvalidArgumentError,
     MecHubError,
     UnknownModelError,
     WeightsNotFoundError,
@@ -67,7 +68,7 @@ def split_revision(repo: str) -> tuple[str, str | None]:
     """``"org/name@rev"`` -> ``("org/name", "rev")``."""
     repo_id, sep, revision = repo.partition("@")
     if not repo_id or (sep and not revision):
-        raise ValueError(f"bad Hugging Face repo id {repo!r}: expected org/name or org/name@revision")
+        raise InvalidArgumentError(f"bad Hugging Face repo id {repo!r}: expected org/name or org/name@revision")
     return repo_id, revision or None
 
 

@@ -72,3 +72,14 @@ def test_missing_matplotlib_names_the_extra(tmp_path: Path, monkeypatch: pytest.
     assert result.exit_code == 1
     assert result.output.strip() == 'Error: plotting needs matplotlib, an optional extra: pip install "mec-hub[plot]"'
     assert not (tmp_path / "a.png").exists()
+
+
+def test_epoch_summaries_do_not_double_the_step_curves():
+    records = [
+        {"kind": "step", "step": 10, "loss": -1.0, "images_per_s": 100.0},
+        {"kind": "step", "step": 20, "loss": -2.0, "images_per_s": 110.0},
+        {"kind": "epoch", "step": 20, "loss": -1.5, "images_per_s": 105.0, "knn_top1": 42.0},
+    ]
+    by_title = {panel.title: panel for panel in PANELS}
+    assert series(records, by_title["Throughput"]) == ([10.0, 20.0], [100.0, 110.0], "images_per_s")
+    assert series(records, by_title["kNN top-1"]) == ([20.0], [42.0], "knn_top1")

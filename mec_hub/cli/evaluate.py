@@ -102,17 +102,11 @@ def _load_model(name: str | None, weights: str | None, random_init: bool, head: 
     import torch
 
     import mec_hub
-    from mec_hub.errors import MecHubError
 
     if name is None and weights is None:
         raise UserError("give --model NAME or --weights SPEC with --train/--val, or --train-features/--val-features")
     if not random_init:
-        try:
-            return mec_hub.load(name, weights=weights, head=head, device=device)
-        except ValueError as exc:  # contradictory or malformed arguments (mec_hub's own errors are not ValueErrors)
-            if isinstance(exc, MecHubError):
-                raise
-            raise UserError(str(exc)) from None
+        return mec_hub.load(name, weights=weights, head=head, device=device)
 
     from mec_hub.hubformat import read_config
     from mec_hub.modeling import build_encoder

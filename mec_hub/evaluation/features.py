@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
+from mec_hub.embedding.images import ImageDecodeError, decode_image
 from mec_hub.errors import MecHubError
 from mec_hub.evaluation.inputs import InvalidFeaturesError, as_feature_matrix, as_label_vector
 from mec_hub.fileio import atomic_write, atomic_write_json, atomic_write_text
@@ -95,12 +96,6 @@ def list_image_folder(
     return samples, list(classes)
 
 
-def read_rgb(path: str) -> Image.Image:
-    """What torchvision's ImageFolder reads: the file decoded by Pillow, converted to RGB."""
-    with Image.open(path) as image:
-        return image.convert("RGB")
-
-
 class _ImageList(Dataset):
     """``(index, tensor, None)`` per image, or ``(index, None, reason)`` when it cannot be read."""
 
@@ -111,10 +106,12 @@ class _ImageList(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        # The decoding of mec-embed (EXIF rotation, alpha over white, 16-bit and LAB handled), so
+        # features measured here equal those of an embedded folder.
         try:
-            image = read_rgb(self.paths[index])
-        except Exception as exc:  # Pillow raises many types for broken files; skip the file, keep going
-            return index, None, f"{type(exc).__name__}: {exc}"
+            image = decode_image(self.paths[index])
+        except ImageDecodeError as exc:
+            return index, None, str(exc)
         return index, self.transform(image), None
 
 
