@@ -75,6 +75,28 @@ def check_same_dim(a: torch.Tensor, b: torch.Tensor, *, what_a: str, what_b: str
         )
 
 
+def labelled_pair(
+    train_features: Any,
+    train_labels: Any,
+    query_features: Any,
+    query_labels: Any | None,
+    num_classes: int | None,
+    *,
+    query_name: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """Checked ``(train, train_labels, queries, query_labels or None, num_classes)`` of a protocol's inputs."""
+    train = as_feature_matrix(train_features, what="train features")
+    queries = as_feature_matrix(query_features, what=f"{query_name} features")
+    check_same_dim(train, queries, what_a="train features", what_b=f"{query_name} features")
+    labels = as_label_vector(train_labels, what="train labels", length=train.shape[0], length_of="train features")
+    targets = None
+    if query_labels is not None:
+        targets = as_label_vector(
+            query_labels, what=f"{query_name} labels", length=queries.shape[0], length_of=f"{query_name} features"
+        )
+    return train, labels, queries, targets, resolve_num_classes(num_classes, labels, targets)
+
+
 def topk_accuracy(ranked: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     """Percent of rows whose label is among the first ``k`` columns of ``ranked`` (classes, best first)."""
     hits = int((ranked[:, :k] == labels[:, None].to(ranked.device)).any(dim=1).sum())

@@ -22,10 +22,7 @@ import torch.nn.functional as F
 
 from mec_hub.evaluation.inputs import (
     InvalidFeaturesError,
-    as_feature_matrix,
-    as_label_vector,
-    check_same_dim,
-    resolve_num_classes,
+    labelled_pair,
     topk_accuracy,
 )
 
@@ -79,18 +76,9 @@ def knn_classify(
         raise InvalidFeaturesError(f"k must be at least 1, got {k}")
     if not temperature > 0:
         raise InvalidFeaturesError(f"temperature must be positive, got {temperature}")
-    train = as_feature_matrix(train_features, what="train features")
-    queries = as_feature_matrix(query_features, what="query features")
-    check_same_dim(train, queries, what_a="train features", what_b="query features")
-    labels = as_label_vector(
-        train_labels, what="train labels", length=train.shape[0], length_of="train features"
+    train, labels, queries, targets, num_classes = labelled_pair(
+        train_features, train_labels, query_features, query_labels, num_classes, query_name="query"
     )
-    targets = None
-    if query_labels is not None:
-        targets = as_label_vector(
-            query_labels, what="query labels", length=queries.shape[0], length_of="query features"
-        )
-    num_classes = resolve_num_classes(num_classes, labels, targets)
     if k > train.shape[0]:
         warnings.warn(f"k={k} is more than the {train.shape[0]} training features; using k={train.shape[0]}",
                       stacklevel=2)

@@ -38,10 +38,7 @@ from torch import nn
 
 from mec_hub.evaluation.inputs import (
     InvalidFeaturesError,
-    as_feature_matrix,
-    as_label_vector,
-    check_same_dim,
-    resolve_num_classes,
+    labelled_pair,
     topk_accuracy,
 )
 
@@ -183,18 +180,9 @@ def linear_probe(
         raise InvalidFeaturesError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
     if max_iter < 1:
         raise InvalidFeaturesError(f"max_iter must be at least 1, got {max_iter}")
-    train = as_feature_matrix(train_features, what="train features")
-    val = as_feature_matrix(val_features, what="validation features")
-    check_same_dim(train, val, what_a="train features", what_b="validation features")
-    labels = as_label_vector(
-        train_labels, what="train labels", length=train.shape[0], length_of="train features"
+    train, labels, val, targets, num_classes = labelled_pair(
+        train_features, train_labels, val_features, val_labels, num_classes, query_name="validation"
     )
-    targets = None
-    if val_labels is not None:
-        targets = as_label_vector(
-            val_labels, what="validation labels", length=val.shape[0], length_of="validation features"
-        )
-    num_classes = resolve_num_classes(num_classes, labels, targets)
     device = torch.device(device) if device is not None else train.device
     train, val, labels = train.to(device), val.to(device), labels.to(device)
 
