@@ -220,3 +220,12 @@ def test_two_processes_with_torchrun(images, tmp_path):
     assert state["step"] == 2 and state["world_size"] == 2
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "step"] == [1, 2]
     assert mec_hub.load(weights=tmp_path / "export").embed_dim == 512
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [("/data/cifar10-subset/train", "cifar10-subset/train"), ("/data/imagenet/val", "imagenet/val"),
+     ("/data/my_photos", "my_photos"), ("train", "train")],
+)
+def test_exports_name_the_data_set_not_just_its_split_folder(data, expected):
+    assert pretrain.dataset_name(data) == expected

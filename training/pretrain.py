@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import sys
 import time
@@ -225,9 +226,20 @@ def eval_preprocessing(image_size: int) -> dict[str, Any]:
 # checkpoint and export
 
 
+SPLIT_FOLDER_NAMES = {"train", "training", "val", "valid", "validation", "test", "images"}
+
+
+def dataset_name(data: str) -> str:
+    """``/data/cifar10-subset/train`` -> ``cifar10-subset/train``: a split folder alone names nothing."""
+    path = Path(data)
+    if path.name.lower() in SPLIT_FOLDER_NAMES and path.parent.name:
+        return f"{path.parent.name}/{path.name}"
+    return path.name or data
+
+
 def export_info(config: dict[str, Any], *, step: int, steps_per_epoch: int, command: str, knn_top1: float | None):
     epochs_done = step / steps_per_epoch
-    dataset = Path(config["data"]).name or config["data"]
+    dataset = dataset_name(config["data"])
     meta: dict[str, Any] = {
         "pretraining": (
             f"MEC on {dataset} ({config['num_images']} images), {epochs_done:g} of {config['epochs']} epochs"
@@ -262,7 +274,7 @@ def export_info(config: dict[str, Any], *, step: int, steps_per_epoch: int, comm
 def export(state: dict[str, Any], out_dir: Path, *, source: str, name: str | None) -> Path:
     extracted = extract_weights(state, source=source, origin=str(out_dir / ckpt.LAST))
     config = state["config"]
-    default_name = f"mec_{config['arch']}_{Path(config['data']).name or 'data'}".replace("-", "_")
+    default_name = re.sub(r"\W", "_", f"mec_{config['arch']}_{dataset_name(config['data'])}")
     result = write_hub_folder(
         extracted,
         out_dir / "export",
