@@ -23,3 +23,15 @@ def mec_resnet50(pretrained: bool = True, weights: str | os.PathLike[str] | None
     Preprocessing: mec_hub.get_transform(model) or model.pretrained_cfg.
     """
     return _load("mec_resnet50", pretrained, weights, **kwargs)
+
+
+def mec_resnet18_cifar10s(
+    pretrained: bool = True, weights: str | os.PathLike[str] | None = None, **kwargs: Any
+) -> MECEncoder:
+    """MEC half-width ResNet-18 trained by mec-hub on cifar10-subset, bundled (offline): (N,3,48,48) -> (N,224).
+
+    pretrained: False for random weights. weights: another copy of the same file (checked against
+    the bundled SHA-256). kwargs: head ("backbone" | "projector"), device. Numbers and recipe:
+    mec_hub.model_info("mec_resnet18_cifar10s").meta.
+    """
+    return _load("mec_resnet18_cifar10s", pretrained, weights, **kwargs)

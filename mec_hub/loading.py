@@ -13,7 +13,7 @@ from mec_hub.modeling import MECEncoder, build_encoder, load_state_dict_strict
 from mec_hub.registry import ModelRecord, model_info
 from mec_hub.sources import WeightsSpec, fetch_weights, parse_weights_spec
 
-DEFAULT_MODEL = "mec_resnet50"
+DEFAULT_MODEL = "mec_resnet18_cifar10s"
 
 
 def _read_safetensors(path: os.PathLike[str] | str, *, origin: str) -> dict[str, torch.Tensor]:

@@ -34,3 +34,42 @@ register(
         },
     )
 )
+
+register(
+    ModelRecord(
+        name="mec_resnet18_cifar10s",
+        # timm's resnet18 with half the channels (2.4 M parameters, 9.5 MB) and its default stem,
+        # so that plain timm loads it too; trained at 48 px, where the 7x7/2 stem still sees enough.
+        architecture="resnet18",
+        model_args={"channels": [32, 64, 128, 224]},
+        embed_dim=224,
+        preprocessing=Preprocessing(input_size=(3, 48, 48), crop_pct=1.0),
+        # Ships inside the package (mec_hub/bundled/), written by benchmarks/bundled_model/package.py.
+        bundled="mec_resnet18_cifar10s",
+        sha256="c90a1ef2939732424fbf9b3ba779c8dda2cad31e014b6c57d6670f185a0ad282",
+        projector=ProjectorSpec(in_dim=224, hidden_dim=224, out_dim=512),
+        projector_sha256="54e1615739a395533fbcaf3e25c14c46aba6f793cb584f8d5ed766a66e0a694c",
+        meta={
+            "pretraining": "MEC on cifar10-subset/train (5,000 CIFAR-10 images, labels unused), 100 epochs, 2-core CPU",
+            "epochs": 100,
+            "batch_size": 128,
+            "recipe": (
+                "SGD momentum 0.9, lr 0.5 x 128/256 (10-epoch warm-up, cosine), wd 1e-5, eps^2 512, order 4, "
+                "1/lamda warm-up x8 over 10 epochs, EMA teacher 0.99 -> 1, projector 224-224-512, predictor "
+                "hidden 128, MoCo v3 augmentations without blur at 48 px"
+            ),
+            "command": "benchmarks/bundled_model/command.sh",
+            "knn_top1": 40.9,
+            "knn_top1_random_init": 25.6,
+            "linear_top1": 48.4,
+            "linear_top1_random_init": 29.2,
+            "eval_data": "cifar10-subset/test (1,000 images); kNN bank and probe on cifar10-subset/train",
+            "metrics_source": (
+                "measured by mec-hub (kNN k=20 T=0.07, linear probe, seed 0): benchmarks/bundled_model/evaluate.sh"
+            ),
+            "source_checkpoint": "runs/mec_resnet18_cifar10s/checkpoint_last.pt (student)",
+            "license": "MIT (mec-hub)",
+            "paper": PAPER,
+        },
+    )
+)
