@@ -97,3 +97,16 @@ def test_bundled_model_knn_clears_random_weights_by_far(cifar_dir, tmp_path):
     # 25.6%, benchmarks/bundled_model/); chance is 10%. The margins absorb float differences only.
     assert scores["trained"] >= 36.0, scores
     assert scores["trained"] >= scores["random"] + 10.0, scores
+
+
+def test_recorded_metrics_are_the_measured_reports():
+    """The registry, the shipped config and the model card quote the reports of evaluate.sh, for these very weights."""
+    record = model_info(DEFAULT_MODEL)
+    reports = REPO_ROOT / "benchmarks" / "bundled_model"
+    shipped = json.loads((bundled_folder(record.bundled) / "config.json").read_text())["mec_hub"]["meta"]
+    for key, report in [("knn_top1", "knn_trained"), ("knn_top1_random_init", "knn_random"),
+                        ("linear_top1", "linear_trained"), ("linear_top1_random_init", "linear_random")]:
+        measured = json.loads((reports / f"{report}.json").read_text())
+        assert record.meta[key] == shipped[key] == measured["results"]["top1"], key
+        if report == "knn_trained":
+            assert measured["model"]["weights_sha256"] == record.sha256
