@@ -83,6 +83,12 @@ def test_sigkill_between_writing_rows_and_checkpointing(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.meta.json", "f.npy", "f.paths.txt"]
 
 
+def sigint_as_in_a_terminal() -> None:
+    """A job started in the background by a shell (as `.ci/run &` does) ignores SIGINT, and its
+    children inherit that; a Ctrl-C from a terminal reaches a process whose SIGINT is the default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_keeps_the_work_and_resume_finishes_it(
     images: Path, tiny_weights_dir: Path, uninterrupted: Path, tmp_path: Path
 ):
@@ -90,7 +96,7 @@ def test_ctrl_c_keeps_the_work_and_resume_finishes_it(
     state_file = tmp_path / ".f.npy.part-0-of-1.state.json"
     proc = subprocess.Popen(cli_command(*args(images, out, tiny_weights_dir)), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=subprocess_env(**{BATCH_DELAY_ENV: "0.5"}),
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=sigint_as_in_a_terminal)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
