@@ -45,10 +45,10 @@ def make_tiny_hub_folder(out: Path, *, seed: int = 0, input_size: int = 32, name
     import torch
     from torch import nn
 
-    from mec_hub.convert import ExtractedWeights, write_hub_folder
-    from mec_hub.heads import build_projector
-    from mec_hub.modeling import build_backbone
-    from mec_hub.registry import Preprocessing
+    from mec_hub.export.convert import ExtractedWeights, write_hub_folder
+    from mec_hub.models.encoder import build_backbone
+    from mec_hub.models.heads import build_projector
+    from mec_hub.weights.registry import Preprocessing
 
     torch.manual_seed(seed)
     backbone = build_backbone("resnet18")

@@ -17,9 +17,9 @@ import torch
 import mec_hub
 from mec_hub.evaluation.features import extract_image_folder
 from mec_hub.evaluation.knn import knn_classify
-from mec_hub.loading import DEFAULT_MODEL
-from mec_hub.registry import list_models, model_info
-from mec_hub.sources import bundled_folder
+from mec_hub.models.loading import DEFAULT_MODEL
+from mec_hub.weights.registry import list_models, model_info
+from mec_hub.weights.sources import bundled_folder
 
 BUNDLED = [name for name in list_models() if model_info(name).bundled]
 REPO_ROOT = Path(__file__).resolve().parents[1]

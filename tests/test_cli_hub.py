@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from official_checkpoint import make_official_checkpoint
 
 from mec_hub.cli.hub import main
-from mec_hub.integrity import sha256_file
+from mec_hub.weights.integrity import sha256_file
 
 
 @pytest.fixture(autouse=True)

@@ -15,9 +15,9 @@ from official_checkpoint import make_official_checkpoint
 from safetensors import safe_open
 
 import mec_hub
-from mec_hub.convert import TRAIN_FORMAT, convert_checkpoint
 from mec_hub.errors import CheckpointReadError, IncompatibleWeightsError
-from mec_hub.integrity import UnverifiedWeightsWarning, sha256_file
+from mec_hub.export.convert import TRAIN_FORMAT, convert_checkpoint
+from mec_hub.weights.integrity import UnverifiedWeightsWarning, sha256_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,8 +149,8 @@ def test_plain_state_dict_drops_classifier(tmp_path):
 
 
 def test_training_checkpoint_layout(tmp_path):
-    from mec_hub.heads import build_projector
-    from mec_hub.modeling import build_backbone
+    from mec_hub.models.encoder import build_backbone
+    from mec_hub.models.heads import build_projector
 
     torch.manual_seed(1)
     parts = {

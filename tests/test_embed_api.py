@@ -13,8 +13,8 @@ from embed_support import make_images, reference_features
 from PIL import Image
 
 import mec_hub
+from mec_hub.data.images import ImageDecodeError
 from mec_hub.embedding.engine import Embedder, ModelMismatchError
-from mec_hub.embedding.images import ImageDecodeError
 from mec_hub.errors import MecHubError
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}

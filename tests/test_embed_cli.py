@@ -135,10 +135,10 @@ def test_unwritable_output_folder(tiny_weights_dir: Path, tmp_path: Path):
 
 
 def test_default_model_comes_from_the_loader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    import mec_hub.loading
+    import mec_hub.models.loading
 
     make_images(tmp_path / "imgs", 1)
-    monkeypatch.setattr(mec_hub.loading, "DEFAULT_MODEL", "no_such_default_model")
+    monkeypatch.setattr(mec_hub.models.loading, "DEFAULT_MODEL", "no_such_default_model")
     result = run(tmp_path / "imgs", "--out", tmp_path / "f.npy", "--device", "cpu")
     assert result.exit_code == 1 and "no_such_default_model" in result.output
 

@@ -16,11 +16,11 @@ from conftest import make_tiny_hub_folder
 from fakehub import FakeHub, folder_files
 
 import mec_hub
-from mec_hub import registry
 from mec_hub.errors import ChecksumMismatchError, WeightsNotFoundError
-from mec_hub.hubformat import read_config
-from mec_hub.integrity import UnverifiedWeightsWarning
-from mec_hub.registry import ModelRecord
+from mec_hub.weights import registry
+from mec_hub.weights.config import read_config
+from mec_hub.weights.integrity import UnverifiedWeightsWarning
+from mec_hub.weights.registry import ModelRecord
 
 REPO = "mec-test/tiny_resnet18"
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))

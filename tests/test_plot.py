@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from mec_hub.apps.plots import PANELS, read_metrics, series
 from mec_hub.cli.hub import main
-from mec_hub.plots import PANELS, read_metrics, series
 
 
 def write_metrics(path: Path) -> Path:

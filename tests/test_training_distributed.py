@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from training.loss import MECLoss
+from mec_hub.models.losses import MECLoss
 
 WORLD = 2
 M, D_IN, D = 8, 5, 12  # global batch, model input, embedding

@@ -19,7 +19,7 @@ from PIL import Image
 
 import mec_hub
 import training.pretrain as pretrain
-from training.loss import MECLossOutput
+from mec_hub.models.losses import MECLossOutput
 from training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]

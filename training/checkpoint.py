@@ -1,8 +1,8 @@
 """Training checkpoints: atomic writes, kept snapshots, and the resume compatibility check.
 
 A checkpoint is a plain dict that ``torch.load(weights_only=True)`` reads (tensors, dicts,
-lists, str, int, float, bool, None) and that ``mec_hub.convert`` understands
-(``format == mec_hub.convert.TRAIN_FORMAT``).
+lists, str, int, float, bool, None) and that ``mec_hub.export.convert`` understands
+(``format == mec_hub.export.convert.TRAIN_FORMAT``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from mec_hub.convert import TRAIN_FORMAT, read_checkpoint
+from mec_hub.export.convert import TRAIN_FORMAT, read_checkpoint
 from mec_hub.fileio import atomic_write
 
 LAST = "checkpoint_last.pt"

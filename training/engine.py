@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from training.loss import MECLoss, MECLossOutput
+from mec_hub.models.losses import MECLoss, MECLossOutput
 from training.schedules import ScheduleValues
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

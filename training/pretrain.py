@@ -36,10 +36,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from mec_hub.convert import TRAIN_FORMAT, extract_weights, write_hub_folder
 from mec_hub.errors import MecHubError
+from mec_hub.export.convert import TRAIN_FORMAT, extract_weights, write_hub_folder
 from mec_hub.fileio import atomic_write_json
-from mec_hub.modeling import STEMS
+from mec_hub.models.encoder import STEMS
+from mec_hub.models.losses import MECLoss, warn_if_not_converging
 from training import checkpoint as ckpt
 from training import distributed
 from training.data import (
@@ -51,7 +52,6 @@ from training.data import (
     mocov3_views,
 )
 from training.engine import PRECISIONS, EpochTotals, NonFiniteLossError, Precision, StepStats, train_step
-from training.loss import MECLoss, warn_if_not_converging
 from training.metrics import MetricsLog
 from training.model import MECModel, build_mec_model
 from training.optim import OPTIMIZERS, build_optimizer

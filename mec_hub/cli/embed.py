@@ -114,9 +114,9 @@ def main(
         Image.MAX_IMAGE_PIXELS = max_pixels or None
     collected = collect_inputs(inputs, files_from=files_from, recursive=recursive)
 
-    from mec_hub.embedding.distributed import dist_env
     from mec_hub.embedding.engine import Embedder
     from mec_hub.embedding.job import EmbeddingInterrupted
+    from mec_hub.runtime.distributed import dist_env
 
     embedder = Embedder(
         model, weights=weights, head=head, device=device, precision=precision, batch_size=batch_size,

@@ -108,9 +108,9 @@ def _load_model(name: str | None, weights: str | None, random_init: bool, head: 
     if not random_init:
         return mec_hub.load(name, weights=weights, head=head, device=device)
 
-    from mec_hub.hubformat import read_config
-    from mec_hub.modeling import build_encoder
-    from mec_hub.sources import parse_weights_spec
+    from mec_hub.models.encoder import build_encoder
+    from mec_hub.weights.config import read_config
+    from mec_hub.weights.sources import parse_weights_spec
 
     torch.manual_seed(seed)
     if weights is None:
@@ -125,8 +125,8 @@ def _load_model(name: str | None, weights: str | None, random_init: bool, head: 
 
 def _features_meta(model: Any, weights: str | None, random_init: bool, head: str) -> dict[str, Any]:
     """What made the features, in the vocabulary of mec-embed's FEATS.meta.json (so search can use them)."""
-    from mec_hub.registry import is_registered
-    from mec_hub.sources import parse_weights_spec
+    from mec_hub.weights.registry import is_registered
+    from mec_hub.weights.sources import parse_weights_spec
 
     if weights is not None and not random_init:
         spec = parse_weights_spec(weights)

@@ -16,7 +16,7 @@ from mec_hub.cli.common import UserError, friendly_errors
 @friendly_errors
 def list_cmd(pattern: str | None, as_json: bool) -> None:
     """List the published models (optionally those matching a shell PATTERN like '*resnet*')."""
-    from mec_hub.registry import list_models, model_info
+    from mec_hub.weights.registry import list_models, model_info
 
     names = list_models(pattern)
     if as_json:
@@ -36,7 +36,7 @@ def list_cmd(pattern: str | None, as_json: bool) -> None:
 @friendly_errors
 def info_cmd(name: str) -> None:
     """Show everything known about model NAME (record, locations, digests) as JSON."""
-    from mec_hub.registry import model_info
+    from mec_hub.weights.registry import model_info
 
     click.echo(json.dumps(model_info(name).to_dict(), indent=2))
 
@@ -49,8 +49,8 @@ def info_cmd(name: str) -> None:
 @friendly_errors
 def download_cmd(name: str, weights: str | None, head: str, cache_dir: str | None) -> None:
     """Download and verify model NAME into the cache, so that later runs work offline."""
-    from mec_hub.registry import model_info
-    from mec_hub.sources import fetch_weights, parse_weights_spec
+    from mec_hub.weights.registry import model_info
+    from mec_hub.weights.sources import fetch_weights, parse_weights_spec
 
     record = model_info(name)
     specs = [parse_weights_spec(weights)] if weights else [parse_weights_spec(s) for s in record.locations()]
@@ -74,7 +74,7 @@ def convert_cmd(
     checkpoint: str, out_dir: str, arch: str | None, source: str, name: str | None, overwrite: bool
 ) -> None:
     """Convert an MEC CHECKPOINT (official .pth.tar, training checkpoint or state dict) to safetensors."""
-    from mec_hub.convert import convert_checkpoint
+    from mec_hub.export.convert import convert_checkpoint
 
     result = convert_checkpoint(checkpoint, out_dir, arch=arch, source=source, name=name, overwrite=overwrite)
     click.echo(f"read {checkpoint} ({result.layout}); wrote {result.folder}")
@@ -102,7 +102,7 @@ def convert_cmd(
 def push_cmd(folder: str, repo_id: str, private: bool, revision: str | None, commit_message: str | None,
              dry_run: bool, endpoint: str | None) -> None:
     """Upload a converted FOLDER to the Hugging Face Hub (after checking its files against config.json)."""
-    from mec_hub.publish import push_folder
+    from mec_hub.export.publish import push_folder
 
     result = push_folder(
         Path(folder), repo_id, private=private, revision=revision, commit_message=commit_message,

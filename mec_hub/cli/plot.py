@@ -20,7 +20,7 @@ def plot_cmd(metrics: str, out_path: str, title: str | None, dpi: int) -> None:
 
     METRICS is the metrics.jsonl a training run writes. Needs matplotlib: pip install "mec-hub[plot]".
     """
-    from mec_hub.plots import plot_training_curves
+    from mec_hub.apps.plots import plot_training_curves
 
     try:
         written = plot_training_curves(metrics, out_path, title=title, dpi=dpi)

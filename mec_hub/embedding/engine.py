@@ -28,9 +28,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from mec_hub.data.images import ImageDecodeError
 from mec_hub.embedding import DEFAULT_BATCH_SIZE
-from mec_hub.embedding.devices import cpu_has_bf16, decoding_plan, default_num_workers, resolve_device
-from mec_hub.embedding.images import ImageDecodeError
 from mec_hub.embedding.loader import (
     Collate,
     ImageSource,
@@ -40,6 +39,7 @@ from mec_hub.embedding.loader import (
     worker_deaths_deferred,
 )
 from mec_hub.errors import MecHubError
+from mec_hub.runtime.devices import cpu_has_bf16, decoding_plan, default_num_workers, resolve_device
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 OUT_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -64,7 +64,7 @@ def _weights_to_record(weights: str | os.PathLike[str] | None) -> tuple[str | No
     """(registry name, loadable weights string) for the meta file: local paths made absolute."""
     if weights is None:
         return None, None
-    from mec_hub.sources import parse_weights_spec
+    from mec_hub.weights.sources import parse_weights_spec
 
     spec = parse_weights_spec(weights)
     if spec.kind == "registry":
@@ -149,7 +149,7 @@ class Embedder:
                 "mec_hub.load, or set module.pretrained_cfg = {'input_size': ..., 'mean': ..., ...}"
             )
         self.pretrained_cfg: dict[str, Any] = json.loads(json.dumps(dict(cfg)))
-        from mec_hub.transforms import get_transform, resolve_preprocessing
+        from mec_hub.data.transforms import get_transform, resolve_preprocessing
 
         self.input_size = tuple(resolve_preprocessing(self.pretrained_cfg).input_size)
         self.transform = get_transform(self.pretrained_cfg)
@@ -171,13 +171,13 @@ class Embedder:
             own_head = getattr(model, "head", None)
             if own_head is not None and head != "backbone" and head != own_head:
                 raise ValueError(f"head={head!r}, but the given model's head is {own_head!r}")
-            from mec_hub.registry import is_registered
+            from mec_hub.weights.registry import is_registered
 
             name = getattr(model, "name", None)
             return model, (name if isinstance(name, str) and is_registered(name) else None), None
         import mec_hub
-        from mec_hub.loading import DEFAULT_MODEL
-        from mec_hub.registry import is_registered
+        from mec_hub.models.loading import DEFAULT_MODEL
+        from mec_hub.weights.registry import is_registered
 
         if model is not None and not isinstance(model, str):
             raise TypeError(f"model must be a registry name or an nn.Module, not {type(model).__name__}")
@@ -475,7 +475,7 @@ class Embedder:
             if key in meta and meta[key] != have:
                 problems.append(f"{key} {have!r} instead of {meta[key]!r}")
         if "preprocessing" in meta:
-            from mec_hub.transforms import resolve_preprocessing
+            from mec_hub.data.transforms import resolve_preprocessing
 
             if resolve_preprocessing(dict(meta["preprocessing"])) != resolve_preprocessing(self.pretrained_cfg):
                 problems.append(f"preprocessing {self.pretrained_cfg} instead of {dict(meta['preprocessing'])}")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from mec_hub.data.images import describe_decoding
 from mec_hub.embedding.checkpoint import (
     PartState,
     ResumeError,
@@ -32,13 +33,12 @@ from mec_hub.embedding.checkpoint import (
     sync_file,
     truncate,
 )
-from mec_hub.embedding.distributed import DistEnv, ProcessGroup, batch_aligned_slice, dist_env
-from mec_hub.embedding.images import describe_decoding
 from mec_hub.embedding.inputs import CollectedInputs, InputError, collect_inputs
 from mec_hub.embedding.npy_writer import NpyRowWriter
 from mec_hub.embedding.outputs import OutputError, OutputFiles, RunLock, check_output_location
 from mec_hub.errors import MecHubError
 from mec_hub.fileio import atomic_write, atomic_write_json
+from mec_hub.runtime.distributed import DistEnv, ProcessGroup, batch_aligned_slice, dist_env
 
 if TYPE_CHECKING:
     from mec_hub.embedding.engine import Embedder

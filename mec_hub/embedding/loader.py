@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from mec_hub.embedding.images import ImageDecodeError, decode_image, prepare_image
+from mec_hub.data.images import ImageDecodeError, decode_image, prepare_image
 
 Sample = tuple[int, "torch.Tensor | str"]
 Batch = tuple[list[int], torch.Tensor, list[tuple[int, str]]]

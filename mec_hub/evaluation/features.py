@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
-from mec_hub.embedding.images import ImageDecodeError, decode_image
+from mec_hub.data.images import ImageDecodeError, decode_image
 from mec_hub.errors import MecHubError
 from mec_hub.evaluation.inputs import InvalidFeaturesError, as_feature_matrix, as_label_vector
 from mec_hub.fileio import atomic_write, atomic_write_json, atomic_write_text
@@ -130,7 +130,7 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def default_transform(model: nn.Module) -> Callable[[Image.Image], torch.Tensor]:
-    from mec_hub.transforms import get_transform
+    from mec_hub.data.transforms import get_transform
 
     try:
         return get_transform(model)

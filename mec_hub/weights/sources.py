@@ -24,7 +24,7 @@ from mec_hub.errors import (
     UnknownModelError,
     WeightsNotFoundError,
 )
-from mec_hub.hubformat import (
+from mec_hub.weights.config import (
     CONFIG_FILE,
     MODEL_FILE,
     PROJECTOR_FILE,
@@ -32,8 +32,8 @@ from mec_hub.hubformat import (
     config_from_safetensors_metadata,
     read_config,
 )
-from mec_hub.integrity import verify_sha256
-from mec_hub.registry import ModelRecord, is_registered, unknown_model_message
+from mec_hub.weights.integrity import verify_sha256
+from mec_hub.weights.registry import ModelRecord, is_registered, unknown_model_message
 
 HF_PREFIX = "hf-hub:"
 BUNDLED_PREFIX = "bundled:"

@@ -8,10 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 from mec_hub.errors import CheckpointReadError, InvalidArgumentError
-from mec_hub.hubformat import HubConfig
-from mec_hub.modeling import MECEncoder, build_encoder, load_state_dict_strict
-from mec_hub.registry import ModelRecord, model_info
-from mec_hub.sources import WeightsSpec, fetch_weights, parse_weights_spec
+from mec_hub.models.encoder import MECEncoder, build_encoder, load_state_dict_strict
+from mec_hub.weights.config import HubConfig
+from mec_hub.weights.registry import ModelRecord, model_info
+from mec_hub.weights.sources import WeightsSpec, fetch_weights, parse_weights_spec
 
 DEFAULT_MODEL = "mec_resnet18_cifar10s"
 

@@ -1,8 +1,8 @@
-"""The published MEC models. Each entry is data only; see ``mec_hub.registry``."""
+"""The published MEC models. Each entry is data only; see ``mec_hub.weights.registry``."""
 
 from __future__ import annotations
 
-from mec_hub.registry import ModelRecord, Preprocessing, ProjectorSpec, register
+from mec_hub.weights.registry import ModelRecord, Preprocessing, ProjectorSpec, register
 
 PAPER = "Liu et al., Self-Supervised Learning via Maximum Entropy Coding, NeurIPS 2022 (arXiv:2210.11464)"
 

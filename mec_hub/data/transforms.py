@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from mec_hub.hubformat import HubConfig
-from mec_hub.registry import Preprocessing, model_info
+from mec_hub.weights.config import HubConfig
+from mec_hub.weights.registry import Preprocessing, model_info
 
 
 def resolve_preprocessing(model_or_name: Any) -> Preprocessing:

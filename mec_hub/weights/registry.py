@@ -3,8 +3,8 @@
 A record says everything about one set of weights: the timm architecture, where the
 safetensors files live (bundled in the package, a Hugging Face repo pinned to a revision, an
 https URL), their SHA-256, the preprocessing they were trained with, and the numbers a user
-compares. The code that loads a record is generic (``mec_hub.loading``); adding a model is adding
-a record to ``mec_hub.zoo``.
+compares. The code that loads a record is generic (``mec_hub.models.loading``); adding a model is adding
+a record to ``mec_hub.weights.zoo``.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class ModelRecord:
     bundled: str | None = None
     projector: ProjectorSpec | None = None
     projector_sha256: str | None = None
-    # "small": CIFAR-style 3x3/1 ResNet stem without max-pool (see mec_hub.modeling).
+    # "small": CIFAR-style 3x3/1 ResNet stem without max-pool (see mec_hub.models.encoder).
     stem: str = "default"
     model_args: Mapping[str, Any] = field(default_factory=dict)
     meta: Mapping[str, Any] = field(default_factory=dict)
@@ -131,7 +131,7 @@ def register(record: ModelRecord) -> ModelRecord:
 
 def _ensure_loaded() -> None:
     if not _REGISTRY:
-        import mec_hub.zoo  # noqa: F401  (registers the published records)
+        import mec_hub.weights.zoo  # noqa: F401  (registers the published records)
 
 
 def list_models(pattern: str | None = None) -> list[str]:

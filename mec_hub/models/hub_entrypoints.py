@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from mec_hub.modeling import MECEncoder
+from mec_hub.models.encoder import MECEncoder
 
 
 def _load(name: str, pretrained: bool, weights: str | os.PathLike[str] | None, **kwargs: Any) -> MECEncoder:
-    from mec_hub.loading import load
+    from mec_hub.models.loading import load
 
     return load(name, weights=weights, pretrained=pretrained, **kwargs)
 

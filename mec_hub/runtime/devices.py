@@ -6,8 +6,8 @@ import os
 
 import torch
 
-from mec_hub.embedding.distributed import dist_env
 from mec_hub.errors import MecHubError
+from mec_hub.runtime.distributed import dist_env
 
 
 def available_cpus() -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mec_hub.errors import CheckpointReadError
-from mec_hub.registry import ModelRecord, Preprocessing, ProjectorSpec
+from mec_hub.weights.registry import ModelRecord, Preprocessing, ProjectorSpec
 
 MODEL_FILE = "model.safetensors"
 PROJECTOR_FILE = "projector.safetensors"

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mec_hub.errors import ChecksumMismatchError, MecHubError, WeightsNotFoundError
-from mec_hub.hubformat import CARD_FILE, CONFIG_FILE, MODEL_FILE, read_config
-from mec_hub.integrity import sha256_file
+from mec_hub.weights.config import CARD_FILE, CONFIG_FILE, MODEL_FILE, read_config
+from mec_hub.weights.integrity import sha256_file
 
 
 @dataclass(frozen=True)

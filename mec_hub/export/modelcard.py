@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mec_hub.hubformat import HubConfig
+from mec_hub.weights.config import HubConfig
 
 _META_LABELS = {
     "pretraining": "Pretraining",

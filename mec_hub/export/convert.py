@@ -29,9 +29,11 @@ import torch
 from safetensors.torch import save_file
 
 from mec_hub.errors import CheckpointReadError, IncompatibleWeightsError
+from mec_hub.export.modelcard import render_model_card
 from mec_hub.fileio import atomic_directory
-from mec_hub.heads import build_projector
-from mec_hub.hubformat import (
+from mec_hub.models.encoder import build_backbone, load_state_dict_strict
+from mec_hub.models.heads import build_projector
+from mec_hub.weights.config import (
     CARD_FILE,
     CONFIG_FILE,
     METADATA_KEY,
@@ -39,10 +41,8 @@ from mec_hub.hubformat import (
     PROJECTOR_FILE,
     HubConfig,
 )
-from mec_hub.integrity import sha256_file
-from mec_hub.modelcard import render_model_card
-from mec_hub.modeling import build_backbone, load_state_dict_strict
-from mec_hub.registry import Preprocessing, ProjectorSpec
+from mec_hub.weights.integrity import sha256_file
+from mec_hub.weights.registry import Preprocessing, ProjectorSpec
 
 TRAIN_FORMAT = "mec-hub-train/1"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")

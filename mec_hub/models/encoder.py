@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from mec_hub.errors import IncompatibleWeightsError, InvalidArgumentError
-from mec_hub.heads import build_projector
-from mec_hub.hubformat import HubConfig
+from mec_hub.models.heads import build_projector
+from mec_hub.weights.config import HubConfig
 
 STEMS = ("default", "small")
 
