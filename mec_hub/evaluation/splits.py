@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from mec_hub.evaluation.features import (
     PATHS_SUFFIX,
@@ -26,7 +25,11 @@ from mec_hub.evaluation.features import (
     sidecar,
 )
 from mec_hub.evaluation.inputs import InvalidFeaturesError
+from mec_hub.models.encoder import MECEncoder
+from mec_hub.models.loading import load
 from mec_hub.runtime.devices import resolve_device
+from mec_hub.weights.registry import is_registered
+from mec_hub.weights.sources import parse_weights_spec
 
 # What the report says about a model, in this order (after "model" and "weights").
 _MODEL_KEYS = ("weights_sha256", "pretrained", "architecture", "head", "embed_dim", "preprocessing")
@@ -40,15 +43,13 @@ def load_eval_model(
     head: str = "backbone",
     device: str | torch.device = "cpu",
     seed: int = 0,
-) -> nn.Module:
+) -> MECEncoder:
     """The encoder to evaluate: ``mec_hub.load(name, weights=...)``.
 
     With ``random_init``, the same architecture and preprocessing with random weights drawn from
     ``seed`` (the baseline a trained model must beat); the architecture then comes from ``name``
     or from a weights folder's ``config.json``. The caller's random state is left as it was.
     """
-    from mec_hub.models.loading import load
-
     if not random_init:
         return load(name, weights=weights, head=head, device=device)
     with torch.random.fork_rng(devices=[]):
@@ -71,11 +72,8 @@ def check_same_source(train: LabelledFeatures, val: LabelledFeatures, *, train_n
         )
 
 
-def _features_meta(model: Any, weights: str | None, *, pretrained: bool, head: str) -> dict[str, Any]:
+def _features_meta(model: MECEncoder, weights: str | None, *, pretrained: bool, head: str) -> dict[str, Any]:
     """What made the features, in the vocabulary of mec-embed's FEATS.meta.json (so search can use them)."""
-    from mec_hub.weights.registry import is_registered
-    from mec_hub.weights.sources import parse_weights_spec
-
     if weights is not None and pretrained:
         spec = parse_weights_spec(weights)
         if spec.kind == "registry":
