@@ -34,6 +34,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mec_hub.errors import MecHubError
 
+# The file names a folder walk takes as images, in training, embedding and evaluation alike:
+# raster formats Pillow decodes (HEIC/AVIF need plugins: kept, so that they show up as failures
+# with a reason instead of vanishing). Extensions Pillow registers for containers that are often
+# not images (.h5, .mpg, .pdf, .ps ...) are deliberately left out. Lower case; a tuple, so that
+# ``name.lower().endswith(IMAGE_EXTENSIONS)`` works as well as ``ext in IMAGE_EXTENSIONS``.
+IMAGE_EXTENSIONS = (
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".png", ".apng", ".gif", ".bmp", ".dib", ".tif",
+    ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm", ".pfm", ".tga", ".ico", ".icns", ".qoi",
+    ".jp2", ".j2k", ".jpx", ".jpf", ".j2c", ".psd", ".pcx", ".sgi", ".avif", ".heic", ".heif",
+)  # fmt: skip
 # How decoding works, recorded in FEATS.meta.json so that a reader knows what the model saw.
 DECODING_VERSION = 1
 WHITE = (255, 255, 255)
@@ -204,9 +214,7 @@ def _lab_to_rgb(image: Image.Image) -> Image.Image:
     try:
         from PIL import ImageCms
 
-        transform = ImageCms.buildTransform(
-            ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB"
-        )
+        transform = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
         return ImageCms.applyTransform(image, transform)  # type: ignore[return-value]
     except ImportError:
         raise ImageDecodeError("LAB image, but this Pillow has no colour management (LittleCMS)") from None

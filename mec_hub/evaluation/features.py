@@ -31,9 +31,9 @@ import torch
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+from torchvision.datasets.folder import make_dataset
 
-from mec_hub.data.images import ImageDecodeError, decode_image
+from mec_hub.data.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
 from mec_hub.errors import MecHubError
 from mec_hub.evaluation.inputs import InvalidFeaturesError, as_feature_matrix, as_label_vector
 from mec_hub.fileio import atomic_write, atomic_write_json, atomic_write_text
@@ -90,9 +90,9 @@ def list_image_folder(
             shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
             raise MecHubError(f"{root}: class folders not among the training classes: {shown}")
     class_to_idx = {name: classes.index(name) for name in own}
-    samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    samples = make_dataset(str(root), class_to_idx, extensions=IMAGE_EXTENSIONS, allow_empty=True)
     if not samples:
-        raise MecHubError(f"{root}: no images ({', '.join(IMG_EXTENSIONS)}) in its class folders")
+        raise MecHubError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
     return samples, list(classes)
 
 
