@@ -48,7 +48,6 @@ def make_tiny_hub_folder(out: Path, *, seed: int = 0, input_size: int = 32, name
     from mec_hub.export.convert import ExtractedWeights, write_hub_folder
     from mec_hub.models.encoder import build_backbone
     from mec_hub.models.heads import build_projector
-    from mec_hub.weights.registry import Preprocessing
 
     torch.manual_seed(seed)
     backbone = build_backbone("resnet18")
@@ -65,7 +64,7 @@ def make_tiny_hub_folder(out: Path, *, seed: int = 0, input_size: int = 32, name
         backbone=backbone.state_dict(),
         projector=projector.state_dict(),
         layout="test fixture",
-        preprocessing=Preprocessing(input_size=(3, input_size, input_size), crop_pct=1.0, interpolation="bicubic"),
+        preprocessing={"input_size": (3, input_size, input_size), "crop_pct": 1.0, "interpolation": "bicubic"},
         meta={"license": "mit"},
     )
     write_hub_folder(extracted, out, name=name, overwrite=True)

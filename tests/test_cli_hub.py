@@ -38,10 +38,12 @@ def run(*args: str) -> tuple[int, str]:
 
 
 def test_help_does_not_import_torch():
-    code = "import sys; from mec_hub.cli.hub import main; from mec_hub.cli.embed import main as e\n" \
-           "import click.testing as t\n" \
-           "r = t.CliRunner().invoke(main, ['--help']); r2 = t.CliRunner().invoke(e, ['--help'])\n" \
-           "print(r.exit_code, r2.exit_code, 'torch' in sys.modules)"
+    code = (
+        "import sys; from mec_hub.cli.hub import main; from mec_hub.cli.embed import main as e\n"
+        "import click.testing as t\n"
+        "r = t.CliRunner().invoke(main, ['--help']); r2 = t.CliRunner().invoke(e, ['--help'])\n"
+        "print(r.exit_code, r2.exit_code, 'torch' in sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.split() == ["0", "0", "False"], done.stderr
 
@@ -78,7 +80,8 @@ def test_convert_prints_digests_and_refuses_to_overwrite(checkpoint, tmp_path):
     assert code == 0, out
     digest = sha256_file(out_dir / "model.safetensors")
     assert f"model.safetensors  sha256 {digest}" in out
-    assert json.loads(out.split("registry fields: ")[1])["sha256"] == digest
+    fields = json.loads(out.split("registry fields: ")[1])
+    assert fields["files"]["model.safetensors"] == digest and fields["num_features"] == 512
 
     code, out = run("convert", str(checkpoint), "--out", str(out_dir))
     assert code == 1 and "already exists; pass --overwrite" in out
@@ -108,10 +111,17 @@ def test_convert_errors_are_one_line(checkpoint, tmp_path, make, args, message):
 
 
 def test_download_offline_with_nothing_cached_says_what_to_do(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)}
+    # Relocated to a Hub repo (mec_resnet50 itself is not published yet, and is refused before any download).
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": str(tmp_path),
+        "MEC_HUB_MEC_RESNET50_WEIGHTS": "hf-hub:mec-test/mec_resnet50@0123abcd",
+    }
     bindir = Path(sys.executable).parent
-    done = subprocess.run([str(bindir / "mec-hub"), "download", "mec_resnet50"], capture_output=True, text=True,
-                          env=env, timeout=120)
+    done = subprocess.run(
+        [str(bindir / "mec-hub"), "download", "mec_resnet50"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert done.returncode == 1
     assert "Run `mec-hub download mec_resnet50` once while online, or pass local weights" in done.stderr
     assert "Traceback" not in done.stderr

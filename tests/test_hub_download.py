@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from mec_hub.errors import ChecksumMismatchError, WeightsNotFoundError
 from mec_hub.weights import registry
 from mec_hub.weights.config import read_config
 from mec_hub.weights.integrity import UnverifiedWeightsWarning
-from mec_hub.weights.registry import ModelRecord
+from mec_hub.weights.record import ModelRecord
 
 REPO = "mec-test/tiny_resnet18"
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -146,11 +147,7 @@ def test_offline_mode_uses_the_cache_and_explains_an_empty_one(hub, folders, tmp
     cache = tmp_path / "hf"
     mec_hub.load(weights=f"hf-hub:{REPO}", cache_dir=cache, endpoint=hub.endpoint)
     requests_before = len(hub.requests)
-    code = (
-        "import mec_hub, torch\n"
-        f"m = mec_hub.load(weights='hf-hub:{REPO}')\n"
-        "print(m.weights_sha256)\n"
-    )
+    code = f"import mec_hub, torch\nm = mec_hub.load(weights='hf-hub:{REPO}')\nprint(m.weights_sha256)\n"
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_ENDPOINT": hub.endpoint}
     done = _run(code, env)
     assert done.returncode == 0, done.stderr
@@ -165,10 +162,8 @@ def test_offline_mode_uses_the_cache_and_explains_an_empty_one(hub, folders, tmp
 
 def _register_tiny(monkeypatch, sha256: str | None, **location) -> ModelRecord:
     config = read_config(Path(location.pop("folder")))
-    record = ModelRecord(
-        name="tiny_test", architecture=config.architecture, embed_dim=config.num_features,
-        preprocessing=config.preprocessing, sha256=sha256, projector=config.projector, **location,
-    )
+    files = {"model.safetensors": sha256} if sha256 else {}
+    record = ModelRecord(replace(config, name="tiny_test", files=files), **location)
     monkeypatch.setitem(registry._REGISTRY, record.name, record)
     return record
 

@@ -21,7 +21,7 @@ import os
 import pickle
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +39,10 @@ from mec_hub.weights.config import (
     METADATA_KEY,
     MODEL_FILE,
     PROJECTOR_FILE,
-    HubConfig,
+    ModelConfig,
+    preprocessing_fields,
 )
 from mec_hub.weights.integrity import sha256_file
-from mec_hub.weights.registry import Preprocessing, ProjectorSpec
 
 TRAIN_FORMAT = "mec-hub-train/1"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -50,7 +50,11 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 @dataclass
 class ExtractedWeights:
-    """What a checkpoint yields: backbone and projector tensors plus what is known about them."""
+    """What a checkpoint yields: backbone and projector tensors plus what is known about them.
+
+    ``preprocessing`` is in timm's ``pretrained_cfg`` vocabulary; keys it lacks take
+    ``ModelConfig``'s defaults (the authors' ImageNet evaluation).
+    """
 
     architecture: str
     backbone: dict[str, torch.Tensor]
@@ -58,7 +62,7 @@ class ExtractedWeights:
     layout: str
     model_args: dict[str, Any] = field(default_factory=dict)
     stem: str = "default"
-    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    preprocessing: Mapping[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)
 
@@ -66,7 +70,7 @@ class ExtractedWeights:
 @dataclass(frozen=True)
 class ConversionResult:
     folder: Path
-    config: HubConfig
+    config: ModelConfig
     digests: dict[str, str]
     layout: str
     dropped: list[str]
@@ -150,7 +154,7 @@ def extract_weights(
             layout="mec-hub training checkpoint",
             model_args=dict(checkpoint.get("model_args") or {}),
             stem=str(checkpoint.get("stem") or "default"),
-            preprocessing=Preprocessing.from_pretrained_cfg(info.get("preprocessing") or {}),
+            preprocessing=dict(info.get("preprocessing") or {}),
             meta={**dict(info.get("meta") or {}), "converted_from": f"{source} (backbone + projector)"},
         )
 
@@ -192,15 +196,15 @@ def extract_weights(
     )
 
 
-def _check_projector(projector: dict[str, torch.Tensor], *, origin: str) -> ProjectorSpec:
+def _check_projector(projector: dict[str, torch.Tensor], *, origin: str) -> tuple[int, int, int]:
+    """The projector's shape ``(in, hidden, out)``, once its tensors are known to fit it."""
     try:
         first, last = projector["0.weight"], projector["6.weight"]
     except KeyError as exc:
         raise IncompatibleWeightsError(f"{origin}: projector lacks {exc.args[0]!r}; not an MEC projector") from None
-    spec = ProjectorSpec(in_dim=first.shape[1], hidden_dim=first.shape[0], out_dim=last.shape[0])
-    module = build_projector(spec.in_dim, spec.hidden_dim, spec.out_dim)
-    load_state_dict_strict(module, projector, origin=origin, target="MEC projector")
-    return spec
+    dims = (int(first.shape[1]), int(first.shape[0]), int(last.shape[0]))
+    load_state_dict_strict(build_projector(*dims), projector, origin=origin, target="MEC projector")
+    return dims
 
 
 def _contiguous(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -222,21 +226,21 @@ def write_hub_folder(
     load_state_dict_strict(
         backbone_module, extracted.backbone, origin=origin, target=f"{extracted.architecture} backbone"
     )
-    projector_spec = _check_projector(extracted.projector, origin=origin) if extracted.projector else None
+    projector = _check_projector(extracted.projector, origin=origin) if extracted.projector else None
     num_features = int(backbone_module.num_features)
-    if projector_spec is not None and projector_spec.in_dim != num_features:
+    if projector is not None and projector[0] != num_features:
         raise IncompatibleWeightsError(
-            f"{origin}: projector takes {projector_spec.in_dim} features, the backbone gives {num_features}"
+            f"{origin}: projector takes {projector[0]} features, the backbone gives {num_features}"
         )
     meta = {**extracted.meta, **dict(extra_meta or {})}
-    config = HubConfig(
+    config = ModelConfig(
+        name=name,
         architecture=extracted.architecture,
         num_features=num_features,
-        preprocessing=extracted.preprocessing,
         model_args=extracted.model_args,
-        projector=projector_spec,
         stem=extracted.stem,
-        name=name,
+        **preprocessing_fields(extracted.preprocessing),
+        projector=projector,
         meta=meta,
     )
     # One metadata key only: safetensors writes several in hash order, which would make the
@@ -250,7 +254,7 @@ def write_hub_folder(
             if extracted.projector is not None:
                 save_file(_contiguous(extracted.projector), str(tmp / PROJECTOR_FILE), metadata=header)
                 digests[PROJECTOR_FILE] = sha256_file(tmp / PROJECTOR_FILE)
-            config = config.with_files(digests)
+            config = replace(config, files=digests)
             (tmp / CONFIG_FILE).write_text(json.dumps(config.to_json_dict(), indent=2) + "\n", encoding="utf-8")
             (tmp / CARD_FILE).write_text(render_model_card(config, layout=extracted.layout), encoding="utf-8")
     except FileExistsError:

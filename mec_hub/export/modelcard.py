@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mec_hub.weights.config import HubConfig
+from mec_hub.weights.config import ModelConfig
 
 _META_LABELS = {
     "pretraining": "Pretraining",
@@ -21,10 +21,9 @@ _META_LABELS = {
 }
 
 
-def render_model_card(config: HubConfig, *, layout: str) -> str:
+def render_model_card(config: ModelConfig, *, layout: str) -> str:
     name = config.name or f"mec_{config.architecture}"
     license_id = str(config.meta.get("license", "other")).split(" ")[0].lower()
-    pre = config.preprocessing
     lines = [
         "---",
         "library_name: timm",
@@ -43,15 +42,18 @@ def render_model_card(config: HubConfig, *, layout: str) -> str:
     ]
     lines += [f"| `{fname}` | `{digest}` |" for fname, digest in sorted(config.files.items())]
     if config.projector is not None:
-        p = config.projector
-        lines += ["", f"`projector.safetensors`: the MEC projector {p.in_dim} -> {p.hidden_dim} -> {p.out_dim} "
-                  "(Linear-BN-ReLU x2, Linear, BatchNorm without affine)."]
+        in_dim, hidden_dim, out_dim = config.projector
+        lines += [
+            "",
+            f"`projector.safetensors`: the MEC projector {in_dim} -> {hidden_dim} -> {out_dim} "
+            "(Linear-BN-ReLU x2, Linear, BatchNorm without affine).",
+        ]
     lines += [
         "",
         "## Preprocessing",
         "",
-        f"input {pre.input_size[1]}x{pre.input_size[2]}, resize {pre.interpolation} with crop_pct "
-        f"{pre.crop_pct} ({pre.crop_mode} crop), mean {list(pre.mean)}, std {list(pre.std)}.",
+        f"input {config.input_size[1]}x{config.input_size[2]}, resize {config.interpolation} with crop_pct "
+        f"{config.crop_pct} ({config.crop_mode} crop), mean {list(config.mean)}, std {list(config.std)}.",
         "",
         "## Details",
         "",

@@ -11,7 +11,7 @@ from torch import nn
 
 from mec_hub.errors import IncompatibleWeightsError, InvalidArgumentError
 from mec_hub.models.heads import build_projector
-from mec_hub.weights.config import HubConfig
+from mec_hub.weights.config import ModelConfig
 
 STEMS = ("default", "small")
 
@@ -57,7 +57,7 @@ class MECEncoder(nn.Module):
         backbone: nn.Module,
         projector: nn.Module | None = None,
         *,
-        config: HubConfig,
+        config: ModelConfig,
         head: str = "backbone",
         weights_sha256: str | None = None,
     ) -> None:
@@ -67,7 +67,7 @@ class MECEncoder(nn.Module):
         self.config = config
         self.head = head
         self.weights_sha256 = weights_sha256
-        self.pretrained_cfg: dict[str, Any] = config.preprocessing.to_pretrained_cfg()
+        self.pretrained_cfg: dict[str, Any] = config.pretrained_cfg
 
     @property
     def name(self) -> str | None:
@@ -76,7 +76,8 @@ class MECEncoder(nn.Module):
     @property
     def embed_dim(self) -> int:
         if self.projector is not None and self.config.projector is not None:
-            return self.config.projector.out_dim
+            _, _, out_dim = self.config.projector
+            return out_dim
         return self.config.num_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +90,7 @@ class MECEncoder(nn.Module):
         return f"name={self.name!r}, head={self.head!r}, embed_dim={self.embed_dim}"
 
 
-def build_encoder(config: HubConfig, *, head: str = "backbone") -> MECEncoder:
+def build_encoder(config: ModelConfig, *, head: str = "backbone") -> MECEncoder:
     """An encoder with random weights, shaped as ``config`` says."""
     if head not in ("backbone", "projector"):
         raise InvalidArgumentError(f"head must be 'backbone' or 'projector', not {head!r}")
@@ -105,8 +106,7 @@ def build_encoder(config: HubConfig, *, head: str = "backbone") -> MECEncoder:
             raise IncompatibleWeightsError(
                 f"model {config.name or config.architecture!r} has no published projector; use head='backbone'"
             )
-        spec = config.projector
-        projector = build_projector(spec.in_dim, spec.hidden_dim, spec.out_dim)
+        projector = build_projector(*config.projector)
     return MECEncoder(backbone, projector, config=config, head=head)
 
 
@@ -130,7 +130,6 @@ def load_state_dict_strict(
                 shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
                 parts.append(f"{label}: {shown}")
         raise IncompatibleWeightsError(
-            f"weights in {origin} do not fit the {target} (wrong architecture for these weights?): "
-            + "; ".join(parts)
+            f"weights in {origin} do not fit the {target} (wrong architecture for these weights?): " + "; ".join(parts)
         )
     module.load_state_dict(state_dict, strict=True)

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 from safetensors.torch import load_file
 
 from mec_hub.errors import CheckpointReadError, InvalidArgumentError
 from mec_hub.models.encoder import MECEncoder, build_encoder, load_state_dict_strict
-from mec_hub.weights.config import HubConfig
-from mec_hub.weights.registry import ModelRecord, model_info
-from mec_hub.weights.sources import WeightsSpec, fetch_weights, parse_weights_spec
+from mec_hub.weights.record import ModelRecord
+from mec_hub.weights.registry import model_info
+from mec_hub.weights.sources import (
+    WeightsSpec,
+    fetch_weights,
+    location_config,
+    parse_weights_spec,
+    record_location,
+)
 
 DEFAULT_MODEL = "mec_resnet18_cifar10s"
 
@@ -44,7 +51,8 @@ def load(
             a folder written by ``mec-hub convert``, ``hf-hub:org/name[@revision]`` or an https
             URL. Given together with ``name``, it relocates that model's published files (a
             mirror, a local copy), which are still checked against the model's SHA-256.
-        pretrained: ``False`` returns the architecture with random weights.
+        pretrained: ``False`` returns the architecture with random weights: that of ``name``, or
+            of the folder or file ``weights`` names (its config is read, its weights are not).
         head: ``"backbone"`` (pooled features) or ``"projector"`` (the MEC projector's output).
         device: where to put the model.
         cache_dir, endpoint: passed to huggingface_hub (default: its own settings).
@@ -62,19 +70,20 @@ def load(
     record: ModelRecord | None = model_info(name) if name is not None else None
 
     if not pretrained:
-        if spec is not None:
-            raise InvalidArgumentError("weights= was given with pretrained=False; drop one of them")
-        assert record is not None
-        return build_encoder(HubConfig.from_record(record), head=head).to(device).eval()
+        if spec is not None and record is not None:
+            raise InvalidArgumentError(
+                "name= and weights= were both given with pretrained=False: random weights take the "
+                "architecture from one of them; drop the other"
+            )
+        config = record.config if record is not None else location_config(spec)  # type: ignore[arg-type]
+        # Random weights are not the published files: the description keeps no digests.
+        return build_encoder(replace(config, files={}), head=head).to(device).eval()
 
-    locations = [spec] if spec is not None else [parse_weights_spec(loc) for loc in record.locations()]  # type: ignore[union-attr]
-    if not locations:
-        raise CheckpointReadError(
-            f"model {name!r} has no published location yet; set {record.source_env_var} "  # type: ignore[union-attr]
-            f"or pass weights=PATH (a folder written by `mec-hub convert`)"
-        )
+    if spec is None:
+        assert record is not None
+        spec = record_location(record)
     local = fetch_weights(
-        locations[0],
+        spec,
         record=record,
         want_projector=head == "projector",
         cache_dir=cache_dir,

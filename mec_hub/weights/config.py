@@ -1,22 +1,24 @@
-"""The published folder format: ``config.json`` in timm's layout beside safetensors files.
+"""One model description, ``ModelConfig``, and the published folder it is read from and written to.
 
 A folder (or Hugging Face repo) holds ``model.safetensors`` (headless backbone, timm keys),
 optionally ``projector.safetensors`` (the MEC projector), ``config.json`` and a model card
 ``README.md``. ``config.json`` is what ``timm.create_model("hf-hub:...")`` and
 ``"local-dir:..."`` read (``architecture``, ``num_classes: 0``, ``num_features``,
 ``pretrained_cfg``); our own fields live under the top-level key ``mec_hub``, which timm ignores.
+``ModelConfig`` is that file as one frozen dataclass, in the manner of timm's ``PretrainedCfg``:
+the registry's records (``mec_hub.weights.record``), ``config.json`` and a loaded model's
+``.config`` are all this one type.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mec_hub.errors import CheckpointReadError
-from mec_hub.weights.registry import ModelRecord, Preprocessing, ProjectorSpec
 
 MODEL_FILE = "model.safetensors"
 PROJECTOR_FILE = "projector.safetensors"
@@ -26,43 +28,67 @@ FORMAT_VERSION = 1
 # Key of the safetensors header metadata that makes a lone .safetensors file self-describing.
 METADATA_KEY = "mec_hub_config"
 
+# ImageNet normalisation: the default of every description, and of training and evaluation.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
-@dataclass(frozen=True)
-class HubConfig:
-    """What is needed to rebuild a model from its weights, and what is known about them."""
+# The evaluation preprocessing, in timm's pretrained_cfg vocabulary (create_transform's arguments).
+PREPROCESSING_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
+# The projector's shape as config.json names it.
+PROJECTOR_KEYS = ("in_dim", "hidden_dim", "out_dim")
 
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """What is needed to rebuild a model from its weights, how to preprocess its input, and what
+    is known about it.
+
+    ``projector`` is the MEC projector's shape ``(in, hidden, out)`` (three layers, the last a
+    BatchNorm without affine), ``None`` when none is published. ``files`` maps each weights file
+    of the folder to its SHA-256. ``stem="small"`` is the CIFAR-style 3x3/1 ResNet stem without
+    max-pool (see ``mec_hub.models.encoder``).
+    """
+
+    name: str | None = None
     architecture: str
     num_features: int
-    preprocessing: Preprocessing = field(default_factory=Preprocessing)
     model_args: Mapping[str, Any] = field(default_factory=dict)
-    projector: ProjectorSpec | None = None
     stem: str = "default"
-    name: str | None = None
+    input_size: tuple[int, int, int] = (3, 224, 224)
+    interpolation: str = "bilinear"
+    crop_pct: float = 0.875
+    crop_mode: str = "center"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    projector: tuple[int, int, int] | None = None
     files: Mapping[str, str] = field(default_factory=dict)
     meta: Mapping[str, Any] = field(default_factory=dict)
 
-    @classmethod
-    def from_record(cls, record: ModelRecord) -> HubConfig:
-        files = {MODEL_FILE: record.sha256} if record.sha256 else {}
-        if record.projector_sha256:
-            files[PROJECTOR_FILE] = record.projector_sha256
-        return cls(
-            architecture=record.architecture,
-            num_features=record.embed_dim,
-            preprocessing=record.preprocessing,
-            model_args=dict(record.model_args),
-            projector=record.projector,
-            stem=record.stem,
-            name=record.name,
-            files=files,
-            meta=dict(record.meta),
-        )
+    def __post_init__(self) -> None:
+        # Lists from JSON and tuples from code describe the same preprocessing: hold one form.
+        for key, value in preprocessing_fields(self.preprocessing).items():
+            object.__setattr__(self, key, value)
+        if self.projector is not None:
+            object.__setattr__(self, "projector", tuple(int(dim) for dim in self.projector))
 
-    def with_files(self, files: Mapping[str, str]) -> HubConfig:
-        return replace(self, files=dict(files))
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """The preprocessing fields (tuples), as ``preprocessing_fields`` normalises any ``pretrained_cfg``."""
+        return {key: getattr(self, key) for key in PREPROCESSING_KEYS}
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """The preprocessing as timm's ``pretrained_cfg`` dict, JSON-ready (what a loaded model carries)."""
+        return {key: list(v) if isinstance(v, tuple) else v for key, v in self.preprocessing.items()}
+
+    @property
+    def projector_dims(self) -> dict[str, int] | None:
+        """The projector's shape in ``config.json``'s words (``in_dim``, ``hidden_dim``, ``out_dim``)."""
+        return None if self.projector is None else dict(zip(PROJECTOR_KEYS, self.projector, strict=True))
 
     def to_json_dict(self) -> dict[str, Any]:
-        pretrained_cfg = self.preprocessing.to_pretrained_cfg()
+        """``config.json``: timm's fields at the top, ours under ``mec_hub``."""
+        pretrained_cfg = self.pretrained_cfg
         pretrained_cfg.update(num_classes=0, first_conv="conv1", classifier="fc")
         if self.meta.get("license"):
             pretrained_cfg["license"] = self.meta["license"]
@@ -80,7 +106,7 @@ class HubConfig:
         out["mec_hub"] = {
             "format_version": FORMAT_VERSION,
             "name": self.name,
-            "projector": None if self.projector is None else vars(self.projector).copy(),
+            "projector": self.projector_dims,
             "stem": self.stem,
             "files": dict(self.files),
             "meta": dict(self.meta),
@@ -88,7 +114,7 @@ class HubConfig:
         return out
 
     @classmethod
-    def from_json_dict(cls, data: Mapping[str, Any], *, origin: str) -> HubConfig:
+    def from_json_dict(cls, data: Mapping[str, Any], *, origin: str) -> ModelConfig:
         if not isinstance(data, Mapping) or "architecture" not in data:
             raise CheckpointReadError(f"{origin}: not a model config (no 'architecture' field)")
         ours = data.get("mec_hub") or {}
@@ -97,24 +123,41 @@ class HubConfig:
         num_features = data.get("num_features") or pretrained_cfg.get("num_features")
         if not isinstance(num_features, int):
             raise CheckpointReadError(f"{origin}: config has no integer 'num_features'")
+        try:
+            dims = tuple(projector[key] for key in PROJECTOR_KEYS) if projector else None
+        except (KeyError, TypeError):
+            raise CheckpointReadError(f"{origin}: 'projector' needs in_dim, hidden_dim and out_dim") from None
         return cls(
+            name=ours.get("name"),
             architecture=str(data["architecture"]),
             num_features=num_features,
-            preprocessing=Preprocessing.from_pretrained_cfg(pretrained_cfg),
             model_args=dict(data.get("model_args") or {}),
-            projector=ProjectorSpec(**projector) if projector else None,
             stem=str(ours.get("stem") or "default"),
-            name=ours.get("name"),
+            **preprocessing_fields(pretrained_cfg),
+            projector=dims,
             files=dict(ours.get("files") or {}),
             meta=dict(ours.get("meta") or {}),
         )
 
-    @property
-    def embed_dim(self) -> int:
-        return self.num_features
+
+def preprocessing_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The preprocessing fields of a timm ``pretrained_cfg`` (missing ones at ``ModelConfig``'s
+    defaults), normalised so that two that preprocess alike compare equal."""
+
+    def get(key: str) -> Any:
+        return cfg.get(key, getattr(ModelConfig, key))  # a dataclass field's class attribute is its default
+
+    return {
+        "input_size": tuple(get("input_size")),
+        "interpolation": str(get("interpolation")),
+        "crop_pct": float(get("crop_pct")),
+        "crop_mode": str(get("crop_mode")),
+        "mean": tuple(get("mean")),
+        "std": tuple(get("std")),
+    }
 
 
-def read_config(path: str | Path) -> HubConfig:
+def read_config(path: str | Path) -> ModelConfig:
     """Read ``config.json`` (or the folder holding it)."""
     path = Path(path)
     if path.is_dir():
@@ -125,10 +168,10 @@ def read_config(path: str | Path) -> HubConfig:
         raise CheckpointReadError(f"{path}: no {CONFIG_FILE} here") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointReadError(f"{path}: unreadable config ({exc})") from None
-    return HubConfig.from_json_dict(data, origin=str(path))
+    return ModelConfig.from_json_dict(data, origin=str(path))
 
 
-def config_from_safetensors_metadata(metadata: Mapping[str, str] | None, *, origin: str) -> HubConfig | None:
+def config_from_safetensors_metadata(metadata: Mapping[str, str] | None, *, origin: str) -> ModelConfig | None:
     """The config embedded in a safetensors header by our converter, if there is one."""
     if not metadata or METADATA_KEY not in metadata:
         return None
@@ -136,4 +179,4 @@ def config_from_safetensors_metadata(metadata: Mapping[str, str] | None, *, orig
         data = json.loads(metadata[METADATA_KEY])
     except json.JSONDecodeError as exc:
         raise CheckpointReadError(f"{origin}: malformed {METADATA_KEY} metadata ({exc})") from None
-    return HubConfig.from_json_dict(data, origin=origin)
+    return ModelConfig.from_json_dict(data, origin=origin)

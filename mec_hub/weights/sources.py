@@ -28,12 +28,13 @@ from mec_hub.weights.config import (
     CONFIG_FILE,
     MODEL_FILE,
     PROJECTOR_FILE,
-    HubConfig,
+    ModelConfig,
     config_from_safetensors_metadata,
     read_config,
 )
 from mec_hub.weights.integrity import verify_sha256
-from mec_hub.weights.registry import ModelRecord, is_registered, unknown_model_message
+from mec_hub.weights.record import ModelRecord
+from mec_hub.weights.registry import is_registered, unknown_model_message
 
 HF_PREFIX = "hf-hub:"
 BUNDLED_PREFIX = "bundled:"
@@ -41,6 +42,8 @@ BUNDLED_PREFIX = "bundled:"
 
 @dataclass(frozen=True)
 class WeightsSpec:
+    """A parsed location of weights (what ``parse_weights_spec`` makes of a string)."""
+
     kind: str  # "registry" | "bundled" | "file" | "folder" | "hf-hub" | "url"
     value: str
     revision: str | None = None
@@ -55,11 +58,11 @@ class WeightsSpec:
 
 @dataclass(frozen=True)
 class LocalWeights:
-    """Verified local files, ready to load."""
+    """Verified local files, ready to load, and the description to build their model from."""
 
     model_file: Path
     projector_file: Path | None
-    config: HubConfig
+    config: ModelConfig
     origin: str
     sha256: str
 
@@ -96,6 +99,36 @@ def parse_weights_spec(spec: str | os.PathLike[str]) -> WeightsSpec:
     if os.sep in text or "/" in text or text.endswith(".safetensors"):
         raise WeightsNotFoundError(f"weights not found: no file or folder {text!r}")
     raise UnknownModelError(unknown_model_message(text))
+
+
+def record_location(record: ModelRecord) -> WeightsSpec:
+    """Where a registry model's weights are fetched from: its override, else its first published location.
+
+    A published location that names no fixed set of bytes (no SHA-256 and no Hub revision: a
+    model not published yet) is refused before any request, with what to do instead.
+    """
+    locations = record.locations()
+    override = record.source_override()
+    if not locations or (override is None and not record.pinned):
+        where = f" ({locations[0]} is pinned to neither a revision nor a SHA-256)" if locations else ""
+        raise WeightsNotFoundError(
+            f"model {record.name!r} has no published weights to download yet{where}. Convert the "
+            f"official checkpoint with `mec-hub convert CHECKPOINT --out DIR`, then pass --weights DIR "
+            f"(weights=DIR in Python) or set {record.source_env_var}=DIR."
+        )
+    return parse_weights_spec(locations[0])
+
+
+def location_config(spec: WeightsSpec) -> ModelConfig:
+    """The description at a local location (folder, bundled, ``.safetensors`` file), without reading weights."""
+    if spec.kind in ("folder", "bundled"):
+        return read_config(Path(spec.value) if spec.kind == "folder" else bundled_folder(spec.value))
+    if spec.kind == "file":
+        return _config_beside(Path(spec.value), origin=str(spec))
+    raise InvalidArgumentError(
+        f"{spec}: the architecture of random weights comes from a model name or a local folder or "
+        f".safetensors file, not from a download; pass the model name, or download the folder first"
+    )
 
 
 def default_cache_dir() -> Path:
@@ -200,7 +233,7 @@ def bundled_folder(name: str) -> Path:
     return folder
 
 
-def _config_beside(model_file: Path, *, origin: str) -> HubConfig:
+def _config_beside(model_file: Path, *, origin: str) -> ModelConfig:
     """Config of a lone safetensors file: ``config.json`` beside it, else its own header metadata."""
     if (model_file.parent / CONFIG_FILE).is_file():
         return read_config(model_file.parent)
@@ -227,7 +260,7 @@ def _fetch_files(
     cache_dir: str | os.PathLike[str] | None,
     endpoint: str | None,
     name: str | None,
-) -> tuple[Path, Path | None, HubConfig | None, bool]:
+) -> tuple[Path, Path | None, ModelConfig | None, bool]:
     """Local paths of (model, projector, config found at the location, downloaded?)."""
     if spec.kind in ("folder", "bundled"):
         folder = Path(spec.value) if spec.kind == "folder" else bundled_folder(spec.value)
@@ -275,19 +308,16 @@ def fetch_weights(
     )
     origin = str(spec)
     if record is not None:
-        config = HubConfig.from_record(record)
-        if found_config is not None and found_config.architecture != record.architecture:
+        config = record.config
+        if found_config is not None and found_config.architecture != config.architecture:
             raise MecHubError(
                 f"{origin} holds a {found_config.architecture}, but model {record.name!r} is a "
-                f"{record.architecture}: wrong weights for this model"
+                f"{config.architecture}: wrong weights for this model"
             )
         # A location's own digests still catch corruption when the registry does not know them yet.
         local = dict(found_config.files) if found_config else {}
-        expected = {
-            MODEL_FILE: record.sha256 or local.get(MODEL_FILE),
-            PROJECTOR_FILE: record.projector_sha256 or local.get(PROJECTOR_FILE),
-        }
-        unverified = {MODEL_FILE: record.sha256 is None, PROJECTOR_FILE: record.projector_sha256 is None}
+        expected = {role: config.files.get(role) or local.get(role) for role in (MODEL_FILE, PROJECTOR_FILE)}
+        unverified = {role: config.files.get(role) is None for role in (MODEL_FILE, PROJECTOR_FILE)}
     else:
         config = found_config or _config_beside(model_file, origin=origin)
         expected = {MODEL_FILE: config.files.get(MODEL_FILE), PROJECTOR_FILE: config.files.get(PROJECTOR_FILE)}

@@ -1,26 +1,27 @@
-"""The published MEC models. Each entry is data only; see ``mec_hub.weights.registry``."""
+"""The published MEC models, as data: ``mec_hub.weights.registry`` registers each of ``PUBLISHED``.
+
+Adding a model is adding a record here; this module imports only the two types records are made of.
+"""
 
 from __future__ import annotations
 
-from mec_hub.weights.registry import ModelRecord, Preprocessing, ProjectorSpec, register
+from mec_hub.weights.config import MODEL_FILE, PROJECTOR_FILE, ModelConfig
+from mec_hub.weights.record import ModelRecord
 
 PAPER = "Liu et al., Self-Supervised Learning via Maximum Entropy Coding, NeurIPS 2022 (arXiv:2210.11464)"
 
-register(
-    ModelRecord(
+MEC_RESNET50 = ModelRecord(
+    ModelConfig(
         name="mec_resnet50",
         architecture="resnet50",
-        embed_dim=2048,
-        # The authors' linear evaluation: Resize(256) + CenterCrop(224), bilinear, ImageNet statistics.
-        preprocessing=Preprocessing(),
+        num_features=2048,
+        # The authors' linear evaluation: Resize(256) + CenterCrop(224), bilinear, ImageNet
+        # statistics: ModelConfig's defaults.
+        projector=(2048, 2048, 2048),
         # Converted with `mec-hub convert` from the authors' checkpoint; not yet published from
         # here, so no digest is known and the location must be given (MEC_HUB_MEC_RESNET50_WEIGHTS
         # or weights=...). Once pushed, pin hf_revision to the commit and fill in both digests.
-        sha256=None,
-        hf_repo_id="mec-hub/mec_resnet50.in1k_ep100",
-        hf_revision=None,
-        projector=ProjectorSpec(in_dim=2048, hidden_dim=2048, out_dim=2048),
-        projector_sha256=None,
+        files={},
         meta={
             "pretraining": "MEC on ImageNet-1k, 100 epochs, batch 1024, SGD lr 0.5 x 1024/256, eps^2 = 64",
             "epochs": 100,
@@ -32,23 +33,26 @@ register(
             "license": "MIT (github.com/xinliu20/MEC)",
             "paper": PAPER,
         },
-    )
+    ),
+    hf_repo_id="mec-hub/mec_resnet50.in1k_ep100",
+    hf_revision=None,
 )
 
-register(
-    ModelRecord(
+MEC_RESNET18_CIFAR10S = ModelRecord(
+    ModelConfig(
         name="mec_resnet18_cifar10s",
         # timm's resnet18 with half the channels (2.4 M parameters, 9.5 MB) and its default stem,
         # so that plain timm loads it too; trained at 48 px, where the 7x7/2 stem still sees enough.
         architecture="resnet18",
         model_args={"channels": [32, 64, 128, 224]},
-        embed_dim=224,
-        preprocessing=Preprocessing(input_size=(3, 48, 48), crop_pct=1.0),
-        # Ships inside the package (mec_hub/bundled/), written by benchmarks/bundled_model/package.py.
-        bundled="mec_resnet18_cifar10s",
-        sha256="c90a1ef2939732424fbf9b3ba779c8dda2cad31e014b6c57d6670f185a0ad282",
-        projector=ProjectorSpec(in_dim=224, hidden_dim=224, out_dim=512),
-        projector_sha256="54e1615739a395533fbcaf3e25c14c46aba6f793cb584f8d5ed766a66e0a694c",
+        num_features=224,
+        input_size=(3, 48, 48),
+        crop_pct=1.0,
+        projector=(224, 224, 512),
+        files={
+            MODEL_FILE: "c90a1ef2939732424fbf9b3ba779c8dda2cad31e014b6c57d6670f185a0ad282",
+            PROJECTOR_FILE: "54e1615739a395533fbcaf3e25c14c46aba6f793cb584f8d5ed766a66e0a694c",
+        },
         meta={
             "pretraining": "MEC on cifar10-subset/train (5,000 CIFAR-10 images, labels unused), 100 epochs, 2-core CPU",
             "epochs": 100,
@@ -71,5 +75,9 @@ register(
             "license": "MIT (mec-hub)",
             "paper": PAPER,
         },
-    )
+    ),
+    # Ships inside the package (mec_hub/bundled/), written by benchmarks/bundled_model/package.py.
+    bundled="mec_resnet18_cifar10s",
 )
+
+PUBLISHED = (MEC_RESNET50, MEC_RESNET18_CIFAR10S)
