@@ -19,7 +19,8 @@ def mec_resnet50(pretrained: bool = True, weights: str | os.PathLike[str] | None
 
     pretrained: False for random weights. weights: a local folder or .safetensors file written by
     `mec-hub convert` (no network needed), hf-hub:org/name[@rev], or an https URL; default: the
-    published location. kwargs: head ("backbone" | "projector"), device, cache_dir, endpoint.
+    published location (none yet: convert the authors' checkpoint with `mec-hub convert` and pass
+    weights=). kwargs: head ("backbone" | "projector"), device, cache_dir, endpoint.
     Preprocessing: mec_hub.get_transform(model) or model.pretrained_cfg.
     """
     return _load("mec_resnet50", pretrained, weights, **kwargs)
