@@ -20,6 +20,7 @@ from PIL import Image
 import mec_hub
 import training.pretrain as pretrain
 from mec_hub.models.losses import MECLossOutput
+from training import checkpoint as ckpt
 from training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -224,8 +225,23 @@ def test_two_processes_with_torchrun(images, tmp_path):
 
 @pytest.mark.parametrize(
     ("data", "expected"),
-    [("/data/cifar10-subset/train", "cifar10-subset/train"), ("/data/imagenet/val", "imagenet/val"),
-     ("/data/my_photos", "my_photos"), ("train", "train")],
+    [
+        ("/data/cifar10-subset/train", "cifar10-subset/train"),
+        ("/data/imagenet/val", "imagenet/val"),
+        ("/data/my_photos", "my_photos"),
+        ("train", "train"),
+    ],
 )
 def test_exports_name_the_data_set_not_just_its_split_folder(data, expected):
     assert pretrain.dataset_name(data) == expected
+
+
+def test_the_recipe_config_holds_every_option_the_resume_check_compares():
+    parser = pretrain.build_parser()
+    args = parser.parse_args(["--data", "imgs", "--output-dir", "o", "--arch", "resnet18", "--lr", "0.3"])
+    pretrain.check_args(args, parser, world_size=1)
+    config = pretrain.recipe_config(args, hidden_dim=512, num_images=5000)
+    assert set(config) == {*ckpt.RECIPE_KEYS, "data"}
+    assert config["arch"] == "resnet18" and config["lr"] == 0.3 and config["eps2"] == 64.0
+    assert config["hidden_dim"] == 512 and config["num_images"] == 5000 and config["data"] == "imgs"
+    assert config["weight_decay"] == 1e-5 and config["order"] == 4 and config["model_args"] == {}

@@ -22,7 +22,8 @@ from mec_hub.fileio import atomic_write
 
 LAST = "checkpoint_last.pt"
 SNAPSHOT_PATTERN = re.compile(r"^checkpoint_epoch(\d{4,})\.pt$")
-# What defines a run: resuming with any of these changed would not continue the same run.
+# What defines a run: resuming with any of these changed would not continue the same run. The one
+# list: ``pretrain.recipe_config`` writes these keys (each the option of that name) and resume compares them.
 RECIPE_KEYS = (
     "arch",
     "model_args",

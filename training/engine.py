@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,34 +10,12 @@ import torch
 from torch import Tensor, nn
 
 from mec_hub.models.losses import MECLoss, MECLossOutput
+from mec_hub.runtime.devices import Precision
 from training.schedules import ScheduleValues
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stops before anything is saved."""
-
-
-@dataclass(frozen=True)
-class Precision:
-    """Autocast settings: ``fp32`` (none), ``bf16``, or ``fp16`` (with a gradient scaler)."""
-
-    name: str
-    device_type: str
-
-    def __post_init__(self) -> None:
-        if self.name not in PRECISIONS:
-            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.name!r}")
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        dtype = PRECISIONS[self.name]
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device_type, dtype=dtype)
-
-    def grad_scaler(self) -> torch.amp.GradScaler | None:
-        return torch.amp.GradScaler(self.device_type) if self.name == "fp16" else None
 
 
 def train_step(

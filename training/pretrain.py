@@ -41,6 +41,8 @@ from mec_hub.export.convert import TRAIN_FORMAT, extract_weights, write_hub_fold
 from mec_hub.fileio import atomic_write_json
 from mec_hub.models.encoder import STEMS
 from mec_hub.models.losses import MECLoss, warn_if_not_converging
+from mec_hub.runtime.devices import PRECISIONS, Precision
+from mec_hub.weights.config import IMAGENET_MEAN, IMAGENET_STD
 from training import checkpoint as ckpt
 from training import distributed
 from training.data import (
@@ -51,7 +53,7 @@ from training.data import (
     find_images,
     mocov3_views,
 )
-from training.engine import PRECISIONS, EpochTotals, NonFiniteLossError, Precision, StepStats, train_step
+from training.engine import EpochTotals, NonFiniteLossError, StepStats, train_step
 from training.metrics import MetricsLog
 from training.model import MECModel, build_mec_model
 from training.optim import OPTIMIZERS, build_optimizer
@@ -182,32 +184,13 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser, world_
 
 
 def recipe_config(args: argparse.Namespace, *, hidden_dim: int, num_images: int) -> dict[str, Any]:
-    """What defines the run (compared on resume) plus facts about it; only JSON-able values."""
-    return {
-        "arch": args.arch,
-        "model_args": dict(args.model_args),
-        "stem": args.stem,
-        "image_size": args.image_size,
-        "augmentation": args.augmentation,
-        "dim": args.dim,
-        "hidden_dim": hidden_dim,
-        "pred_dim": args.pred_dim,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "weight_decay": args.weight_decay,
-        "momentum": args.momentum,
-        "optimizer": args.optimizer,
-        "eps2": args.eps2,
-        "order": args.order,
-        "teacher_momentum": args.teacher_momentum,
-        "warmup_epochs": args.warmup_epochs,
-        "lamda_warmup_epochs": args.lamda_warmup_epochs,
-        "lamda_warmup_factor": args.lamda_warmup_factor,
-        "seed": args.seed,
-        "num_images": num_images,
-        "data": str(args.data),
-    }
+    """What defines the run (``checkpoint.RECIPE_KEYS``, compared on resume) plus the data folder; JSON-able.
+
+    Every recipe key is the option of that name, except those resolved here.
+    """
+    resolved = {"model_args": dict(args.model_args), "hidden_dim": hidden_dim, "num_images": num_images}
+    config = {key: resolved[key] if key in resolved else getattr(args, key) for key in ckpt.RECIPE_KEYS}
+    return {**config, "data": str(args.data)}
 
 
 def eval_preprocessing(image_size: int) -> dict[str, Any]:
@@ -217,8 +200,8 @@ def eval_preprocessing(image_size: int) -> dict[str, Any]:
         "interpolation": "bilinear",
         "crop_pct": 1.0 if image_size <= 64 else 0.875,
         "crop_mode": "center",
-        "mean": [0.485, 0.456, 0.406],
-        "std": [0.229, 0.224, 0.225],
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
     }
 
 

@@ -39,9 +39,8 @@ from mec_hub.embedding.loader import (
     worker_deaths_deferred,
 )
 from mec_hub.errors import MecHubError
-from mec_hub.runtime.devices import cpu_has_bf16, decoding_plan, default_num_workers, resolve_device
+from mec_hub.runtime.devices import PRECISIONS, cpu_has_bf16, decoding_plan, default_num_workers, resolve_device
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 OUT_DTYPES = {"float32": np.float32, "float16": np.float16}
 HEADS = ("backbone", "projector")
 

@@ -1,13 +1,40 @@
-"""Which device runs the model, and how many processes and threads decode for it."""
+"""Which device runs the model, at which precision, and how many processes and threads decode for it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from dataclasses import dataclass
 
 import torch
 
 from mec_hub.errors import MecHubError
 from mec_hub.runtime.distributed import dist_env
+
+# Autocast dtype of each precision (``None``: no autocast), for training and embedding alike.
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Autocast settings: ``fp32`` (none), ``bf16``, or ``fp16`` (training scales its gradients)."""
+
+    name: str
+    device_type: str
+
+    def __post_init__(self) -> None:
+        if self.name not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.name!r}")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        dtype = PRECISIONS[self.name]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """A gradient scaler for ``fp16`` training (its small range underflows gradients), else ``None``."""
+        return torch.amp.GradScaler(self.device_type) if self.name == "fp16" else None
 
 
 def available_cpus() -> int:

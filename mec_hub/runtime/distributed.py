@@ -12,7 +12,10 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 # Ranks wait for the slowest one at the end; a long timeout keeps a big, uneven job from failing
 # there (torchrun still stops every process if one of them dies).
@@ -21,14 +24,25 @@ BARRIER_TIMEOUT = datetime.timedelta(hours=72)
 
 @dataclass(frozen=True)
 class DistEnv:
+    """This process's place in a torchrun job (a lone process is rank 0 of 1), for embedding and training.
+
+    ``device``: the device the process computes on, once chosen (training's ``setup`` sets it;
+    ``dist_env()`` leaves it ``None``).
+    """
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
+    device: torch.device | None = None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
 
 
 def dist_env() -> DistEnv:
