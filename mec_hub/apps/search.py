@@ -1,10 +1,11 @@
 """Exact cosine search of query images against a feature file written by ``mec-embed``.
 
-A feature file is ``FEATS.npy`` (``(N, D)``) with ``FEATS.paths.txt`` (row ``i`` = the image of
-row ``i``) and ``FEATS.meta.json`` (which model, weights SHA-256, head and preprocessing made it).
-Queries are embedded with that same model, after checking that the weights loaded now are
-byte-identical (SHA-256) to those that made the file. The file is read through a memory map,
-one block of rows at a time, so memory stays bounded however many rows it holds.
+A feature file (``mec_hub.data.featurefile``) is ``FEATS.npy`` (``(N, D)``) with
+``FEATS.paths.txt`` (row ``i`` = the image of row ``i``) and ``FEATS.meta.json`` (which model,
+weights SHA-256, head and preprocessing made it). Queries are embedded with that same model,
+after checking that the weights loaded now are byte-identical (SHA-256) to those that made the
+file. The file is read through a memory map, one block of rows at a time, so memory stays
+bounded however many rows it holds.
 
 Example::
 
@@ -15,7 +16,7 @@ Example::
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import os
 import warnings
 from collections.abc import Sequence
@@ -25,10 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from mec_hub.data.featurefile import META_SUFFIX, FeatureFile, FeatureMeta, sidecar
 from mec_hub.errors import MecHubError
 
-PATHS_SUFFIX = ".paths.txt"
-META_SUFFIX = ".meta.json"
 # Elements of one block of feature rows or similarities: 2**23 float32 = 32 MiB.
 _BLOCK_BUDGET = 1 << 23
 
@@ -50,77 +50,6 @@ class Neighbour:
     score: float
     path: str
     resolved: Path | None
-
-
-def _sidecar(features_path: Path, suffix: str) -> Path:
-    stem = features_path.name[: -len(".npy")] if features_path.name.endswith(".npy") else features_path.name
-    return features_path.with_name(stem + suffix)
-
-
-@dataclass(frozen=True)
-class FeatureFile:
-    """An opened ``FEATS.npy`` (memory-mapped), its row paths and its metadata."""
-
-    path: Path
-    matrix: np.ndarray
-    paths: list[str]
-    meta: dict[str, Any]
-
-    @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> FeatureFile:
-        from mec_hub.evaluation.features import read_meta, read_paths_file
-
-        path = Path(path)
-        if not path.is_file():
-            raise MecHubError(f"feature file not found: {path}")
-        try:
-            matrix = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise MecHubError(f"{path}: not a readable .npy array ({exc})") from None
-        if matrix.ndim != 2 or matrix.shape[0] == 0 or not np.issubdtype(matrix.dtype, np.number):
-            raise MecHubError(
-                f"{path}: expected a non-empty (N, D) array of numbers, got shape {matrix.shape} {matrix.dtype}"
-            )
-        paths_file = _sidecar(path, PATHS_SUFFIX)
-        if not paths_file.is_file():
-            raise MecHubError(f"{path}: no {paths_file.name} beside it (the row-aligned image paths mec-embed writes)")
-        paths = read_paths_file(paths_file)
-        if len(paths) != matrix.shape[0]:
-            raise MecHubError(
-                f"{paths_file} has {len(paths)} paths but {path} has {matrix.shape[0]} rows; "
-                "the two files do not belong together"
-            )
-        return cls(path=path, matrix=matrix, paths=paths, meta=read_meta(path))
-
-    @functools.cached_property
-    def search_roots(self) -> list[Path]:
-        """Folders a recorded relative path may be relative to, most likely first.
-
-        The folder the paths were recorded relative to (``base_dir`` in the metadata), the
-        recorded inputs, the current folder and the feature file's folder.
-        """
-        roots: list[Path] = [Path(self.meta["base_dir"])] if isinstance(self.meta.get("base_dir"), str) else []
-        inputs = self.meta.get("inputs") or []
-        if isinstance(inputs, str | os.PathLike):
-            inputs = [inputs]
-        for item in inputs:
-            candidate = Path(item)
-            if not candidate.is_absolute():
-                candidate = self.path.parent / candidate if not candidate.exists() else candidate
-            roots.append(candidate if candidate.is_dir() else candidate.parent)
-        for root in (Path.cwd(), self.path.parent):
-            if root not in roots:
-                roots.append(root)
-        return roots
-
-    def resolve(self, row: int) -> Path | None:
-        recorded = Path(self.paths[row])
-        if recorded.is_absolute():
-            return recorded if recorded.is_file() else None
-        for root in self.search_roots:
-            if (root / recorded).is_file():
-                return root / recorded
-        return None
 
 
 def _normalise_rows(block: np.ndarray) -> np.ndarray:
@@ -168,7 +97,7 @@ def cosine_top_k(
     return best_scores, best_rows
 
 
-def load_query_embedder(meta: dict[str, Any], *, weights: str | None = None, device: str = "cpu") -> Any:
+def load_query_embedder(meta: FeatureMeta, *, weights: str | None = None, device: str = "cpu") -> Any:
     """An object with ``.embed(paths) -> (Q, D) array`` and ``.weights_sha256``, rebuilt from ``meta``.
 
     ``weights`` overrides where the weights are loaded from (they must still be the same bytes).
@@ -176,7 +105,7 @@ def load_query_embedder(meta: dict[str, Any], *, weights: str | None = None, dev
     from mec_hub.embedding.engine import Embedder, ModelMismatchError
 
     if weights is not None:
-        meta = {**meta, "weights": weights}
+        meta = dataclasses.replace(meta, weights=weights)
     try:
         return Embedder.from_meta(meta, device=device)
     except ModelMismatchError as exc:
@@ -187,11 +116,11 @@ def load_query_embedder(meta: dict[str, Any], *, weights: str | None = None, dev
         raise MecHubError(f"cannot rebuild the model recorded in the metadata: {exc}") from None
 
 
-def check_same_weights(meta: dict[str, Any], actual: str | None, *, origin: str) -> None:
-    expected = meta.get("weights_sha256")
-    where = meta.get("weights") or meta.get("model")
+def check_same_weights(meta: FeatureMeta, actual: str | None, *, origin: str) -> None:
+    expected = meta.weights_sha256
+    where = meta.weights or meta.model
     if expected is None:
-        if meta.get("state_dict_sha256"):
+        if meta.state_dict_sha256:
             return  # weights without a file digest: the embedder compared the state_dict digest
         warnings.warn(
             f"{origin} records no weights SHA-256, so the query model cannot be checked against the one "
@@ -220,8 +149,8 @@ def search(
     missing = [str(q) for q in queries if not Path(q).is_file()]
     if missing:
         raise MecHubError(f"query image not found: {', '.join(missing)}")
-    meta_file = _sidecar(index.path, META_SUFFIX)
-    if not index.meta:
+    meta_file = sidecar(index.path, META_SUFFIX)
+    if index.meta is None:
         raise MecHubError(f"{index.path}: no {meta_file.name} beside it, so the model that made it is unknown")
     embedder = load_query_embedder(index.meta, weights=weights, device=device)
     check_same_weights(index.meta, embedder.weights_sha256, origin=str(meta_file))
@@ -234,8 +163,13 @@ def search(
     scores, rows = cosine_top_k(index.matrix, query_features, top_k, chunk_rows=chunk_rows)
     return [
         [
-            Neighbour(rank=r + 1, row=int(row), score=float(score), path=index.paths[int(row)],
-                      resolved=index.resolve(int(row)))
+            Neighbour(
+                rank=r + 1,
+                row=int(row),
+                score=float(score),
+                path=index.paths[int(row)],
+                resolved=index.resolve(int(row)),
+            )
             for r, (score, row) in enumerate(zip(scores[q], rows[q], strict=True))
         ]
         for q in range(len(queries))

@@ -18,7 +18,6 @@ an ``(N, D)`` array, with row-aligned labels from either
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -33,13 +32,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import make_dataset
 
+from mec_hub.data.featurefile import PATHS_SUFFIX, FeatureFile, read_meta_json, read_paths, sidecar
 from mec_hub.data.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
 from mec_hub.errors import MecHubError
 from mec_hub.evaluation.inputs import InvalidFeaturesError, as_feature_matrix, as_label_vector
-from mec_hub.fileio import atomic_write, atomic_write_json, atomic_write_text
-
-PATHS_SUFFIX = ".paths.txt"
-META_SUFFIX = ".meta.json"
 
 
 @dataclass
@@ -59,13 +55,6 @@ class LabelledFeatures:
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
-
-
-def sidecar(features_path: str | os.PathLike[str], suffix: str) -> Path:
-    """``X.npy`` -> ``X<suffix>`` (``X.paths.txt``, ``X.meta.json``)."""
-    path = Path(features_path)
-    stem = path.name[: -len(".npy")] if path.name.endswith(".npy") else path.name
-    return path.with_name(stem + suffix)
 
 
 # --------------------------------------------------------------------------- image folders
@@ -249,34 +238,6 @@ def _load_npy(path: Path, *, what: str) -> np.ndarray:
         raise InvalidFeaturesError(f"{path}: not a readable .npy array ({exc})") from None
 
 
-def read_paths_file(path: str | os.PathLike[str]) -> list[str]:
-    """Lines of a paths file (``X.paths.txt``), without the line ends; a trailing empty line is ignored."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise MecHubError(f"paths file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MecHubError(f"{path}: unreadable paths file ({exc})") from None
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return lines
-
-
-def read_meta(features_path: str | os.PathLike[str]) -> dict[str, Any]:
-    """``X.meta.json`` beside ``X.npy`` as a dict (empty when there is none)."""
-    path = sidecar(features_path, META_SUFFIX)
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MecHubError(f"{path}: unreadable metadata ({exc})") from None
-    if not isinstance(data, dict):
-        raise MecHubError(f"{path}: metadata must be a JSON object")
-    return data
-
-
 def labels_from_paths(
     paths: Sequence[str], *, origin: str, classes: Sequence[str] | None = None
 ) -> tuple[np.ndarray, list[str]]:
@@ -333,7 +294,7 @@ def load_feature_file(
                 f"{label_path}: label {largest} is not among the {len(classes)} training classes"
             )
     else:
-        paths = read_paths_file(label_path)
+        paths = read_paths(label_path)
         if len(paths) != tensor.shape[0]:
             raise InvalidFeaturesError(
                 f"{label_path} has {len(paths)} paths but {features_path} has {tensor.shape[0]} rows; "
@@ -346,7 +307,7 @@ def load_feature_file(
         labels=label_tensor,
         classes=list(classes),
         paths=paths,
-        meta=read_meta(features_path),
+        meta=read_meta_json(features_path),
     )
 
 
@@ -357,13 +318,4 @@ def save_feature_file(data: LabelledFeatures, path: str | os.PathLike[str], meta
         raise ValueError(f"{path}: the features file name must end in .npy")
     if data.paths is None:
         raise ValueError("these features have no paths to write")
-    array = data.features.numpy()
-
-    def write_array(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:  # a file object, or np.save would append ".npy" to the temporary name
-            np.save(fh, array)
-
-    atomic_write(path, write_array)
-    atomic_write_text(sidecar(path, PATHS_SUFFIX), "".join(p + "\n" for p in data.paths))
-    atomic_write_json(sidecar(path, META_SUFFIX), meta)
-    return path
+    return FeatureFile.write(path, data.paths, meta, matrix=data.features.numpy())
