@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +28,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from mec_hub.data.featurefile import FeatureMeta
 from mec_hub.data.images import ImageDecodeError
 from mec_hub.embedding import DEFAULT_BATCH_SIZE
-from mec_hub.embedding.loader import (
-    Collate,
-    ImageSource,
-    decode_isolated,
-    is_worker_failure,
-    make_loader,
-    worker_deaths_deferred,
-)
+from mec_hub.embedding.job import EmbedResult, ProgressCallback, run_job
+from mec_hub.embedding.loader import ImageSource
+from mec_hub.embedding.runner import Batch, BatchRunner, Commit, device_settings
 from mec_hub.errors import MecHubError
 from mec_hub.runtime.devices import PRECISIONS, cpu_has_bf16, decoding_plan, default_num_workers, resolve_device
 
@@ -150,7 +146,7 @@ class Embedder:
         self.pretrained_cfg: dict[str, Any] = json.loads(json.dumps(dict(cfg)))
         from mec_hub.data.transforms import get_transform, resolve_preprocessing
 
-        self.input_size = tuple(resolve_preprocessing(self.pretrained_cfg).input_size)
+        self.input_size = tuple(resolve_preprocessing(self.pretrained_cfg)["input_size"])
         self.transform = get_transform(self.pretrained_cfg)
         self.weights_sha256: str | None = getattr(self.model, "weights_sha256", None)
         self._state_dict_sha256: str | None = None
@@ -267,90 +263,28 @@ class Embedder:
     def _to_numpy(self, features: torch.Tensor) -> np.ndarray:
         return features.cpu().numpy().astype(OUT_DTYPES[self.out_dtype], copy=False)
 
-    @contextlib.contextmanager
-    def _running(self) -> Iterator[None]:
-        """Global settings for a run, restored after it: cuDNN autotuning for fixed-size batches."""
-        if self.device.type != "cuda":
-            yield
-            return
-        before = torch.backends.cudnn.benchmark
-        torch.backends.cudnn.benchmark = True
-        try:
-            with torch.cuda.device(self.device):
-                yield
-        finally:
-            torch.backends.cudnn.benchmark = before
-
-    def iter_batches(
-        self, loader: Iterable[tuple[list[int], torch.Tensor, list[tuple[int, str]]]]
-    ) -> Iterator[tuple[list[int], list[tuple[int, str]], np.ndarray]]:
-        """(good indices, failures, features) per loader batch, in order.
-
-        On CUDA the next batch is queued on the GPU before the previous one is copied back, so
-        the GPU is not idle while the host writes results.
-        """
-        pending: tuple[list[int], list[tuple[int, str]], torch.Tensor | None] | None = None
-        lag = self.device.type == "cuda"
-        for indices, images, failures in loader:
-            features = self._forward(images) if indices else None
-            if not lag:
-                yield indices, failures, self._finish(features)
-                continue
-            if pending is not None:
-                yield pending[0], pending[1], self._finish(pending[2])
-            pending = (indices, failures, features)
-        if pending is not None:
-            yield pending[0], pending[1], self._finish(pending[2])
-
     def _finish(self, features: torch.Tensor | None) -> np.ndarray:
         if features is None:
             return np.empty((0, self.embed_dim), OUT_DTYPES[self.out_dtype])
         return self._to_numpy(features)
 
     def run_batches(
-        self,
-        source: ImageSource,
-        start: int,
-        end: int,
-        commit: Callable[[list[int], list[tuple[int, str]], np.ndarray], None],
-        *,
-        num_workers: int | None = None,
+        self, source: ImageSource, start: int, end: int, commit: Commit, *, num_workers: int | None = None
     ) -> None:
-        """Embed ``source[start:end]`` in order, one ``commit(good indices, failures, features)`` per batch.
+        """Embed ``source[start:end]`` in order, one ``commit(batch)`` per batch (see ``runner.BatchRunner``).
 
-        Decoding runs ``num_workers`` processes ahead of the model. If one of them dies or stalls
-        (a file that crashes or hangs the decoder), the batch after the last commit is decoded
-        again one file per process, the culprit becomes a failure, and the run goes on.
+        ``num_workers`` overrides this embedder's number of decoding processes for this call.
         """
-        workers = self.num_workers if num_workers is None else num_workers
-        source.threads = self.decode_threads
-        position = start
-        with self._running():
-            while position < end:
-                loader = make_loader(
-                    source, start=position, end=end, batch_size=self.batch_size, num_workers=workers,
-                    input_size=self.input_size, pin_memory=self.device.type == "cuda", niceness=self.worker_niceness,
-                )
-                batches = self.iter_batches(loader)
-                try:
-                    for indices, failures, features in batches:
-                        with worker_deaths_deferred():
-                            commit(indices, failures, features)
-                            position = _batch_end(indices, failures)
-                    continue
-                except RuntimeError as exc:
-                    if workers == 0 or not is_worker_failure(exc):
-                        raise
-                finally:
-                    batches.close()
-                if position >= end:
-                    break
-                stop = min(position + self.batch_size, end)
-                isolated = decode_isolated(source, range(position, stop), Collate(self.input_size))
-                for indices, failures, features in self.iter_batches([isolated]):
-                    with worker_deaths_deferred():
-                        commit(indices, failures, features)
-                        position = stop
+        BatchRunner(
+            self._forward,
+            self._finish,
+            device=self.device,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers if num_workers is None else num_workers,
+            input_size=self.input_size,
+            decode_threads=self.decode_threads,
+            worker_niceness=self.worker_niceness,
+        ).run(source, start, end, commit)
 
     # -- public API -------------------------------------------------------------------------
 
@@ -376,13 +310,13 @@ class Embedder:
         workers = 0 if in_memory or len(sources) <= self.batch_size else self.num_workers
         blocks = []
 
-        def keep(_: list[int], failures: list[tuple[int, str]], features: np.ndarray) -> None:
-            if failures:
-                index, reason = failures[0]
+        def keep(batch: Batch) -> None:
+            if batch.failures:
+                index, reason = batch.failures[0]
                 where = sources[index] if isinstance(sources[index], str) else f"image #{index}"
-                more = f" (and {len(failures) - 1} more in the same batch)" if len(failures) > 1 else ""
+                more = f" (and {len(batch.failures) - 1} more in the same batch)" if len(batch.failures) > 1 else ""
                 raise ImageDecodeError(reason + more, path=str(where))
-            blocks.append(features)
+            blocks.append(batch.features)
 
         self.run_batches(ImageSource(sources, self.transform), 0, len(sources), keep, num_workers=workers)
         return np.concatenate(blocks)
@@ -396,7 +330,7 @@ class Embedder:
                 f"{tuple(images.shape)}"
             )
         blocks = []
-        with self._running():
+        with device_settings(self.device):
             for start in range(0, images.shape[0], self.batch_size):
                 blocks.append(self._to_numpy(self._forward(images[start : start + self.batch_size])))
         if not blocks:
@@ -413,44 +347,45 @@ class Embedder:
         resume: bool = False,
         overwrite: bool = False,
         progress: bool | None = None,
-    ) -> Any:
+        on_commit: ProgressCallback | None = None,
+    ) -> EmbedResult:
         """Embed every image named by ``inputs`` into ``out`` (``.npy``) plus ``.paths.txt`` and
-        ``.meta.json`` beside it; see ``mec_hub.embedding.job.run_job``. Returns an ``EmbedResult``.
+        ``.meta.json`` beside it; see ``mec_hub.embedding.job.run_job`` for the options.
         """
-        from mec_hub.embedding.job import run_job
-
         return run_job(
-            self, inputs, out, files_from=files_from, recursive=recursive, resume=resume, overwrite=overwrite,
+            self,
+            inputs,
+            out,
+            files_from=files_from,
+            recursive=recursive,
+            resume=resume,
+            overwrite=overwrite,
             progress=progress,
+            on_commit=on_commit,
         )
 
     @classmethod
-    def from_meta(cls, meta: str | os.PathLike[str] | Mapping[str, Any], **overrides: Any) -> Embedder:
-        """An Embedder that embeds like the run that wrote ``meta`` (a FEATS.meta.json path or dict).
+    def from_meta(cls, meta: str | os.PathLike[str] | Mapping[str, Any] | FeatureMeta, **overrides: Any) -> Embedder:
+        """An Embedder that embeds like the run that wrote ``meta`` (a FEATS.meta.json path, its
+        ``FeatureMeta`` or the dict it holds).
 
         ``overrides`` replace constructor arguments (``device``, ``batch_size``, ``model`` for an
         already loaded module, ...). The rebuilt model must have the recorded weights digest,
         head, dimension and preprocessing, or ``ModelMismatchError`` says what differs.
         """
-        if not isinstance(meta, Mapping):
-            path = Path(meta)
-            try:
-                meta = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as exc:
-                raise MecHubError(f"cannot read {path}: {exc}") from None
-        assert isinstance(meta, Mapping)
+        meta = _as_feature_meta(meta)
         kwargs: dict[str, Any] = {
-            "model": meta.get("model"),
-            "weights": meta.get("weights"),
-            "head": meta.get("head", "backbone"),
-            "precision": meta.get("precision", "fp32"),
-            "normalize": bool(meta.get("normalize", False)),
-            "out_dtype": meta.get("out_dtype", "float32"),
+            "model": meta.model,
+            "weights": meta.weights,
+            "head": "backbone" if meta.head is None else meta.head,
+            "precision": "fp32" if meta.precision is None else meta.precision,
+            "normalize": bool(meta.normalize),
+            "out_dtype": "float32" if meta.out_dtype is None else meta.out_dtype,
         }
-        if meta.get("batch_size"):
-            kwargs["batch_size"] = int(meta["batch_size"])
-        if "optimizations" in meta:
-            kwargs["optimize"] = "fold_batchnorm" in meta["optimizations"]
+        if meta.batch_size:
+            kwargs["batch_size"] = meta.batch_size
+        if meta.optimizations is not None:
+            kwargs["optimize"] = "fold_batchnorm" in meta.optimizations
         if isinstance(overrides.get("model"), nn.Module):
             kwargs["weights"] = None
         kwargs.update(overrides)
@@ -458,26 +393,25 @@ class Embedder:
         embedder.check_matches(meta)
         return embedder
 
-    def check_matches(self, meta: Mapping[str, Any]) -> None:
+    def check_matches(self, meta: Mapping[str, Any] | FeatureMeta) -> None:
         """Raise ``ModelMismatchError`` unless this model is the one recorded in ``meta``."""
+        meta = _as_feature_meta(meta)
         problems = []
-        want_sha, have_sha = meta.get("weights_sha256"), self.weights_sha256
+        want_sha, have_sha = meta.weights_sha256, self.weights_sha256
         if want_sha and have_sha and want_sha != have_sha:
             problems.append(f"weights SHA-256 {have_sha[:12]}... instead of {want_sha[:12]}...")
         elif (
-            meta.get("state_dict_sha256")
-            and not (want_sha and have_sha)
-            and self.state_dict_sha256 != meta["state_dict_sha256"]
+            meta.state_dict_sha256 and not (want_sha and have_sha) and self.state_dict_sha256 != meta.state_dict_sha256
         ):
             problems.append("different weights (state_dict digest)")
-        for key, have in (("head", self.head), ("embed_dim", self.embed_dim)):
-            if key in meta and meta[key] != have:
-                problems.append(f"{key} {have!r} instead of {meta[key]!r}")
-        if "preprocessing" in meta:
+        for key, want, have in (("head", meta.head, self.head), ("embed_dim", meta.embed_dim, self.embed_dim)):
+            if want is not None and want != have:
+                problems.append(f"{key} {have!r} instead of {want!r}")
+        if meta.preprocessing is not None:
             from mec_hub.data.transforms import resolve_preprocessing
 
-            if resolve_preprocessing(dict(meta["preprocessing"])) != resolve_preprocessing(self.pretrained_cfg):
-                problems.append(f"preprocessing {self.pretrained_cfg} instead of {dict(meta['preprocessing'])}")
+            if resolve_preprocessing(dict(meta.preprocessing)) != resolve_preprocessing(self.pretrained_cfg):
+                problems.append(f"preprocessing {self.pretrained_cfg} instead of {meta.preprocessing}")
         if problems:
             raise ModelMismatchError(
                 "the model does not match the one that made these features: " + "; ".join(problems)
@@ -500,6 +434,9 @@ def embed(items: Any, model: str | nn.Module | None = None, **kwargs: Any) -> np
     return Embedder(model, **kwargs).embed(items)
 
 
-def _batch_end(indices: list[int], failures: list[tuple[int, str]]) -> int:
-    """One past the last item of a batch (every item is either embedded or failed)."""
-    return max(indices + [index for index, _ in failures]) + 1
+def _as_feature_meta(meta: str | os.PathLike[str] | Mapping[str, Any] | FeatureMeta) -> FeatureMeta:
+    if isinstance(meta, FeatureMeta):
+        return meta
+    if isinstance(meta, Mapping):
+        return FeatureMeta.from_json(meta)
+    return FeatureMeta.load(meta)
