@@ -148,18 +148,19 @@ def test_eval_knn_random_init_needs_an_architecture(cifar_slice: Path, tiny_weig
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["model"]["pretrained"] is False and report["model"]["weights_sha256"] is None
 
+    # A download names no architecture until it is fetched: refused at once, without a request.
     bad = run(
         "eval",
         "knn",
         "--weights",
-        tiny_weights_dir / "model.safetensors",
+        "hf-hub:org/not-fetched",
         "--random-init",
         "--train",
         cifar_slice / "train",
         "--val",
         cifar_slice / "test",
     )
-    assert bad.exit_code == 1 and "--random-init takes the architecture" in bad.output
+    _one_line_error(bad, "hf-hub:org/not-fetched", "the architecture of random weights comes from a model name")
 
 
 def test_eval_linear_on_feature_files(tmp_path: Path):
