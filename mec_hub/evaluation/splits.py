@@ -16,14 +16,8 @@ from typing import Any
 
 import torch
 
-from mec_hub.evaluation.features import (
-    PATHS_SUFFIX,
-    LabelledFeatures,
-    extract_image_folder,
-    load_feature_file,
-    save_feature_file,
-    sidecar,
-)
+from mec_hub.data.featurefile import PATHS_SUFFIX, sidecar
+from mec_hub.evaluation.features import LabelledFeatures, extract_image_folder, load_feature_file, save_feature_file
 from mec_hub.evaluation.inputs import InvalidFeaturesError
 from mec_hub.models.encoder import MECEncoder
 from mec_hub.models.loading import load
