@@ -49,6 +49,7 @@ def arguments(images: Path, out: Path, *extra: str) -> list[str]:
         "--data", str(images), "--output-dir", str(out),
         "--arch", "resnet10t", "--image-size", "32", "--dim", "32", "--hidden-dim", "64", "--pred-dim", "16",
         "--batch-size", "8", "--epochs", "3", "--warmup-epochs", "1", "--lamda-warmup-epochs", "1",
+        "--eps2", "64",  # the paper's value, which the default would scale up for a batch of 8
         "--workers", "0", "--log-every", "1", "--device", "cpu", "--no-tensorboard",
         "--knn-train", str(images), "--knn-val", str(images), "--knn-every", "2", "--knn-k", "5",
         *extra,
@@ -234,6 +235,24 @@ def test_two_processes_with_torchrun(images, tmp_path):
 )
 def test_exports_name_the_data_set_not_just_its_split_folder(data, expected):
     assert pretrain.dataset_name(data) == expected
+
+
+@pytest.mark.parametrize(
+    ("batch", "eps2"),
+    [(1024, 64.0), (4096, 64.0), (256, 256.0), (128, 512.0), (64, 1024.0), (8, 8192.0)],
+)
+def test_default_eps2_is_the_papers_at_its_batch_and_keeps_lamda_below(batch, eps2):
+    parser = pretrain.build_parser()
+    args = parser.parse_args(["--data", "d", "--output-dir", "o", "--batch-size", str(batch)])
+    pretrain.check_args(args, parser, world_size=1)
+    assert args.eps2 == eps2
+    d = args.dim
+    assert d / (batch * args.eps2) == min(d / (batch * 64.0), d / (1024 * 64.0))  # lamda never above the paper's
+    explicit = parser.parse_args(["--data", "d", "--output-dir", "o", "--batch-size", str(batch), "--eps2", "64"])
+    pretrain.check_args(explicit, parser, world_size=1)
+    assert explicit.eps2 == 64.0
+    config = pretrain.recipe_config(args, hidden_dim=512, num_images=5000)
+    assert config["eps2"] == eps2 and config["batch_size"] == batch
 
 
 def test_the_recipe_config_holds_every_option_the_resume_check_compares():

@@ -7,7 +7,9 @@
 labels are ignored). ``--batch-size`` is the global batch, split evenly over the processes;
 ``--lr`` is the base learning rate, scaled by ``batch / 256`` as in the official code. The
 recipe's defaults are the paper's (ResNet-50, 100 epochs, batch 1024, lr 0.5, wd 1e-5, eps^2 64,
-order 4, teacher momentum 0.996 -> 1, 10 warm-up epochs for lr and lamda).
+order 4, teacher momentum 0.996 -> 1, 10 warm-up epochs for lr and lamda). Below a batch of 1024,
+eps^2 defaults to ``64 * 1024 / batch``, which keeps lamda at its batch-1024 value and the order-4
+series convergent (``default_eps2``); ``--eps2 64`` asks for the paper's value at any batch.
 
 Rerunning the same command resumes from ``OUT/checkpoint_last.pt`` and reaches the same
 weights as an uninterrupted run (bit for bit on CPU in fp32): the data order, every
@@ -59,6 +61,8 @@ from training.model import MECModel, build_mec_model
 from training.optim import OPTIMIZERS, build_optimizer
 from training.schedules import Schedules, ScheduleValues
 
+# The paper's global batch: its eps^2 of 64 is kept there and above, and scaled up below (see --eps2).
+PAPER_BATCH = 1024
 PAPER = "Liu et al., Self-Supervised Learning via Maximum Entropy Coding, NeurIPS 2022 (arXiv:2210.11464)"
 DIVERGENCE_ADVICE = (
     "Try a lower --lr, a longer --lamda-warmup-epochs (or a larger --lamda-warmup-factor or --eps2), "
@@ -77,6 +81,26 @@ def _order(value: str) -> int | None:
     if order < 1:
         raise argparse.ArgumentTypeError("--order must be >= 1, or 'exact'")
     return order
+
+
+def _eps2(value: str) -> float | None:
+    if value.lower() == "auto":
+        return None
+    return float(value)
+
+
+def default_eps2(batch_size: int) -> float:
+    """The paper's eps^2 (64) at its global batch of 1024 and above, ``64 * 1024 / batch`` below.
+
+    Below 1024 this keeps ``lamda = d / (m * eps^2)`` at its value for a batch of 1024. The order-4
+    series needs ``||C|| < 1``, ``C = lamda * z1 z2^T``; once the two views agree (what training
+    drives them to), ``z z^T`` has trace m (unit rows) and so ``||C|| >= lamda`` for m <= d, and
+    more generally ``||C||`` is about ``lamda * m * s``, s the share of the batch along its top
+    direction. At eps^2 64 and d 2048, lamda is 1/32 at m = 1024, but 1/2 at m = 64 and 1 at
+    m = 32: small batches diverge however well spread their embeddings. With lamda held, a batch
+    of m is never closer to divergence than a batch of 1024 with the same spread.
+    """
+    return 64.0 * max(1.0, PAPER_BATCH / batch_size)
 
 
 def _json_dict(value: str) -> dict[str, Any]:
@@ -121,7 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=1e-5)
     g.add_argument("--momentum", type=float, default=0.9, help="optimizer momentum")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
-    g.add_argument("--eps2", type=float, default=64.0, help="squared distortion eps^2; lamda = d / (m * eps2)")
+    g.add_argument(
+        "--eps2",
+        type=_eps2,
+        default="auto",
+        metavar="EPS2|auto",
+        help="squared distortion eps^2; lamda = d / (m * eps2). auto: the paper's 64 at a global batch m >= 1024, "
+        "64 * 1024 / m below. ||C|| >= lamda once the two views agree, so at 64 a small batch leaves the order-4 "
+        "series' convergence region (lamda = d / (64 m) is 1/2 at m = 64 and 1 at m = 32 for d = 2048); keeping "
+        "lamda at its m = 1024 value keeps the series converging",
+    )
     g.add_argument("--order", type=_order, default=4, help="Taylor order, or 'exact' for the log-determinant")
     g.add_argument("--teacher-momentum", type=float, default=0.996, help="EMA momentum at step 0 (cosine to 1)")
     g.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warm-up")
@@ -171,6 +204,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser, world_
         parser.error("--hidden-dim must be >= 1")
     if args.max_steps is not None and args.max_steps < 1:
         parser.error("--max-steps must be >= 1")
+    if args.eps2 is None:  # --eps2 auto
+        args.eps2 = default_eps2(args.batch_size)
     if not (args.lr > 0 and args.eps2 > 0 and args.lamda_warmup_factor > 0 and args.weight_decay >= 0):
         parser.error("--lr, --eps2 and --lamda-warmup-factor must be > 0, --wd >= 0")
     if not 0 <= args.teacher_momentum <= 1:
