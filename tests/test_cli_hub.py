@@ -10,9 +10,11 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from official_checkpoint import make_official_checkpoint
 
+import mec_hub
 from mec_hub.cli.hub import main
 from mec_hub.integrity import sha256_file
 
@@ -84,6 +86,20 @@ def test_convert_prints_digests_and_refuses_to_overwrite(checkpoint, tmp_path):
     assert code == 1 and "already exists; pass --overwrite" in out
     code, out = run("convert", str(checkpoint), "--out", str(out_dir), "--overwrite", "--from", "teacher")
     assert code == 0 and sha256_file(out_dir / "model.safetensors") != digest
+
+
+def test_convert_without_from_exports_the_student(tmp_path):
+    ckpt = tmp_path / "mec.pth.tar"
+    original = make_official_checkpoint(ckpt, arch="resnet18", dim=32, seed=4)
+    code, out = run("convert", str(ckpt), "--out", str(tmp_path / "out"))
+    assert code == 0, out
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        student, teacher = original.pooled(x, "encoder"), original.pooled(x, "teacher")
+        assert (student - teacher).abs().max() > 0.05  # the two networks of the checkpoint are told apart
+        torch.testing.assert_close(mec_hub.load(weights=tmp_path / "out")(x), student, rtol=0, atol=1e-5)
+        projected = mec_hub.load(weights=tmp_path / "out", head="projector")(x)
+        torch.testing.assert_close(projected, original.encoder(x), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(
