@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+# MEC_HUB_TEST_DATA points the tests at another copy of the data (and lets a test point it nowhere).
+DATA_DIR = Path(os.environ.get("MEC_HUB_TEST_DATA") or REPO_ROOT.parent / "shared" / "data")
 
 
 def _require(path: Path) -> Path:
+    """``path``, or a skip when it is missing: a failure under CI, where missing data must not pass silently."""
     if not path.exists():
+        if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):
+            pytest.fail(
+                f"shared data not found at {path}, and CI={os.environ['CI']} does not skip tests needing it "
+                f"(set MEC_HUB_TEST_DATA to the data folder)",
+                pytrace=False,
+            )
         pytest.skip(f"shared data not found at {path}")
     return path
 

@@ -9,10 +9,13 @@ import sys
 import warnings
 from pathlib import Path
 
+import fakehub_push
 import pytest
+import torch
 from click.testing import CliRunner
 from official_checkpoint import make_official_checkpoint
 
+import mec_hub
 from mec_hub.cli.hub import main
 from mec_hub.weights.integrity import sha256_file
 
@@ -89,6 +92,20 @@ def test_convert_prints_digests_and_refuses_to_overwrite(checkpoint, tmp_path):
     assert code == 0 and sha256_file(out_dir / "model.safetensors") != digest
 
 
+def test_convert_without_from_exports_the_student(tmp_path):
+    ckpt = tmp_path / "mec.pth.tar"
+    original = make_official_checkpoint(ckpt, arch="resnet18", dim=32, seed=4)
+    code, out = run("convert", str(ckpt), "--out", str(tmp_path / "out"))
+    assert code == 0, out
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        student, teacher = original.pooled(x, "encoder"), original.pooled(x, "teacher")
+        assert (student - teacher).abs().max() > 0.05  # the two networks of the checkpoint are told apart
+        torch.testing.assert_close(mec_hub.load(weights=tmp_path / "out")(x), student, rtol=0, atol=1e-5)
+        projected = mec_hub.load(weights=tmp_path / "out", head="projector")(x)
+        torch.testing.assert_close(projected, original.encoder(x), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("make", "args", "message"),
     [
@@ -151,28 +168,60 @@ def test_push_dry_run_lists_files_and_sends_nothing(checkpoint, tmp_path, monkey
     assert "nothing was sent" in out
 
 
-def test_push_creates_repo_and_uploads_the_folder(checkpoint, tmp_path, monkeypatch):
-    import huggingface_hub
+@pytest.fixture
+def push_hub(monkeypatch):
+    from huggingface_hub import constants
 
-    calls = {}
+    monkeypatch.setenv("HF_TOKEN", fakehub_push.TOKEN)
+    monkeypatch.delenv("HF_OIDC_RESOURCE", raising=False)
+    # With hf_xet installed, LFS files would go through the Xet protocol, which the fake Hub does not
+    # serve; without it they take the LFS batch API's "basic" transfer (one PUT per object).
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    server = fakehub_push.PushHub().start()
+    yield server
+    server.stop()
 
-    def create_repo(self, repo_id, **kwargs):
-        calls["create"] = (repo_id, kwargs)
-        return f"https://hub.example/{repo_id}"
 
-    def upload_folder(self, **kwargs):
-        calls["upload"] = kwargs
-        return type("CommitInfo", (), {"oid": "abc123"})()
-
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+def test_push_sends_the_folder_over_the_hub_http_api(checkpoint, tmp_path, push_hub):
     out_dir = tmp_path / "r18"
     run("convert", str(checkpoint), "--out", str(out_dir))
-    code, out = run("push", str(out_dir), "--repo-id", "org/mec_test", "--private")
+    args = ["--repo-id", "org/mec_test", "--private", "--message", "First MEC weights", "--endpoint", push_hub.endpoint]
+    code, out = run("push", str(out_dir), *args)
     assert code == 0, out
-    assert calls["create"] == ("org/mec_test", {"private": True, "exist_ok": True, "repo_type": "model"})
-    assert Path(calls["upload"]["folder_path"]) == out_dir and calls["upload"]["repo_id"] == "org/mec_test"
-    assert "hf_revision='abc123'" in out
+
+    repo = push_hub.repos["org/mec_test"]
+    assert repo.create_payload == {"name": "mec_test", "organization": "org", "visibility": "private", "type": "model"}
+    commit = repo.commits[repo.branches["main"]]
+    assert commit.summary == "First MEC weights"
+    on_disk = {p.name: p.read_bytes() for p in out_dir.iterdir()}
+    assert sorted(on_disk) == ["README.md", "config.json", "model.safetensors", "projector.safetensors"]
+    assert commit.added == on_disk  # byte for byte, and nothing else
+    inline, lfs = {"README.md", "config.json"}, {"model.safetensors", "projector.safetensors"}
+    assert commit.modes == {**dict.fromkeys(inline, "regular"), **dict.fromkeys(lfs, "lfs")}
+    assert f"pushed to {push_hub.endpoint}/org/mec_test (commit {commit.oid})" in out
+    assert f"hf_revision={commit.oid!r}" in out
+
+
+def test_push_to_a_new_branch_creates_it_and_leaves_main_alone(checkpoint, tmp_path, push_hub):
+    out_dir = tmp_path / "r18"
+    run("convert", str(checkpoint), "--out", str(out_dir))
+    args = ["--repo-id", "org/mec_dev", "--revision", "dev", "--endpoint", push_hub.endpoint]
+    code, out = run("push", str(out_dir), *args)
+    assert code == 0, out
+    repo = push_hub.repos["org/mec_dev"]
+    assert repo.create_payload["visibility"] == "public"
+    main_head, dev_head = repo.commits[repo.branches["main"]], repo.commits[repo.branches["dev"]]
+    assert set(main_head.tree) == {".gitattributes"}  # the repo's first commit, untouched
+    assert dev_head.parent == main_head.oid
+    assert dev_head.added == {p.name: p.read_bytes() for p in out_dir.iterdir()}
+    assert dev_head.summary == "Upload MEC weights (resnet18)"
+    assert f"hf_revision={dev_head.oid!r}" in out
+
+    code, out = run("push", str(out_dir), *args, "--message", "again")
+    assert code == 0, out  # the branch exists now: pushed on top of it
+    again = repo.commits[repo.branches["dev"]]
+    assert again.parent == dev_head.oid and again.summary == "again"
+    assert repo.branches["main"] == main_head.oid
 
 
 def test_push_refuses_a_folder_whose_files_changed(checkpoint, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -47,10 +48,26 @@ def test_resume_refuses_a_file_shorter_than_its_checkpoint(tmp_path: Path):
         NpyRowWriter.open_for_resume(path, 4, "float32", rows=5)
 
 
-def test_header_is_fixed_size_and_parses_back():
-    for rows in (0, 7, 10**12):
-        header = npy_header(rows, 2048, np.dtype("float16"))
-        assert len(header) == HEADER_SIZE
+@pytest.mark.parametrize("dtype", ["float16", "float32", ">f4"])
+@pytest.mark.parametrize("rows", [0, 1, 7])
+def test_header_is_fixed_size_and_parses_back(tmp_path: Path, rows: int, dtype: str):
+    header = npy_header(rows, 5, np.dtype(dtype))
+    assert len(header) == HEADER_SIZE and HEADER_SIZE % 64 == 0  # the data starts aligned
+    data = (np.arange(rows * 5) * 1.5 - 4).reshape(rows, 5).astype(dtype)
+    path = tmp_path / "x.npy"
+    path.write_bytes(header + data.tobytes())
+    loaded = np.load(path)
+    assert loaded.dtype == np.dtype(dtype) and loaded.shape == (rows, 5) and loaded.flags.c_contiguous
+    assert np.array_equal(loaded, data)
+
+
+def test_header_parses_back_for_a_huge_row_count():
+    header = npy_header(10**12, 2048, np.dtype("float16"))
+    assert len(header) == HEADER_SIZE
+    stream = io.BytesIO(header)
+    assert np.lib.format.read_magic(stream) == (1, 0)
+    assert np.lib.format.read_array_header_1_0(stream) == ((10**12, 2048), False, np.dtype("float16"))
+    assert stream.tell() == HEADER_SIZE
 
 
 def test_header_round_trip(tmp_path: Path):

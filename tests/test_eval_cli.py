@@ -18,6 +18,8 @@ from PIL import Image
 
 import mec_hub
 from mec_hub.cli.hub import main
+from mec_hub.models.encoder import build_encoder
+from mec_hub.weights.config import read_config
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -47,6 +49,14 @@ def direct_features(model: torch.nn.Module, folder: Path) -> tuple[np.ndarray, n
             labels.append(label)
     with torch.no_grad():
         return model(torch.stack(images)).double().numpy(), np.array(labels)
+
+
+def features_of(model: torch.nn.Module, folder: Path, paths: list[str]) -> np.ndarray:
+    """A plain forward of ``model`` on ``folder / path`` for each path, in that order."""
+    transform = mec_hub.get_transform(model)
+    images = torch.stack([transform(Image.open(folder / path).convert("RGB")) for path in paths])
+    with torch.no_grad():
+        return model(images).numpy()
 
 
 def numpy_knn_top1(train, train_y, val, val_y, k, temperature) -> float:
@@ -129,24 +139,26 @@ def test_eval_knn_end_to_end(cifar_slice: Path, tiny_weights_dir: Path, tmp_path
 
 
 def test_eval_knn_random_init_needs_an_architecture(cifar_slice: Path, tiny_weights_dir: Path, tmp_path: Path):
-    result = run(
-        "eval",
-        "knn",
-        "--weights",
-        tiny_weights_dir,
-        "--random-init",
-        "--train",
-        cifar_slice / "train",
-        "--val",
-        cifar_slice / "test",
-        "--device",
-        "cpu",
-        "--out",
-        tmp_path / "r.json",
-    )
+    result = run("eval", "knn", "--weights", tiny_weights_dir, "--random-init", "--train", cifar_slice / "train",
+                 "--val", cifar_slice / "test", "--device", "cpu", "--out", tmp_path / "r.json",
+                 "--save-features", tmp_path / "feats")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["model"]["pretrained"] is False and report["model"]["weights_sha256"] is None
+
+    # The features are those of the architecture with fresh weights drawn from --seed (default 0),
+    # not of the folder's trained weights.
+    used = np.load(tmp_path / "feats" / "train.npy")
+    paths = (tmp_path / "feats" / "train.paths.txt").read_text().splitlines()
+    assert len(paths) == len(used) == 40
+    trained = features_of(mec_hub.load(weights=tiny_weights_dir), cifar_slice / "train", paths)
+    with torch.random.fork_rng():  # leave the global generator as it was for the tests after this one
+        torch.manual_seed(0)
+        fresh = build_encoder(read_config(tiny_weights_dir), head="backbone").eval()
+    seeded_random = features_of(fresh, cifar_slice / "train", paths)
+    np.testing.assert_allclose(used, seeded_random, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(seeded_random, trained, rtol=0.1, atol=0.01)  # the comparison can tell them apart
+    assert (np.abs(used - trained).max(axis=1) > 0.01).all()
 
     # A download names no architecture until it is fetched: refused at once, without a request.
     bad = run(

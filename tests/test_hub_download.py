@@ -211,3 +211,66 @@ def test_timm_reads_our_hub_repos(hub, folders, tmp_path):
     assert done.returncode == 0, done.stderr
     diff, size = done.stdout.strip().splitlines()
     assert float(diff) == 0.0 and size == "[3, 32, 32]"
+
+
+def _flip_one_byte(path: Path) -> bytes:
+    """Corrupt a cached file in place (through a Hugging Face cache symlink, its blob); return the bad bytes."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    return bytes(data)
+
+
+def _assert_cached_copy_refused(load, cached: Path, good: bytes, downloads) -> bytes:
+    """Flip a byte of ``cached``: the next load must refuse it without downloading, and remove it."""
+    downloads_before = downloads()
+    bad = _flip_one_byte(cached)
+    with pytest.raises(ChecksumMismatchError) as info:
+        load()
+    assert downloads() == downloads_before  # the copy checked was the cached one, not a new download
+    message = str(info.value)
+    assert hashlib.sha256(good).hexdigest() in message and hashlib.sha256(bad).hexdigest() in message
+    assert "removed from the cache" in message
+    assert not cached.exists() and not cached.is_symlink()
+    return bad
+
+
+def test_cached_hub_file_is_verified_again_on_every_load(hub, folders, tmp_path):
+    cache = tmp_path / "hf"
+
+    def load():
+        return mec_hub.load(weights=f"hf-hub:{REPO}", cache_dir=cache, endpoint=hub.endpoint)
+
+    load()
+    (cached,) = cache.rglob("snapshots/*/model.safetensors")
+    good = (folders["v2"] / "model.safetensors").read_bytes()
+    assert cached.read_bytes() == good
+    bad = _assert_cached_copy_refused(load, cached, good, lambda: hub.downloads("model.safetensors"))
+    assert hashlib.sha256(bad).hexdigest() not in _cached_blobs(cache)  # the blob went with its symlink
+
+    model = load()  # downloads a good copy again
+    assert hub.downloads("model.safetensors") == 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(X), _reference(folders["v2"]), rtol=0, atol=0)
+
+
+def test_cached_url_file_is_verified_again_on_every_load(hub, folders, tmp_path, monkeypatch):
+    good = (folders["v2"] / "model.safetensors").read_bytes()
+    url = f"{hub.endpoint}/{REPO}/resolve/main/model.safetensors"
+    _register_tiny(monkeypatch, hashlib.sha256(good).hexdigest(), folder=folders["v2"], url=url)
+    cache = tmp_path / "urls"
+
+    def load():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the registry's digest vouches for the file: no warning
+            return mec_hub.load("tiny_test", cache_dir=cache)
+
+    load()
+    (cached,) = (p for p in cache.rglob("*") if p.is_file())
+    assert cached.read_bytes() == good
+    _assert_cached_copy_refused(load, cached, good, lambda: hub.downloads("model.safetensors"))
+
+    model = load()  # downloads a good copy again
+    assert hub.downloads("model.safetensors") == 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(X), _reference(folders["v2"]), rtol=0, atol=0)

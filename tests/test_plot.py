@@ -17,8 +17,15 @@ from mec_hub.cli.hub import main
 def write_metrics(path: Path) -> Path:
     lines = []
     for step in range(0, 60, 10):
-        record = {"step": step, "epoch": step // 20, "loss": -10.0 - step / 10, "coding_length": 50 + step,
-                  "lr": 0.01 * step, "lamda": 1 / (8 - step / 10), "teacher_momentum": 0.996 + step / 1e5}
+        record = {
+            "step": step,
+            "epoch": step // 20,
+            "loss": -10.0 - step / 10,
+            "coding_length": 50 + step,
+            "lr": 0.01 * step,
+            "lamda": 1 / (8 - step / 10),
+            "teacher_momentum": 0.996 + step / 1e5,
+        }
         if step % 20 == 0:
             record["knn_top1"] = 10.0 + step
         lines.append(json.dumps(record))
@@ -83,3 +90,73 @@ def test_epoch_summaries_do_not_double_the_step_curves():
     by_title = {panel.title: panel for panel in PANELS}
     assert series(records, by_title["Throughput"]) == ([10.0, 20.0], [100.0, 110.0], "images_per_s")
     assert series(records, by_title["kNN top-1"]) == ([20.0], [42.0], "knn_top1")
+
+
+def test_plot_draws_every_series_of_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The picture's panels hold the file's numbers, as lines with visible pixels (not empty frames)."""
+    import numpy as np
+    from matplotlib.colors import to_rgb
+    from matplotlib.figure import Figure
+
+    steps = [0, 10, 20, 30, 40]
+    per_step = {
+        "loss": [-10.0, -11.5, -12.0, -12.2, -12.3],
+        "coding_length": [50.0, 54.0, 57.0, 58.5, 59.0],
+        "spectral_norm": [0.4, 0.7, 1.3, 0.9, 0.8],
+        "lr": [0.0, 0.05, 0.1, 0.08, 0.04],
+        "lamda": [0.5, 0.25, 0.2, 0.125, 0.1],  # drawn as 1/lamda
+        "teacher_momentum": [0.996, 0.997, 0.998, 0.999, 1.0],
+        "images_per_s": [100.0, 180.0, 150.0, 170.0, 160.0],
+    }
+    epochs = {20: 31.0, 40: 47.5}  # kNN top-1, measured at the end of each epoch
+    lines = []
+    for i, step in enumerate(steps):
+        lines.append(json.dumps({"kind": "step", "step": step, **{key: values[i] for key, values in per_step.items()}}))
+        if step in epochs:  # the epoch summary repeats a loss; the loss curve must not draw it twice
+            lines.append(json.dumps({"kind": "epoch", "step": step, "loss": -99.0, "knn_top1": epochs[step]}))
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(lines) + "\n")
+    xs = [float(s) for s in steps]
+    expected = {  # panel title: (x, y) of its curve
+        "Loss": (xs, per_step["loss"]),
+        "Coding length": (xs, per_step["coding_length"]),
+        "kNN top-1": ([20.0, 40.0], [31.0, 47.5]),
+        "‖C‖₂ (series limit 1)": (xs, per_step["spectral_norm"]),
+        "Learning rate": (xs, per_step["lr"]),
+        "1/λ (λ warm-up)": (xs, [2.0, 4.0, 5.0, 8.0, 10.0]),
+        "Teacher momentum": (xs, per_step["teacher_momentum"]),
+        "Throughput": (xs, per_step["images_per_s"]),
+    }
+
+    drawn: list[Figure] = []
+    savefig = Figure.savefig
+
+    def recording_savefig(self: Figure, *args: object, **kwargs: object) -> object:
+        drawn.append(self)
+        return savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", recording_savefig)
+    out = tmp_path / "curves.png"
+    result = CliRunner().invoke(main, ["plot", str(metrics), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    (figure,) = drawn
+    panels = {ax.get_title().split("  [")[0]: ax for ax in figure.axes}
+    assert list(panels) == list(expected)
+
+    with Image.open(out) as picture:
+        pixels = np.asarray(picture.convert("RGB")).astype(int)
+    height = pixels.shape[0]
+    for title, ax in panels.items():
+        data = [line for line in ax.get_lines() if line.get_linestyle() != "--"]
+        assert len(data) == 1, (title, data)
+        x, y = expected[title]
+        assert list(data[0].get_xdata()) == x, title
+        assert list(data[0].get_ydata()) == pytest.approx(y), title
+        # The line shows in this panel's part of the picture: pixels of its hue (blue, where the
+        # frame, grid and text are grey and the limit red) inside the axes box.
+        assert to_rgb(data[0].get_color())[2] > to_rgb(data[0].get_color())[0] + 0.3
+        box = ax.get_window_extent()
+        inside = pixels[int(height - box.y1) + 2 : int(height - box.y0) - 2, int(box.x0) + 2 : int(box.x1) - 2]
+        assert (inside[..., 2] - inside[..., 0] > 60).sum() > 50, title
+    limit = [line for line in panels["‖C‖₂ (series limit 1)"].get_lines() if line.get_linestyle() == "--"]
+    assert len(limit) == 1 and list(limit[0].get_ydata()) == [1.0, 1.0]  # the series' convergence limit

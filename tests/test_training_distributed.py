@@ -1,18 +1,25 @@
-"""Two processes (gloo, CPU) against one process on the joined batch: loss, input gradients, DDP gradients."""
+"""Two processes (gloo, CPU) against one process on the joined batch: loss, input gradients, DDP gradients,
+and whole pretraining runs of training/pretrain.py."""
 
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
 from torch import nn
 
+import training.pretrain as pretrain
 from mec_hub.models.losses import MECLoss
+from training.model import MECModel, build_mec_model
 
 WORLD = 2
 M, D_IN, D = 8, 5, 12  # global batch, model input, embedding
@@ -124,3 +131,75 @@ def test_ddp_parameter_gradients_equal_the_one_process_gradients(two_process_res
     for result in two_process_results:
         for got, want in zip(result["model_grads"], reference["model_grads"], strict=True):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-15)
+
+
+# --------------------------------------------------------------------------------------------
+# training/pretrain.py: two processes against one
+
+
+def _per_sample_batch_norm(build: Callable[..., MECModel]) -> Callable[..., MECModel]:
+    """``build_mec_model`` whose BatchNorms normalise with their (fixed) running statistics.
+
+    On CPU each process normalises its own share of the batch (SyncBatchNorm needs GPUs), which
+    makes any two-process run differ from a one-process one by design. With per-sample
+    normalisation everything else a run does (data split, augmentations, loss gather, gradient
+    averaging, schedules, optimizer, teacher) must give the one-process weights.
+    """
+
+    def build_without_batch_statistics(*args: Any, **kwargs: Any) -> MECModel:
+        model = build(*args, **kwargs)
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return model
+
+    return build_without_batch_statistics
+
+
+def pretrain_arguments(images: Path, out: Path) -> list[str]:
+    """16 images, global batch 8: 2 steps per epoch, 2 epochs (lr 0 at step 1 of the warm-up, then 3 steps)."""
+    return [
+        "--data", str(images), "--output-dir", str(out),
+        "--arch", "test_resnet", "--image-size", "32", "--dim", "32", "--hidden-dim", "64", "--pred-dim", "16",
+        "--batch-size", "8", "--epochs", "2", "--warmup-epochs", "1", "--lamda-warmup-epochs", "1",
+        "--lr", "4.0", "--teacher-momentum", "0.9",
+        "--workers", "0", "--log-every", "1", "--device", "cpu", "--no-tensorboard",
+    ]  # fmt: skip
+
+
+def _pretrain_worker(rank: int, port: int, images: str, out: str) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    pretrain.build_mec_model = _per_sample_batch_norm(pretrain.build_mec_model)
+    assert pretrain.main(pretrain_arguments(Path(images), Path(out))) == 0
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8")).save(root / f"{i:02d}.png")
+    return root
+
+
+def test_pretraining_on_two_processes_reaches_the_one_process_weights(images, tmp_path, monkeypatch):
+    two, one = tmp_path / "two", tmp_path / "one"
+    mp.spawn(_pretrain_worker, args=(free_port(), str(images), str(two)), nprocs=WORLD, join=True)
+    monkeypatch.setattr(pretrain, "build_mec_model", _per_sample_batch_norm(pretrain.build_mec_model))
+    assert pretrain.main(pretrain_arguments(images, one)) == 0
+
+    got, want = (torch.load(out / "checkpoint_last.pt", map_location="cpu", weights_only=True) for out in (two, one))
+    assert (got["step"], got["world_size"], want["world_size"]) == (4, WORLD, 1)
+    assert got["model"].keys() == want["model"].keys()
+    for key, value in want["model"].items():
+        torch.testing.assert_close(got["model"][key], value, rtol=0, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+    for index, state in want["optimizer"]["state"].items():
+        buffer = got["optimizer"]["state"][index]["momentum_buffer"]
+        torch.testing.assert_close(buffer, state["momentum_buffer"], rtol=0, atol=1e-6)
+    # The runs moved the student, the predictor and the teacher beyond the tolerance.
+    torch.manual_seed(0)  # --seed
+    initial = build_mec_model("test_resnet", dim=32, hidden_dim=64, pred_dim=16).state_dict()
+    for key in ("student.backbone.conv1.0.weight", "teacher.backbone.conv1.0.weight", "predictor.3.weight"):
+        assert (want["model"][key] - initial[key]).abs().max() > 1e-5, key

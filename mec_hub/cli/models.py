@@ -105,7 +105,7 @@ def convert_cmd(
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
 @click.option("--repo-id", required=True, help="Hugging Face repo, e.g. org/mec_resnet50.in1k_ep100.")
 @click.option("--private", is_flag=True, help="Create the repo as private.")
-@click.option("--revision", default=None, help="Branch to push to (default: main).")
+@click.option("--revision", default=None, help="Branch to push to, created from main if missing (default: main).")
 @click.option("--message", "commit_message", default=None, help="Commit message.")
 @click.option("--dry-run", is_flag=True, help="List what would be uploaded and stop.")
 @click.option("--endpoint", default=None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co).")

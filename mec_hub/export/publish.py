@@ -56,6 +56,9 @@ def push_folder(
     api = HfApi(endpoint=endpoint, token=token)
     try:
         repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision is not None:
+            # The Hub refuses a commit to a branch that does not exist yet ("Invalid rev id").
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         info = api.upload_folder(
             folder_path=str(folder),
             repo_id=repo_id,
