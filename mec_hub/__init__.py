@@ -14,7 +14,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "list_models": "mec_hub.weights.registry",
     "model_info": "mec_hub.weights.registry",
-    "ModelRecord": "mec_hub.weights.registry",
+    "ModelRecord": "mec_hub.weights.record",
+    "ModelConfig": "mec_hub.weights.config",
     "load": "mec_hub.models.loading",
     "get_transform": "mec_hub.data.transforms",
     "MECEncoder": "mec_hub.models.encoder",
