@@ -21,6 +21,7 @@ import mec_hub
 import training.pretrain as pretrain
 from mec_hub.models.losses import MECLossOutput
 from training import checkpoint as ckpt
+from training.config import parse_args
 from training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -243,13 +244,13 @@ def test_exports_name_the_data_set_not_just_its_split_folder(data, expected):
 )
 def test_default_eps2_is_the_papers_at_its_batch_and_keeps_lamda_below(batch, eps2):
     parser = pretrain.build_parser()
-    args = parser.parse_args(["--data", "d", "--output-dir", "o", "--batch-size", str(batch)])
-    pretrain.check_args(args, parser, world_size=1)
+    args = parse_args(["--data", "d", "--output-dir", "o", "--batch-size", str(batch)], parser)
+    args = pretrain.check_args(args, parser, world_size=1)
     assert args.eps2 == eps2
     d = args.dim
     assert d / (batch * args.eps2) == min(d / (batch * 64.0), d / (1024 * 64.0))  # lamda never above the paper's
-    explicit = parser.parse_args(["--data", "d", "--output-dir", "o", "--batch-size", str(batch), "--eps2", "64"])
-    pretrain.check_args(explicit, parser, world_size=1)
+    explicit = parse_args(["--data", "d", "--output-dir", "o", "--batch-size", str(batch), "--eps2", "64"], parser)
+    explicit = pretrain.check_args(explicit, parser, world_size=1)
     assert explicit.eps2 == 64.0
     config = pretrain.recipe_config(args, hidden_dim=512, num_images=5000)
     assert config["eps2"] == eps2 and config["batch_size"] == batch
@@ -257,10 +258,16 @@ def test_default_eps2_is_the_papers_at_its_batch_and_keeps_lamda_below(batch, ep
 
 def test_the_recipe_config_holds_every_option_the_resume_check_compares():
     parser = pretrain.build_parser()
-    args = parser.parse_args(["--data", "imgs", "--output-dir", "o", "--arch", "resnet18", "--lr", "0.3"])
-    pretrain.check_args(args, parser, world_size=1)
+    args = parse_args(["--data", "imgs", "--output-dir", "o", "--arch", "resnet18", "--lr", "0.3"], parser)
+    args = pretrain.check_args(args, parser, world_size=1)
     config = pretrain.recipe_config(args, hidden_dim=512, num_images=5000)
-    assert set(config) == {*ckpt.RECIPE_KEYS, "data"}
+    assert set(config) == {*ckpt.RECIPE_KEYS, "data", "extend_epochs", "schedule_restarts", "init_from"}
     assert config["arch"] == "resnet18" and config["lr"] == 0.3 and config["eps2"] == 64.0
     assert config["hidden_dim"] == 512 and config["num_images"] == 5000 and config["data"] == "imgs"
     assert config["weight_decay"] == 1e-5 and config["order"] == 4 and config["model_args"] == {}
+    # What the resume check compared before the options became TrainConfig's fields is still compared.
+    assert set(ckpt.RECIPE_KEYS) >= {
+        "arch", "model_args", "stem", "image_size", "augmentation", "dim", "hidden_dim", "pred_dim", "epochs",
+        "batch_size", "lr", "weight_decay", "momentum", "optimizer", "eps2", "order", "teacher_momentum",
+        "warmup_epochs", "lamda_warmup_epochs", "lamda_warmup_factor", "seed", "num_images",
+    }  # fmt: skip
