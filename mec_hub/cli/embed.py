@@ -48,6 +48,8 @@ Examples:
               help="Registry model (see `mec-hub list`).  [default: the package's default model]")
 @click.option("--weights", default=None, metavar="SRC",
               help="Weights: a .safetensors file, a converted folder, hf-hub:org/name[@rev] or a URL.")
+@click.option("--sha256", default=None, metavar="HEX",
+              help="The SHA-256 you trust for the weights' model.safetensors (refused if it differs).")
 @click.option("--head", type=click.Choice(["backbone", "projector"]), default="backbone", show_default=True,
               help="Pooled backbone features, or the MEC projector's output.")
 @click.option("--batch-size", "-b", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True)
@@ -75,6 +77,7 @@ def main(
     out: str,
     model: str | None,
     weights: str | None,
+    sha256: str | None,
     head: str,
     batch_size: int,
     num_workers: int | None,
@@ -120,7 +123,7 @@ def main(
 
     embedder = Embedder(
         model, weights=weights, head=head, device=device, precision=precision, batch_size=batch_size,
-        num_workers=num_workers, normalize=normalize, out_dtype=out_dtype,
+        num_workers=num_workers, normalize=normalize, out_dtype=out_dtype, sha256=sha256,
     )
     try:
         result = embedder.embed_folder(

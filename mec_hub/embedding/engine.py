@@ -89,6 +89,7 @@ class Embedder:
         out_dtype: ``"float32"`` or ``"float16"`` for the returned / written features.
         optimize: run a copy of the model with each BatchNorm folded into the convolution before
             it (same outputs up to float rounding, faster; see ``mec_hub.embedding.optimize``).
+        sha256: the SHA-256 you trust for the weights' ``model.safetensors`` (see ``mec_hub.load``).
     """
 
     def __init__(
@@ -104,6 +105,7 @@ class Embedder:
         normalize: bool = False,
         out_dtype: str = "float32",
         optimize: bool = True,
+        sha256: str | None = None,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
@@ -135,7 +137,7 @@ class Embedder:
         self.decode_threads, self.worker_niceness = decoding_plan(self.device)
         self.normalize = bool(normalize)
         self.out_dtype = out_dtype
-        self.model, self.name, self.weights = self._load(model, weights, head)
+        self.model, self.name, self.weights = self._load(model, weights, head, sha256)
         self.head = str(getattr(self.model, "head", head))
         cfg = getattr(self.model, "pretrained_cfg", None)
         if not isinstance(cfg, Mapping):
@@ -157,12 +159,12 @@ class Embedder:
 
     @staticmethod
     def _load(
-        model: str | nn.Module | None, weights: str | os.PathLike[str] | None, head: str
+        model: str | nn.Module | None, weights: str | os.PathLike[str] | None, head: str, sha256: str | None = None
     ) -> tuple[nn.Module, str | None, str | None]:
         """(module, registry name or None, loadable weights string or None)."""
         if isinstance(model, nn.Module):
-            if weights is not None:
-                raise ValueError("weights= cannot be combined with an already loaded model")
+            if weights is not None or sha256 is not None:
+                raise ValueError("weights= and sha256= cannot be combined with an already loaded model")
             own_head = getattr(model, "head", None)
             if own_head is not None and head != "backbone" and head != own_head:
                 raise ValueError(f"head={head!r}, but the given model's head is {own_head!r}")
@@ -181,7 +183,7 @@ class Embedder:
         if model is None and weights is None:
             model = DEFAULT_MODEL
         name_from_weights, weights_text = _weights_to_record(weights)
-        module = mec_hub.load(model, weights=weights, head=head, device="cpu")
+        module = mec_hub.load(model, weights=weights, head=head, device="cpu", sha256=sha256)
         return module, model or name_from_weights, weights_text
 
     def _prepare_model(self, optimize: bool) -> None:

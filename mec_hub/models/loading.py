@@ -32,6 +32,12 @@ def _read_safetensors(path: os.PathLike[str] | str, *, origin: str) -> dict[str,
         ) from None
 
 
+def without_classifier(state: dict[str, torch.Tensor], classifier: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """``state`` less the weights of the ``classifier`` modules (``ModelConfig.classifier``)."""
+    prefixes = tuple(f"{name}." for name in classifier)
+    return {k: v for k, v in state.items() if not (prefixes and k.startswith(prefixes))}
+
+
 def load(
     name: str | None = None,
     *,
@@ -41,6 +47,7 @@ def load(
     device: str | torch.device = "cpu",
     cache_dir: str | os.PathLike[str] | None = None,
     endpoint: str | None = None,
+    sha256: str | None = None,
 ) -> MECEncoder:
     """Load an MEC encoder mapping ``(N, 3, H, W)`` images to ``(N, D)`` embeddings, in eval mode.
 
@@ -56,9 +63,14 @@ def load(
         head: ``"backbone"`` (pooled features) or ``"projector"`` (the MEC projector's output).
         device: where to put the model.
         cache_dir, endpoint: passed to huggingface_hub (default: its own settings).
+        sha256: the SHA-256 you trust for ``model.safetensors`` (64 hex digits), for weights no
+            registry vouches for (another publisher's Hub repo, a URL): a file that differs is
+            refused, and the weights load without the unverified warning.
 
     Every file is checked against its SHA-256 before it is read; a mismatching download is
-    removed from the cache. Keys are loaded strictly.
+    removed from the cache. Keys are loaded strictly; a timm folder's classifier (``fc`` of a
+    ``config.json`` with ``num_classes > 0``) is left out, as for ``timm.create_model(...,
+    num_classes=0)``.
     """
     spec: WeightsSpec | None = parse_weights_spec(weights) if weights is not None else None
     if spec is not None and spec.kind == "registry":
@@ -70,6 +82,8 @@ def load(
     record: ModelRecord | None = model_info(name) if name is not None else None
 
     if not pretrained:
+        if sha256 is not None:
+            raise InvalidArgumentError("sha256= pins weights to load; with pretrained=False none are loaded")
         if spec is not None and record is not None:
             raise InvalidArgumentError(
                 "name= and weights= were both given with pretrained=False: random weights take the "
@@ -88,12 +102,12 @@ def load(
         want_projector=head == "projector",
         cache_dir=cache_dir,
         endpoint=endpoint,
+        sha256=sha256,
     )
     encoder = build_encoder(local.config, head=head)
     target = f"{local.config.architecture} backbone"
-    load_state_dict_strict(
-        encoder.backbone, _read_safetensors(local.model_file, origin=local.origin), origin=local.origin, target=target
-    )
+    state = without_classifier(_read_safetensors(local.model_file, origin=local.origin), local.config.classifier)
+    load_state_dict_strict(encoder.backbone, state, origin=local.origin, target=target)
     if encoder.projector is not None:
         assert local.projector_file is not None
         load_state_dict_strict(

@@ -46,7 +46,10 @@ class ModelConfig:
     ``projector`` is the MEC projector's shape ``(in, hidden, out)`` (three layers, the last a
     BatchNorm without affine), ``None`` when none is published. ``files`` maps each weights file
     of the folder to its SHA-256. ``stem="small"`` is the CIFAR-style 3x3/1 ResNet stem without
-    max-pool (see ``mec_hub.models.encoder``).
+    max-pool (see ``mec_hub.models.encoder``). ``classifier`` names the classifier modules that a
+    timm folder's model file holds beyond the headless backbone (its ``config.json`` says
+    ``num_classes > 0``): their keys are left out when the backbone is loaded, as timm leaves them
+    out for ``num_classes=0``; our own folders hold none.
     """
 
     name: str | None = None
@@ -63,6 +66,7 @@ class ModelConfig:
     projector: tuple[int, int, int] | None = None
     files: Mapping[str, str] = field(default_factory=dict)
     meta: Mapping[str, Any] = field(default_factory=dict)
+    classifier: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Lists from JSON and tuples from code describe the same preprocessing: hold one form.
@@ -131,13 +135,36 @@ class ModelConfig:
             name=ours.get("name"),
             architecture=str(data["architecture"]),
             num_features=num_features,
-            model_args=dict(data.get("model_args") or {}),
+            model_args=_headless_model_args(data.get("model_args")),
             stem=str(ours.get("stem") or "default"),
             **preprocessing_fields(pretrained_cfg),
             projector=dims,
             files=dict(ours.get("files") or {}),
             meta=dict(ours.get("meta") or {}),
+            classifier=_classifier_names(data, pretrained_cfg),
         )
+
+
+def _classifier_names(data: Mapping[str, Any], pretrained_cfg: Mapping[str, Any]) -> tuple[str, ...]:
+    """The classifier modules a timm config with ``num_classes > 0`` has weights for (timm's ``classifier``)."""
+    if not data.get("num_classes"):
+        return ()
+    names = pretrained_cfg.get("classifier") or "fc"
+    return (names,) if isinstance(names, str) else tuple(str(name) for name in names)
+
+
+# What timm's ``save_for_hf`` records of every model it saves: the backbone is always built
+# headless (``num_classes=0``), and the other two at these values are timm's defaults.
+_TIMM_RECORDED_ARGS = {"in_chans": 3, "global_pool": "avg"}
+
+
+def _headless_model_args(model_args: Any) -> dict[str, Any]:
+    """The builder arguments of a config, less ``num_classes`` and timm's recorded defaults."""
+    return {
+        key: value
+        for key, value in dict(model_args or {}).items()
+        if key != "num_classes" and not (key in _TIMM_RECORDED_ARGS and _TIMM_RECORDED_ARGS[key] == value)
+    }
 
 
 def preprocessing_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:

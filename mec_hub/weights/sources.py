@@ -293,6 +293,26 @@ def _fetch_files(
     raise ValueError(f"not a location: {spec}")
 
 
+def check_sha256_pin(sha256: str | None) -> str | None:
+    """A user's SHA-256 pin, lower-cased, or an error naming what is wrong with it."""
+    if sha256 is None:
+        return None
+    pin = str(sha256).strip().lower()
+    if len(pin) != 64 or any(c not in "0123456789abcdef" for c in pin):
+        raise InvalidArgumentError(f"sha256 {sha256!r} is not a SHA-256 digest (64 hexadecimal digits)")
+    return pin
+
+
+def _pin_model_digest(pin: str, known: str | None, *, origin: str) -> str:
+    """The digest the model file must have: the pin, which may not contradict a published one."""
+    if known is not None and known.lower() != pin:
+        raise InvalidArgumentError(
+            f"sha256 {pin} contradicts the published SHA-256 of {MODEL_FILE} of {origin} ({known.lower()}); "
+            f"drop the pin or fix it"
+        )
+    return pin
+
+
 def fetch_weights(
     spec: WeightsSpec,
     *,
@@ -300,8 +320,14 @@ def fetch_weights(
     want_projector: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
     endpoint: str | None = None,
+    sha256: str | None = None,
 ) -> LocalWeights:
-    """Fetch and verify the files of ``spec``; ``record`` (a registry entry) supplies config and digests."""
+    """Fetch and verify the files of ``spec``; ``record`` (a registry entry) supplies config and digests.
+
+    ``sha256`` pins ``model.safetensors`` to the digest the caller trusts (weights no registry
+    vouches for, e.g. another publisher's ``hf-hub:org/name@rev``): a file that differs is refused.
+    """
+    pinned = check_sha256_pin(sha256)
     name = record.name if record else None
     model_file, projector_file, found_config, downloaded = _fetch_files(
         spec, want_projector=want_projector, cache_dir=cache_dir, endpoint=endpoint, name=name
@@ -323,6 +349,10 @@ def fetch_weights(
         expected = {MODEL_FILE: config.files.get(MODEL_FILE), PROJECTOR_FILE: config.files.get(PROJECTOR_FILE)}
         # A user's own local file need not carry a digest; a download must.
         unverified = {role: downloaded and digest is None for role, digest in expected.items()}
+
+    if pinned is not None:
+        expected[MODEL_FILE] = _pin_model_digest(pinned, expected[MODEL_FILE], origin=name or origin)
+        unverified[MODEL_FILE] = False
 
     if want_projector and projector_file is None:
         raise WeightsNotFoundError(f"{origin}: no {PROJECTOR_FILE} published; use head='backbone'")
