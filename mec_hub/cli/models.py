@@ -62,8 +62,23 @@ def download_cmd(name: str, weights: str | None, head: str, cache_dir: str | Non
 
 
 @click.command("convert")
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder to write.")
+@click.argument("checkpoint", type=click.Path())
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(),
+    help="Folder to write (--to folder), or the file (.pkl for detectron2, .pth for torchvision).",
+)
+@click.option(
+    "--to",
+    "to",
+    type=click.Choice(["folder", "detectron2", "torchvision"]),
+    default="folder",
+    show_default=True,
+    help="folder: safetensors + config.json + model card; detectron2: the .pkl for MODEL.WEIGHTS; "
+    "torchvision: a state dict for torchvision.models.resnet*() and MMDetection.",
+)
 @click.option("--arch", default=None, help="timm architecture (default: from the checkpoint, else resnet50).")
 @click.option(
     "--from",
@@ -77,9 +92,18 @@ def download_cmd(name: str, weights: str | None, head: str, cache_dir: str | Non
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @friendly_errors
 def convert_cmd(
-    checkpoint: str, out_dir: str, arch: str | None, source: str, name: str | None, overwrite: bool
+    checkpoint: str, out_dir: str, to: str, arch: str | None, source: str, name: str | None, overwrite: bool
 ) -> None:
-    """Convert an MEC CHECKPOINT (official .pth.tar, training checkpoint or state dict) to safetensors."""
+    """Convert an MEC CHECKPOINT (official .pth.tar, training checkpoint or state dict) to safetensors.
+
+    With --to detectron2 or torchvision, CHECKPOINT may also be any weights --weights takes: a converted
+    or timm folder, a .safetensors file, a registry name, bundled:NAME, hf-hub:org/name[@rev].
+    """
+    if to != "folder":
+        _convert_for_framework(checkpoint, out_dir, to, arch=arch, source=source, overwrite=overwrite)
+        return
+    if Path(checkpoint).is_dir():
+        raise click.UsageError(f"{checkpoint} is a folder already; --to detectron2|torchvision exports it")
     from mec_hub.export.convert import convert_checkpoint
 
     result = convert_checkpoint(checkpoint, out_dir, arch=arch, source=source, name=name, overwrite=overwrite)
@@ -99,6 +123,24 @@ def convert_cmd(
             }
         )
     )
+
+
+def _convert_for_framework(
+    checkpoint: str, out: str, framework: str, *, arch: str | None, source: str, overwrite: bool
+) -> None:
+    from mec_hub.export.transfer import export_backbone
+
+    result = export_backbone(checkpoint, framework, out, source=source, arch=arch, overwrite=overwrite)
+    click.echo(
+        f"read {checkpoint} ({result.layout}); wrote {result.out}: {result.num_tensors} tensors of the "
+        f"{result.architecture} backbone for {framework}"
+    )
+    if result.dropped:
+        click.echo(f"dropped classifier keys: {', '.join(result.dropped)}")
+    if result.config_lines:
+        click.echo("Detectron2 config:")
+        for line in result.config_lines:
+            click.echo(f"  {line.replace('<this file>', str(result.out))}")
 
 
 @click.command("push")
