@@ -273,6 +273,8 @@ class TrainConfig:
         for name in ("hidden_dim", "max_steps", "extend_epochs"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{flag(name)} must be >= 1")
+        if self.order is not None and self.order < 1:
+            raise ConfigError("--order must be >= 1, or 'exact'")
         if self.extend_epochs is not None and self.extend_epochs <= self.epochs:
             raise ConfigError(
                 f"--extend-epochs {self.extend_epochs} must be more than --epochs {self.epochs}: it is the new "
