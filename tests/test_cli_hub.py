@@ -112,7 +112,8 @@ def test_convert_without_from_exports_the_student(tmp_path):
         (lambda p: p.write_bytes(b"garbage"), [], "not a readable PyTorch checkpoint"),
         (lambda p: None, [], "no such checkpoint file"),
         ("checkpoint", ["--arch", "resnet34"], "wrong architecture for these weights"),
-        ("checkpoint", ["--arch", "no_such_net"], "cannot build architecture 'no_such_net'"),
+        ("checkpoint", ["--arch", "no_such_net"], "field 'arch' is 'no_such_net', which is not one of timm's ResNet"),
+        ("checkpoint", ["--arch", "hf-hub:org/x"], "field 'arch' must be a timm model name"),
     ],
 )
 def test_convert_errors_are_one_line(checkpoint, tmp_path, make, args, message):
@@ -231,3 +232,12 @@ def test_push_refuses_a_folder_whose_files_changed(checkpoint, tmp_path):
         fh.write(b"\0")
     code, out = run("push", str(out_dir), "--repo-id", "org/mec_test", "--dry-run")
     assert code == 1 and "SHA-256 mismatch" in out
+
+
+@pytest.mark.parametrize("repo_id", ["../../etc", "org/na me", "a/b/c", "org/-name"])
+def test_push_refuses_a_repo_id_the_hub_would_reject(checkpoint, tmp_path, repo_id):
+    out_dir = tmp_path / "r18"
+    run("convert", str(checkpoint), "--out", str(out_dir))
+    code, out = run("push", str(out_dir), "--repo-id", repo_id, "--dry-run")
+    assert code == 1 and out.count("\n") == 1, out
+    assert out.startswith(f"Error: bad Hugging Face repo id {repo_id!r}") and "nothing was sent" not in out

@@ -168,6 +168,25 @@ def _register_tiny(monkeypatch, sha256: str | None, **location) -> ModelRecord:
     return record
 
 
+def test_a_repo_that_names_a_registry_model_is_checked_against_its_record(hub, folders, tmp_path, monkeypatch):
+    """The repo's config.json calls its model tiny_resnet18; the registry's tiny_resnet18 is v1, main is v2."""
+    v1 = read_config(folders["v1"])
+    record = ModelRecord(v1, hf_repo_id=REPO, hf_revision=hub.first_commit)
+    monkeypatch.setitem(registry._REGISTRY, v1.name, record)
+    cache = tmp_path / "hf"
+    v2_digest = hashlib.sha256((folders["v2"] / "model.safetensors").read_bytes()).hexdigest()
+    with pytest.raises(ChecksumMismatchError, match=f"expected {v1.files['model.safetensors']}, got {v2_digest}"):
+        mec_hub.load(weights=f"hf-hub:{REPO}", cache_dir=cache, endpoint=hub.endpoint)
+    assert v2_digest not in _cached_blobs(cache)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = mec_hub.load(weights=f"hf-hub:{REPO}@{hub.first_commit}", cache_dir=cache, endpoint=hub.endpoint)
+    assert model.name == v1.name
+    with torch.no_grad():
+        torch.testing.assert_close(model(X), _reference(folders["v1"]), rtol=0, atol=0)
+
+
 def test_registry_entry_downloads_from_its_pinned_repo(hub, folders, tmp_path, monkeypatch):
     digest = read_config(folders["v1"]).files["model.safetensors"]
     _register_tiny(monkeypatch, digest, folder=folders["v1"], hf_repo_id=REPO, hf_revision=hub.first_commit)

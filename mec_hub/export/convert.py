@@ -16,10 +16,12 @@ and with ``mec_hub.load(weights=DIR)``.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
-import re
+import pickletools
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,11 +42,15 @@ from mec_hub.weights.config import (
     MODEL_FILE,
     PROJECTOR_FILE,
     ModelConfig,
+    check_build_args,
     preprocessing_fields,
 )
 from mec_hub.weights.integrity import sha256_file
 
 TRAIN_FORMAT = "mec-hub-train/1"
+# timm arguments that act in training only (dropout, drop-path, DropBlock: modules without weights),
+# left out of the published description, which holds what the architecture needs.
+TRAINING_ONLY_ARGS = ("drop_rate", "drop_path_rate", "drop_block_rate")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -86,21 +92,61 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Mapping[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # garbage bytes make the unpickler fail in many ways (IndexError, KeyError, ...)
-        unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-        if isinstance(exc, pickle.UnpicklingError) and unsafe:
+        foreign = _foreign_globals(path) if isinstance(exc, pickle.UnpicklingError) else []
+        if foreign:
             raise CheckpointReadError(
-                f"{path}: refused to unpickle {unsafe.group(1)}: the checkpoint holds Python objects that "
-                f"cannot be loaded safely with weights_only=True; re-save only its tensors "
-                f"(e.g. the state_dict) from a trusted environment"
+                f"{path}: refused as unsafe: unpickling it would import {', '.join(foreign[:3])}, which a tensor "
+                f"checkpoint never holds and which could run code. mec-hub reads checkpoints with "
+                f"torch.load(weights_only=True), tensors only; re-save just the state_dict where the file is trusted"
             ) from None
-        reason = re.search(r"WeightsUnpickler error: \s*(.+)", str(exc))
-        detail = reason.group(1) if reason else str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointReadError(
-            f"{path}: not a readable PyTorch checkpoint, corrupted or truncated ({detail})"
+            f"{path}: not a readable PyTorch checkpoint, corrupted or truncated ({_unpickler_detail(exc)})"
         ) from None
     if not isinstance(obj, Mapping):
         raise CheckpointReadError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     return obj
+
+
+# Globals of a tensor checkpoint (torch's rebuild functions and storages, OrderedDict, ...): anything
+# else a pickle imports is what made torch.load(weights_only=True) refuse it.
+_CHECKPOINT_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode", "builtins.set", "builtins.bytearray")
+
+
+def _foreign_globals(path: Path) -> list[str]:
+    """The globals the pickle(s) in ``path`` would import beyond a tensor checkpoint's, found by
+    reading the opcodes (``pickletools``): nothing is unpickled, nothing runs."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                streams = [io.BytesIO(archive.read(n)) for n in archive.namelist() if n.endswith(".pkl")]
+        else:
+            streams = [io.BytesIO(path.read_bytes())]
+    except (OSError, zipfile.BadZipFile, RuntimeError):
+        return []
+    found: list[str] = []
+    for stream in streams:
+        end = len(stream.getbuffer())
+        while stream.tell() < end:  # a legacy torch file is several pickles in a row, then raw storages
+            strings: list[str] = []
+            try:
+                for opcode, arg, _ in pickletools.genops(stream):
+                    if opcode.name == "GLOBAL":
+                        found.append(str(arg).replace(" ", "."))
+                    elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        found.append(f"{strings[-2]}.{strings[-1]}")
+                    elif isinstance(arg, str):
+                        strings.append(arg)
+            except Exception:  # raw storage bytes or garbage: no more pickles to read
+                break
+    return [name for name in dict.fromkeys(found) if not name.startswith(_CHECKPOINT_GLOBALS)]
+
+
+def _unpickler_detail(exc: Exception) -> str:
+    """torch's reason for a failed load, without its advice to load with weights_only=False."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    kept = [line for line in lines if line and "weights_only" not in line and "pytorch.org" not in line]
+    detail = kept[0] if kept else type(exc).__name__
+    return detail.removeprefix("WeightsUnpickler error:").strip() or type(exc).__name__
 
 
 def _strip_wrappers(key: str) -> str:
@@ -152,7 +198,9 @@ def extract_weights(
             backbone=backbone,
             projector=projector or None,
             layout="mec-hub training checkpoint",
-            model_args=dict(checkpoint.get("model_args") or {}),
+            model_args={
+                k: v for k, v in dict(checkpoint.get("model_args") or {}).items() if k not in TRAINING_ONLY_ARGS
+            },
             stem=str(checkpoint.get("stem") or "default"),
             preprocessing=dict(info.get("preprocessing") or {}),
             meta={**dict(info.get("meta") or {}), "converted_from": f"{source} (backbone + projector)"},
@@ -221,7 +269,14 @@ def write_hub_folder(
     origin: str = "checkpoint",
     extra_meta: Mapping[str, Any] | None = None,
 ) -> ConversionResult:
-    """Validate the tensors against the architecture and write the folder atomically."""
+    """Validate the tensors against the architecture and write the folder atomically.
+
+    What the checkpoint says about its architecture and preprocessing is held to the rules of
+    ``config.json`` (``check_build_args``) before timm builds anything from it.
+    """
+    check_build_args(
+        extracted.architecture, extracted.model_args, extracted.stem, extracted.preprocessing, origin=origin
+    )
     backbone_module = build_backbone(extracted.architecture, extracted.model_args, extracted.stem)
     load_state_dict_strict(
         backbone_module, extracted.backbone, origin=origin, target=f"{extracted.architecture} backbone"

@@ -8,6 +8,7 @@ from pathlib import Path
 from mec_hub.errors import ChecksumMismatchError, MecHubError, WeightsNotFoundError
 from mec_hub.weights.config import CARD_FILE, CONFIG_FILE, MODEL_FILE, read_config
 from mec_hub.weights.integrity import sha256_file
+from mec_hub.weights.sources import check_repo_id
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ def push_folder(
     endpoint: str | None = None,
     token: str | None = None,
 ) -> PushResult:
+    check_repo_id(repo_id)  # before anything, and in a dry run too: the id the real push would use
     files = check_folder(folder)
     if dry_run:
         return PushResult(files)

@@ -11,9 +11,12 @@ from torch import nn
 
 from mec_hub.errors import IncompatibleWeightsError, InvalidArgumentError
 from mec_hub.models.heads import build_projector
-from mec_hub.weights.config import ModelConfig
+from mec_hub.weights.config import STEMS, ModelConfig
 
-STEMS = ("default", "small")
+# Most parameters a backbone may have (4 GB at fp32, twice timm's largest ResNet). Counted on the
+# meta device before anything is allocated, so that a description asking for an absurd size is
+# refused at once instead of running out of memory.
+MAX_PARAMETERS = 1_000_000_000
 
 
 def use_small_image_stem(backbone: nn.Module) -> nn.Module:
@@ -32,12 +35,30 @@ def use_small_image_stem(backbone: nn.Module) -> nn.Module:
     return backbone
 
 
+def _parameter_count(architecture: str, kwargs: Mapping[str, Any]) -> int | None:
+    """Parameters and buffers of the model, built on the meta device (no memory); ``None`` when it
+    cannot be built there (the real build then says why)."""
+    try:
+        with torch.device("meta"):
+            probe = timm.create_model(architecture, pretrained=False, num_classes=0, **kwargs)
+    except Exception:
+        return None
+    return sum(t.numel() for t in (*probe.parameters(), *probe.buffers()))
+
+
 def build_backbone(architecture: str, model_args: Mapping[str, Any] | None = None, stem: str = "default") -> nn.Module:
     """A headless timm model whose forward returns pooled ``(N, num_features)`` features."""
     if stem not in STEMS:
         raise ValueError(f"stem must be one of {STEMS}, not {stem!r}")
+    kwargs = dict(model_args or {})
+    size = _parameter_count(architecture, kwargs)
+    if size is not None and size > MAX_PARAMETERS:
+        raise IncompatibleWeightsError(
+            f"architecture {architecture!r} with {kwargs} would have {size:,} parameters, more than "
+            f"{MAX_PARAMETERS:,}: refused before allocating it"
+        )
     try:
-        backbone = timm.create_model(architecture, pretrained=False, num_classes=0, **dict(model_args or {}))
+        backbone = timm.create_model(architecture, pretrained=False, num_classes=0, **kwargs)
     except RuntimeError as exc:  # timm's "Unknown model"
         raise IncompatibleWeightsError(f"cannot build architecture {architecture!r}: {exc}") from None
     return use_small_image_stem(backbone) if stem == "small" else backbone

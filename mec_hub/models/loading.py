@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from mec_hub.errors import CheckpointReadError, InvalidArgumentError
 from mec_hub.models.encoder import MECEncoder, build_encoder, load_state_dict_strict
+from mec_hub.runtime.devices import resolve_device
 from mec_hub.weights.record import ModelRecord
 from mec_hub.weights.registry import model_info
 from mec_hub.weights.sources import (
@@ -61,7 +62,7 @@ def load(
         pretrained: ``False`` returns the architecture with random weights: that of ``name``, or
             of the folder or file ``weights`` names (its config is read, its weights are not).
         head: ``"backbone"`` (pooled features) or ``"projector"`` (the MEC projector's output).
-        device: where to put the model.
+        device: where to put the model: ``cpu``, ``cuda[:N]`` or ``auto`` (a GPU if there is one).
         cache_dir, endpoint: passed to huggingface_hub (default: its own settings).
         sha256: the SHA-256 you trust for ``model.safetensors`` (64 hex digits), for weights no
             registry vouches for (another publisher's Hub repo, a URL): a file that differs is
@@ -72,6 +73,7 @@ def load(
     ``config.json`` with ``num_classes > 0``) is left out, as for ``timm.create_model(...,
     num_classes=0)``.
     """
+    device = resolve_device(device)  # an unknown device is refused before anything is fetched
     spec: WeightsSpec | None = parse_weights_spec(weights) if weights is not None else None
     if spec is not None and spec.kind == "registry":
         if name is not None and name != spec.value:

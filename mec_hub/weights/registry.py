@@ -43,6 +43,8 @@ def list_models(pattern: str | None = None) -> list[str]:
 
 def model_info(name: str) -> ModelRecord:
     """The record of a published model; an unknown name raises with the closest names suggested."""
+    if not isinstance(name, str):
+        raise TypeError(f"a model name is a str (see mec_hub.list_models()), not {type(name).__name__}: {name!r}")
     try:
         return _REGISTRY[name]
     except KeyError:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import urllib.error
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from urllib.parse import urlparse
@@ -34,7 +34,7 @@ from mec_hub.weights.config import (
 )
 from mec_hub.weights.integrity import verify_sha256
 from mec_hub.weights.record import ModelRecord
-from mec_hub.weights.registry import is_registered, unknown_model_message
+from mec_hub.weights.registry import is_registered, model_info, unknown_model_message
 
 HF_PREFIX = "hf-hub:"
 BUNDLED_PREFIX = "bundled:"
@@ -68,14 +68,33 @@ class LocalWeights:
 
 
 def split_revision(repo: str) -> tuple[str, str | None]:
-    """``"org/name@rev"`` -> ``("org/name", "rev")``."""
+    """``"org/name@rev"`` -> ``("org/name", "rev")``, the id held to huggingface_hub's own rules."""
     repo_id, sep, revision = repo.partition("@")
     if not repo_id or (sep and not revision):
         raise InvalidArgumentError(f"bad Hugging Face repo id {repo!r}: expected org/name or org/name@revision")
+    check_repo_id(repo_id)
     return repo_id, revision or None
 
 
+def check_repo_id(repo_id: str) -> str:
+    """``repo_id`` if the Hub would accept it (huggingface_hub's validator), else a one-line error."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        reason = str(exc).split("\n", 1)[0]
+        raise InvalidArgumentError(f"bad Hugging Face repo id {repo_id!r}: {reason}") from None
+    return repo_id
+
+
 def parse_weights_spec(spec: str | os.PathLike[str]) -> WeightsSpec:
+    if not isinstance(spec, str | os.PathLike):
+        raise TypeError(
+            f"weights must be a str or os.PathLike (a model name, file, folder, hf-hub:org/name or URL), "
+            f"not {type(spec).__name__}: {spec!r}"
+        )
     text = os.fspath(spec)
     if text.startswith(HF_PREFIX):
         repo_id, revision = split_revision(text[len(HF_PREFIX) :])
@@ -293,6 +312,23 @@ def _fetch_files(
     raise ValueError(f"not a location: {spec}")
 
 
+def _registry_terms(
+    record: ModelRecord, found_config: ModelConfig | None, *, origin: str
+) -> tuple[ModelConfig, dict[str, str | None], dict[str, bool]]:
+    """(description, expected digest and unverified flag per file) of a registry model's files at ``origin``."""
+    config = record.config
+    if found_config is not None and found_config.architecture != config.architecture:
+        raise MecHubError(
+            f"{origin} holds a {found_config.architecture}, but model {record.name!r} is a "
+            f"{config.architecture}: wrong weights for this model"
+        )
+    # A location's own digests still catch corruption when the registry does not know them yet.
+    local = dict(found_config.files) if found_config else {}
+    expected = {role: config.files.get(role) or local.get(role) for role in (MODEL_FILE, PROJECTOR_FILE)}
+    unverified = {role: config.files.get(role) is None for role in (MODEL_FILE, PROJECTOR_FILE)}
+    return config, expected, unverified
+
+
 def check_sha256_pin(sha256: str | None) -> str | None:
     """A user's SHA-256 pin, lower-cased, or an error naming what is wrong with it."""
     if sha256 is None:
@@ -333,22 +369,28 @@ def fetch_weights(
         spec, want_projector=want_projector, cache_dir=cache_dir, endpoint=endpoint, name=name
     )
     origin = str(spec)
+    what = name or origin
     if record is not None:
-        config = record.config
-        if found_config is not None and found_config.architecture != config.architecture:
-            raise MecHubError(
-                f"{origin} holds a {found_config.architecture}, but model {record.name!r} is a "
-                f"{config.architecture}: wrong weights for this model"
-            )
-        # A location's own digests still catch corruption when the registry does not know them yet.
-        local = dict(found_config.files) if found_config else {}
-        expected = {role: config.files.get(role) or local.get(role) for role in (MODEL_FILE, PROJECTOR_FILE)}
-        unverified = {role: config.files.get(role) is None for role in (MODEL_FILE, PROJECTOR_FILE)}
+        config, expected, unverified = _registry_terms(record, found_config, origin=origin)
     else:
+        # What the files say about themselves (config.json, the safetensors header) is a claim.
         config = found_config or _config_beside(model_file, origin=origin)
-        expected = {MODEL_FILE: config.files.get(MODEL_FILE), PROJECTOR_FILE: config.files.get(PROJECTOR_FILE)}
-        # A user's own local file need not carry a digest; a download must.
-        unverified = {role: downloaded and digest is None for role, digest in expected.items()}
+        claimed = model_info(config.name) if config.name and is_registered(config.name) else None
+        if claimed is not None and claimed.sha256 is not None:
+            # They call themselves a registry model that has a published digest: that digest (and
+            # that model's description) decides, exactly as when the model is asked for by name.
+            name = what = claimed.name
+            config, expected, unverified = _registry_terms(claimed, config, origin=origin)
+        else:
+            expected = {role: config.files.get(role) for role in (MODEL_FILE, PROJECTOR_FILE)}
+            # A user's own local file need not carry a digest; a download must.
+            unverified = {role: downloaded and digest is None for role, digest in expected.items()}
+            if claimed is not None:
+                # A registry name no published digest can check: the files' own digests still catch
+                # corruption, but they load unnamed and with the loud warning.
+                config = replace(config, name=None)
+                unverified = dict.fromkeys(expected, True)
+                what = f"{origin}, which calls itself {claimed.name!r} (a model with no published SHA-256 yet)"
 
     if pinned is not None:
         expected[MODEL_FILE] = _pin_model_digest(pinned, expected[MODEL_FILE], origin=name or origin)
@@ -363,7 +405,7 @@ def fetch_weights(
             digests[role] = verify_sha256(
                 path,
                 expected[role],
-                what=f"{role} of {name or origin}",
+                what=f"{role} of {what}",
                 remove_on_mismatch=downloaded,
                 unverified=unverified[role],
             )
