@@ -12,6 +12,7 @@ import math
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -186,7 +187,13 @@ def test_the_shipped_recipes_load_and_the_bundled_one_is_the_command_that_was_ru
     for path in sorted(CONFIGS.glob("*.yaml")):
         parse_args(["--config", str(path), "--data", "d", "--output-dir", "o"]).check()
     paper = parse_args(["--config", str(CONFIGS / "mec_resnet50_in1k.yaml")])
-    assert paper == TrainConfig(eps2=64.0)  # the paper's recipe is the defaults, eps2 as auto gives it
+    assert paper == TrainConfig()  # the paper's recipe is the defaults
+    assert (
+        parse_args(["--config", str(CONFIGS / "mec_resnet50_in1k.yaml"), "--data", "d", "--output-dir", "o"])
+        .check()
+        .eps2
+        == 64
+    )
     script = (REPO / "benchmarks" / "bundled_model" / "command.sh").read_text()
     as_run = re.search(r"# As run:\n((?:#.*\n)+)", script).group(1)
     as_run = " ".join(line.lstrip("# ").rstrip("\\ ") for line in as_run.splitlines())
@@ -194,6 +201,23 @@ def test_the_shipped_recipes_load_and_the_bundled_one_is_the_command_that_was_ru
     old_args = shlex.split(as_run)[2:]
     new_args = shlex.split(now.replace("\\\n", " "))[2:]
     assert parse_args(old_args) == parse_args(new_args)
+
+
+def test_the_readme_smoke_run_uses_the_smoke_recipe_on_images_in_the_repository():
+    readme = (REPO / "README.md").read_text()
+    command = re.search(
+        r"\n    (python training/pretrain.py --config training/configs/cpu_smoke.yaml[^\n]*\\\n[^\n]*)", readme
+    )
+    args = parse_args(shlex.split(command.group(1).replace("\\\n", " "))[2:]).check()
+    assert args.data == Path("examples/images")
+    images = [p for p in (REPO / args.data).iterdir() if p.suffix in (".png", ".jpg")]
+    assert len(images) >= args.batch_size  # one full batch: the sampler drops a partial one
+    assert (
+        "examples/images"
+        in subprocess.run(
+            ["git", "ls-files", "examples/images"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout
+    )  # tracked: a fresh clone has them
 
 
 def test_the_cpu_smoke_recipe_keeps_the_series_convergent():

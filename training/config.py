@@ -140,7 +140,9 @@ class TrainConfig:
     # option() returns a dataclasses.field (RUF009 only sees a call in a default).
 
     data: Path | None = option(None, "folder of training images (recursive; labels ignored)")  # noqa: RUF009
-    output_dir: Path | None = option(None, "checkpoints, metrics.jsonl, config.yaml and export/ (required)")  # noqa: RUF009
+    output_dir: Path | None = option(  # noqa: RUF009
+        None, "where the run writes checkpoints, metrics.jsonl, config.yaml, export/; required"
+    )
     init_from: str | None = option(
         None,
         "start the student's backbone (and projector, when the weights have one) from these weights, the "
@@ -475,7 +477,7 @@ def _shown_default(f: dataclasses.Field) -> str:
         return json.dumps(default)
     if isinstance(default, bool):
         return "yes" if default else "no"
-    return str(default)
+    return "none" if default is None else str(default)
 
 
 def build_parser(description: str | None = None, epilog: str | None = None) -> argparse.ArgumentParser:
