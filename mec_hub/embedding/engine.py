@@ -39,6 +39,7 @@ from mec_hub.runtime.devices import PRECISIONS, cpu_has_bf16, decoding_plan, def
 
 OUT_DTYPES = {"float32": np.float32, "float16": np.float16}
 HEADS = ("backbone", "projector")
+RUNTIMES = ("torch", "onnxruntime")
 
 
 class ModelMismatchError(MecHubError):
@@ -90,6 +91,12 @@ class Embedder:
         optimize: run a copy of the model with each BatchNorm folded into the convolution before
             it (same outputs up to float rounding, faster; see ``mec_hub.embedding.optimize``).
         sha256: the SHA-256 you trust for the weights' ``model.safetensors`` (see ``mec_hub.load``).
+        pool, layer, gem_p: embed backbone stage ``layer`` (timm's feature index; default the last)
+            pooled by ``pool`` (``"avg"``, ``"gem"`` with exponent ``gem_p``, or ``"none"``: the
+            flattened ``C x H x W`` map) instead of the model's own output (see
+            ``mec_hub.models.features.PooledStage``).
+        runtime: ``"torch"``, or ``"onnxruntime"`` to run an ONNX file written by ``mec-hub export``
+            (``weights`` names it; fp32, as exported, see ``mec_hub.export.deploy``).
     """
 
     def __init__(
@@ -106,6 +113,10 @@ class Embedder:
         out_dtype: str = "float32",
         optimize: bool = True,
         sha256: str | None = None,
+        pool: str | None = None,
+        layer: int | None = None,
+        gem_p: float = 3.0,
+        runtime: str = "torch",
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
@@ -137,7 +148,20 @@ class Embedder:
         self.decode_threads, self.worker_niceness = decoding_plan(self.device)
         self.normalize = bool(normalize)
         self.out_dtype = out_dtype
-        self.model, self.name, self.weights = self._load(model, weights, head, sha256)
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
+        if runtime == "onnxruntime":
+            if pool is not None or layer is not None or precision != "fp32":
+                raise ValueError("runtime='onnxruntime' runs the exported file as it is: fp32, no pool= or layer=")
+            from mec_hub.export.deploy import onnx_embedding_model
+
+            self.model, self.name, self.weights = onnx_embedding_model(model, weights, head=head, sha256=sha256)
+        else:
+            self.model, self.name, self.weights = self._load(model, weights, head, sha256)
+        if pool is not None or layer is not None:
+            from mec_hub.models.features import PooledStage
+
+            self.model = PooledStage(self.model, layer=layer, pool=pool or "avg", gem_p=gem_p)
         self.head = str(getattr(self.model, "head", head))
         cfg = getattr(self.model, "pretrained_cfg", None)
         if not isinstance(cfg, Mapping):
@@ -152,7 +176,7 @@ class Embedder:
         self.transform = get_transform(self.pretrained_cfg)
         self.weights_sha256: str | None = getattr(self.model, "weights_sha256", None)
         self._state_dict_sha256: str | None = None
-        self._prepare_model(optimize)
+        self._prepare_model(optimize and runtime == "torch")
         self.embed_dim = self._probe_embed_dim()
 
     # -- model ------------------------------------------------------------------------------
@@ -237,6 +261,7 @@ class Embedder:
             preprocessing=self.pretrained_cfg,
             optimizations=self.optimizations,
         )
+        info.update(getattr(self.model, "embedding_meta", None) or {})  # pooling, runtime
         return info
 
     # -- forward ----------------------------------------------------------------------------
@@ -388,6 +413,11 @@ class Embedder:
             kwargs["batch_size"] = meta.batch_size
         if meta.optimizations is not None:
             kwargs["optimize"] = "fold_batchnorm" in meta.optimizations
+        pooling = meta.extra.get("pooling")
+        if isinstance(pooling, Mapping):
+            kwargs.update(pool=pooling.get("pool"), layer=pooling.get("layer"), gem_p=pooling.get("gem_p", 3.0))
+        if meta.extra.get("runtime"):
+            kwargs["runtime"] = meta.extra["runtime"]
         if isinstance(overrides.get("model"), nn.Module):
             kwargs["weights"] = None
         kwargs.update(overrides)
@@ -409,6 +439,10 @@ class Embedder:
         for key, want, have in (("head", meta.head, self.head), ("embed_dim", meta.embed_dim, self.embed_dim)):
             if want is not None and want != have:
                 problems.append(f"{key} {have!r} instead of {want!r}")
+        ours = getattr(self.model, "embedding_meta", None) or {}
+        for key in ("pooling", "runtime"):  # absent from both for the model's own output run by torch
+            if meta.extra.get(key) != ours.get(key):
+                problems.append(f"{key} {ours.get(key)!r} instead of {meta.extra.get(key)!r}")
         if meta.preprocessing is not None:
             from mec_hub.data.transforms import resolve_preprocessing
 

@@ -165,7 +165,7 @@ def make_fingerprint(embedder: JobEmbedder, collected: CollectedInputs, world_si
     from mec_hub import __version__
 
     identity = embedder.identity()
-    return {
+    fingerprint = {
         "inputs_sha256": collected.digest(),
         "num_inputs": len(collected),
         "weights_sha256": identity["weights_sha256"],
@@ -182,6 +182,9 @@ def make_fingerprint(embedder: JobEmbedder, collected: CollectedInputs, world_si
         "decoding": describe_decoding(),
         "mec_hub_version": __version__,
     }
+    # A pooled stage or another runtime (only in the runs that use them: other fingerprints stay as they were).
+    fingerprint.update({key: identity[key] for key in ("pooling", "runtime") if key in identity})
+    return fingerprint
 
 
 @dataclass

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from mec_hub.errors import CheckpointReadError, InvalidArgumentError
 from mec_hub.models.encoder import MECEncoder, build_encoder, load_state_dict_strict
+from mec_hub.models.features import feature_model
 from mec_hub.runtime.devices import resolve_device
 from mec_hub.weights.record import ModelRecord
 from mec_hub.weights.registry import model_info
@@ -49,7 +52,9 @@ def load(
     cache_dir: str | os.PathLike[str] | None = None,
     endpoint: str | None = None,
     sha256: str | None = None,
-) -> MECEncoder:
+    features_only: bool = False,
+    out_indices: Sequence[int] | None = None,
+) -> MECEncoder | nn.Module:
     """Load an MEC encoder mapping ``(N, 3, H, W)`` images to ``(N, D)`` embeddings, in eval mode.
 
     Args:
@@ -67,6 +72,10 @@ def load(
         sha256: the SHA-256 you trust for ``model.safetensors`` (64 hex digits), for weights no
             registry vouches for (another publisher's Hub repo, a URL): a file that differs is
             refused, and the weights load without the unverified warning.
+        features_only: return timm's ``features_only`` model instead (a list of stage feature maps,
+            ``feature_info`` with their channels and reductions; see ``mec_hub.models.features``),
+            holding the same verified weights; ``out_indices`` picks the stages (timm's numbering,
+            for a ResNet ``(1, 2, 3, 4)`` are the four stages; default: timm's for the architecture).
 
     Every file is checked against its SHA-256 before it is read; a mismatching download is
     removed from the cache. Keys are loaded strictly; a timm folder's classifier (``fc`` of a
@@ -74,6 +83,10 @@ def load(
     num_classes=0)``.
     """
     device = resolve_device(device)  # an unknown device is refused before anything is fetched
+    if features_only:
+        hub_args = {"cache_dir": cache_dir, "endpoint": endpoint}
+        encoder = load(name, weights=weights, pretrained=pretrained, head=head, sha256=sha256, **hub_args)
+        return feature_model(encoder, out_indices).to(device)
     spec: WeightsSpec | None = parse_weights_spec(weights) if weights is not None else None
     if spec is not None and spec.kind == "registry":
         if name is not None and name != spec.value:
