@@ -27,7 +27,7 @@ from training.metrics import read_metrics
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "training" / "pretrain.py"
 STEPS = 6  # 16 images, batch 8: 2 steps per epoch, 3 epochs
-TIMING = ("images_per_s", "epoch_time_s")
+TIMING = ("images_per_s", "epoch_time_s", "data_time_s", "compute_time_s", "elapsed_s", "eta_s")
 
 
 @pytest.fixture(scope="module")

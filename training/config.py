@@ -235,6 +235,19 @@ class TrainConfig:
     snapshot_every: int = option(10, "keep checkpoint_epochNNNN.pt every N epochs (0: no)", group="run")
     keep_snapshots: int = option(0, "keep only the newest N snapshots (0: all)", group="run")
     tensorboard: bool = option(True, "write TensorBoard logs when tensorboard is installed", group="run")
+    wandb: str | None = option(
+        None,
+        "also log the scalars to this Weights & Biases project (needs: pip install wandb)",
+        group="run",
+        metavar="PROJECT",
+    )
+    fidelity_every: int | None = option(
+        None,
+        "every N steps, measure the order-k series against the exact float64 log-determinant of the step's "
+        "matrices (taylor_rel_error, spectral_norm_exact in metrics.jsonl); default: on the logged steps; 0: never",
+        group="run",
+        metavar="N",
+    )
     dist_timeout_minutes: float = option(30.0, "collective timeout (kNN runs on rank 0)", group="run")
 
     # ---- export
@@ -275,6 +288,8 @@ class TrainConfig:
         for name in ("hidden_dim", "max_steps", "extend_epochs"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{flag(name)} must be >= 1")
+        if self.fidelity_every is not None and self.fidelity_every < 0:
+            raise ConfigError(f"{flag('fidelity_every')} must be >= 0 (0: never)")
         if self.order is not None and self.order < 1:
             raise ConfigError("--order must be >= 1, or 'exact'")
         if self.extend_epochs is not None and self.extend_epochs <= self.epochs:

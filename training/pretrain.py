@@ -67,6 +67,7 @@ from training.engine import EpochTotals, NonFiniteLossError, StepStats, train_st
 from training.metrics import MetricsLog
 from training.model import MECModel, build_mec_model
 from training.optim import build_optimizer
+from training.progress import TRAIN_LOG, Progress, TrainLog
 from training.schedules import EXTENSION_RULE, Schedules, ScheduleValues
 
 PAPER = "Liu et al., Self-Supervised Learning via Maximum Entropy Coding, NeurIPS 2022 (arXiv:2210.11464)"
@@ -103,7 +104,7 @@ def recipe_config(args: TrainConfig, *, hidden_dim: int, num_images: int) -> dic
     """What defines the run (``checkpoint.RECIPE_KEYS``, compared on resume) plus its record; JSON-able.
 
     Every recipe key is the option of that name, except those resolved here. Beside them: the data
-    folder, ``extend_epochs`` (the schedule's length when extended; see ``checkpoint.check_resumable``),
+    folder, ``extend_epochs`` (the schedule's length when extended; see ``checkpoint.schedule_restart``),
     ``schedule_restarts`` (one ``{"step", "from_epochs", "to_epochs"}`` per extension) and
     ``init_from`` (``{"weights", "source"}`` when the run started from weights).
     """
@@ -423,12 +424,19 @@ class Run:
             torch.backends.cudnn.benchmark = True
 
         stop = min(self.total_steps, args.max_steps or self.total_steps)
-        window_start = epoch_start = time.perf_counter()
-        window_first = epoch_first = self.step  # images/s count the steps this process ran
+        epoch_start, epoch_first = time.perf_counter(), self.step  # images/s count the steps this process ran
+        progress = Progress(
+            start_step=self.step,
+            stop=stop,
+            steps_per_epoch=self.steps_per_epoch,
+            epochs=args.total_epochs,
+            batch_size=args.batch_size,
+            bar=None if env.is_main else False,  # a bar when stderr is a terminal
+        )
         while self.step < stop:
             epoch, first_in_epoch = divmod(self.step, self.steps_per_epoch)
             self.sampler.set_epoch(epoch, first_in_epoch)
-            for views in self.loader:
+            for views in progress.batches(self.loader, epoch):
                 values = self.schedules.at(self.step)
                 # Drop-path and any other random op draw from (seed, step, rank), as the data does.
                 torch.manual_seed(derive_seed(args.seed, self.step, env.rank, 1))
@@ -446,27 +454,29 @@ class Run:
                     self.scaler,
                     # The norm estimate is for the log line, so only logged steps compute it.
                     estimate_norm=logged,
+                    fidelity=logged if args.fidelity_every is None else _every(upcoming, args.fidelity_every),
                 )
                 self.stats.add(out)
                 self.step += 1
+                progress.step_done()
                 epoch_end = self.step % self.steps_per_epoch == 0
                 if logged:
-                    now = time.perf_counter()
-                    images_per_s = (self.step - window_first) * args.batch_size / (now - window_start)
-                    self._log_window(metrics, values, images_per_s=images_per_s)
-                    window_start, window_first = now, self.step
+                    self._log_window(metrics, values, progress)
                 if epoch_end or self.step == stop:
                     break
                 if args.save_every_steps and self.step % args.save_every_steps == 0:
-                    self.save()
+                    with progress.paused():  # left out of images/s
+                        self.save()
             finished_epoch = self.step % self.steps_per_epoch == 0
             seconds = time.perf_counter() - epoch_start
-            self._end_of_epoch(metrics, finished_epoch, stop, seconds=seconds, steps_here=self.step - epoch_first)
+            with progress.paused():
+                self._end_of_epoch(metrics, finished_epoch, stop, seconds=seconds, steps_here=self.step - epoch_first)
             epoch_start, epoch_first = time.perf_counter(), self.step
 
-    def _log_window(self, metrics: MetricsLog, values: ScheduleValues, *, images_per_s: float) -> None:
+    def _log_window(self, metrics: MetricsLog, values: ScheduleValues, progress: Progress) -> None:
         steps = len(self.stats)
         summary = self.stats.flush(steps_per_epoch=self.steps_per_epoch, advice=DIVERGENCE_ADVICE)
+        timing = progress.window()  # after the flush, whose device sync ends the window's compute
         self.epoch_totals.add(summary, steps)
         record = {
             "kind": "step",
@@ -476,7 +486,7 @@ class Run:
             "lr": values.lr,
             "lamda_inv": values.lamda_inv,
             "teacher_momentum": values.teacher_momentum,
-            "images_per_s": images_per_s,
+            **timing.record(),
         }
         metrics.write(record)
         self.log(
@@ -484,7 +494,7 @@ class Run:
             f"/{self.args.total_epochs} "
             f"step {self.step}/{self.total_steps} loss {summary['loss']:.4f} coding {summary['coding_length']:.2f} "
             f"lr {values.lr:.4g} 1/lamda {values.lamda_inv:.4g} ema {values.teacher_momentum:.5f} "
-            f"|C| {summary['spectral_norm']:.3f} {images_per_s:.1f} img/s",
+            f"|C| {summary['spectral_norm']:.3f}{_taylor_text(summary)} | {timing.text()}",
             flush=True,
         )
         if self.env.is_main:
@@ -529,6 +539,17 @@ class Run:
         return self.model.student if self.args.export_from == "student" else self.model.teacher
 
 
+def _every(step: int, n: int) -> bool:
+    return n > 0 and step % n == 0
+
+
+def _taylor_text(summary: dict[str, float]) -> str:
+    """`` taylor err 1.20e-03 at |C| 0.412``: the series' error on the window's measured step, where there is one."""
+    if "taylor_rel_error" not in summary:
+        return ""
+    return f" taylor err {summary['taylor_rel_error']:.2e} at |C| {summary['spectral_norm_exact']:.3f}"
+
+
 def run(args: TrainConfig, env: distributed.DistEnv, command: str) -> int:
     out = Path(args.output_dir)
     last = out / ckpt.LAST
@@ -553,7 +574,8 @@ def run(args: TrainConfig, env: distributed.DistEnv, command: str) -> int:
     training = Run(args, env, command)
     if state is not None:
         saved = state["config"]
-        restart = ckpt.check_resumable(saved, training.config, path=last, step=state["step"])
+        ckpt.check_resumable(saved, training.config, path=last)
+        restart = ckpt.schedule_restart(saved, training.config, step=state["step"])
         if saved.get("data") != training.config["data"]:
             log(f"note: the data folder moved ({saved.get('data')} -> {training.config['data']})")
         init_from = saved.get("init_from")
@@ -579,7 +601,14 @@ def run(args: TrainConfig, env: distributed.DistEnv, command: str) -> int:
         train_config.write_config(out / train_config.CONFIG_FILE, training.resolved_options(), header)
 
     tensorboard = not args.no_tensorboard
-    metrics = MetricsLog(out, resume_step=training.step, enabled=env.is_main, tensorboard=tensorboard)
+    metrics = MetricsLog(
+        out,
+        resume_step=training.step,
+        enabled=env.is_main,
+        tensorboard=tensorboard,
+        wandb=args.wandb,
+        run_config=training.config,
+    )
     log(
         f"MEC pretraining: {args.arch} ({args.stem} stem), {training.config['num_images']} images, "
         f"batch {args.batch_size} over {env.world_size} process(es) on {env.device}, "
@@ -608,7 +637,8 @@ def main(argv: list[str] | None = None) -> int:
     env = distributed.setup(args.device, timeout_minutes=args.dist_timeout_minutes)
     try:
         args = check_args(args, parser, env.world_size)
-        return run(args, env, command=shlex.join(["training/pretrain.py", *argv]))
+        with TrainLog(Path(args.output_dir) / TRAIN_LOG, enabled=env.is_main):  # stdout also to OUT/train.log
+            return run(args, env, command=shlex.join(["training/pretrain.py", *argv]))
     except ConfigError as exc:  # e.g. no PyYAML to write OUT/config.yaml
         train_config.fail(parser, str(exc))
     except (NonFiniteLossError, ckpt.ResumeMismatchError, SetupError, MecHubError, FileNotFoundError) as exc:
