@@ -107,14 +107,8 @@ def recipe_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
     return out
 
 
-def check_resumable(
-    saved_config: Mapping[str, Any], config: Mapping[str, Any], *, path: Path, step: int
-) -> dict[str, int] | None:
-    """Refuse a command that asks for another run; the restart record when it extends the schedule.
-
-    The record ``{"step", "from_epochs", "to_epochs"}`` says that from ``step`` on the schedules
-    are those of a ``to_epochs`` run (``training.schedules.Schedules.extended``).
-    """
+def check_resumable(saved_config: Mapping[str, Any], config: Mapping[str, Any], *, path: Path) -> None:
+    """Refuse a command that asks for another run than the checkpoint's (one that extends it is the same run)."""
     differences = recipe_differences(saved_config, config)
     if differences:
         raise ResumeMismatchError(
@@ -122,6 +116,14 @@ def check_resumable(
             + "\n  ".join(differences)
             + "\nRerun with the checkpoint's values to continue it, or pass another --output-dir to start a new run."
         )
+
+
+def schedule_restart(saved_config: Mapping[str, Any], config: Mapping[str, Any], *, step: int) -> dict[str, int] | None:
+    """The restart record when ``config`` extends the checkpoint's schedule (after :func:`check_resumable`).
+
+    ``{"step", "from_epochs", "to_epochs"}``: from ``step`` on, the schedules are those of a
+    ``to_epochs`` run (the rule: ``training.schedules``).
+    """
     before, after = total_epochs(saved_config), total_epochs(config)
     if after == before:
         return None
