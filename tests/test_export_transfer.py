@@ -19,6 +19,7 @@ import torchvision
 from click.testing import CliRunner
 from official_checkpoint import make_official_checkpoint
 from torch import nn
+from torchvision.models.detection import fasterrcnn_resnet50_fpn
 
 import mec_hub
 from mec_hub.cli.hub import main as hub_main
@@ -193,6 +194,9 @@ def test_torchvision_resnet50_loads_it_missing_only_fc_and_pools_as_we_do(resnet
     x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(tv.eval()(x), ours(x), rtol=0, atol=0)
+    # The README's detector: the file is exactly the body of torchvision's Faster R-CNN backbone.
+    detector = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)
+    detector.backbone.body.load_state_dict(torch.load(out, weights_only=True), strict=True)
 
 
 def test_torchvision_export_of_the_authors_checkpoint_is_their_encoder(tmp_path):
