@@ -407,3 +407,8 @@ def test_config_yaml_round_trips_through_json_types():
     assert json.loads(json.dumps(mapping)) == mapping
     assert mapping["order"] == "exact" and mapping["data"] == "d" and mapping["model_args"] == {"a": [1, 2.5]}
     assert TrainConfig.from_mapping(yaml.safe_load(config.to_yaml())) == config
+
+
+def test_paths_in_a_file_expand_the_home_folder_as_a_shell_does():
+    config = TrainConfig.from_mapping(yaml.safe_load("data: ~/images\nknn_val: rel/val\n"), source="f.yaml")
+    assert config.data == Path.home() / "images" and config.knn_val == Path("rel/val")

@@ -9,8 +9,9 @@ argparse parser is generated from the fields, and so are the keys a resume compa
 ``--config FILE`` reads a YAML mapping of field names to values (the shipped recipes are in
 ``training/configs/``); options given on the command line override the file, and the file
 overrides the defaults. Paths in a file are taken relative to the current directory, as on the
-command line. A key that is no field, or a value of the wrong type, is an error naming the key.
-A run writes its resolved options to ``OUT/config.yaml``, which ``--config`` reads back.
+command line (``~`` is expanded). A key that is no field, or a value of the wrong type, is an
+error naming the key. A run writes its resolved options to ``OUT/config.yaml``, which
+``--config`` reads back.
 """
 
 from __future__ import annotations
@@ -416,7 +417,7 @@ def _check_value(f: dataclasses.Field, value: Any, source: str) -> Any:
         if not math.isfinite(value):
             raise wrong()
     elif isinstance(value, str) and Path in members:
-        value = Path(value)
+        value = Path(value).expanduser()  # a shell expands ~ on the command line; do it for files too
     elif isinstance(value, Mapping) and dict in members:
         value = dict(value)
     elif not (isinstance(value, str) and str in members):
