@@ -243,6 +243,7 @@ class OnnxRuntimeModel(nn.Module):
     Reads ``FILE.json`` for the preprocessing (``pretrained_cfg``), head and dimension, and checks
     the file against the SHA-256 recorded there. ``weights_sha256`` is the ONNX file's own digest.
     A file exported with a fixed batch is fed in slices of that batch, the last one padded.
+    ``threads``: ONNX Runtime's intra-op threads (default: PyTorch's, ``torch.get_num_threads()``).
     """
 
     runtime = "onnxruntime"
@@ -264,8 +265,7 @@ class OnnxRuntimeModel(nn.Module):
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = int(threads)
+        options.intra_op_num_threads = int(threads or torch.get_num_threads())
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         batch = self.session.get_inputs()[0].shape[0]
         self.fixed_batch = batch if isinstance(batch, int) and batch > 0 else None
