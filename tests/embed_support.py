@@ -109,4 +109,5 @@ def run_cli_subprocess(
 
 
 def meta_without_times(meta: dict) -> dict:
-    return {k: v for k, v in meta.items() if k not in ("started_at", "finished_at")}
+    """What two runs of the same inputs and options must agree on: all but the times and the run's id."""
+    return {k: v for k, v in meta.items() if k not in ("started_at", "finished_at", "run_id")}

@@ -3,13 +3,17 @@ meta record, reading files written before ``format_version`` existed, and writin
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mec_hub.data.featurefile import FORMAT_VERSION, FeatureFile, FeatureMeta, read_meta, sidecar
+from mec_hub.data.featurefile import FORMAT_VERSION, FeatureFile, FeatureMeta, features_ends_sha256, read_meta, sidecar
 from mec_hub.errors import MecHubError
 
 # A meta record exactly as mec-embed writes it (key order included), typed out by hand.
@@ -111,25 +115,87 @@ def test_meta_records_that_cannot_be_read(tmp_path: Path):
 
 
 def test_write_publishes_the_three_files(tmp_path: Path):
-    matrix = np.array([[1.0, 2.0], [3.0, 4.0]], dtype=np.float32)
-    names = ["a/1.png", "b/caf\udce9.png"]  # the second, a Latin-1 file name as os.listdir returns it
+    matrix = np.arange(8, dtype=np.float32).reshape(2, 4)
+    names = ["a/1.png", "b/café.png"]
     meta = FeatureMeta.from_json(MEC_EMBED_META)
     FeatureFile.write(tmp_path / "feats.npy", iter(names), meta, matrix=matrix)
 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["feats.meta.json", "feats.npy", "feats.paths.txt"]
-    assert (tmp_path / "feats.paths.txt").read_bytes() == b"a/1.png\nb/caf\xe9.png\n"  # the name's own bytes
-    assert json.loads((tmp_path / "feats.meta.json").read_text()) == MEC_EMBED_META
+    paths_bytes = (tmp_path / "feats.paths.txt").read_bytes()
+    assert paths_bytes == "a/1.png\nb/café.png\n".encode()
+    npy_bytes = (tmp_path / "feats.npy").read_bytes()
     assert np.array_equal(np.load(tmp_path / "feats.npy"), matrix)
+    written = json.loads((tmp_path / "feats.meta.json").read_text())
+    # What mec-embed recorded, plus what ties the meta to the other two files, right after "shape".
+    ties = {
+        "run_id": written["run_id"],
+        "paths_sha256": hashlib.sha256(paths_bytes).hexdigest(),
+        "features_ends_sha256": hashlib.sha256(f"{len(npy_bytes)}\n".encode() + npy_bytes).hexdigest(),
+    }
+    assert re.fullmatch("[0-9a-f]{32}", written["run_id"])
+    keys = list(MEC_EMBED_META)
+    expected_keys = keys[: keys.index("shape") + 1] + list(ties) + keys[keys.index("shape") + 1 :]
+    assert written == {**MEC_EMBED_META, **ties} and list(written) == expected_keys
+    assert FeatureFile.open(tmp_path / "feats.npy").paths == names
 
-    plain = {"model": "m"}  # a plain dict is written as given
-    FeatureFile.write(tmp_path / "other.npy", ["x.png"], plain)
-    assert json.loads((tmp_path / "other.meta.json").read_text()) == plain
-    assert not (tmp_path / "other.npy").exists()  # without a matrix the caller puts X.npy in place
+    plain = {"model": "m"}  # a plain dict is written as given, with the ties added
+    FeatureFile.write(tmp_path / "other.npy", ["x.png"], plain, matrix=np.ones((1, 3), np.float16))
+    other = json.loads((tmp_path / "other.meta.json").read_text())
+    assert other == {"model": "m", **{k: other[k] for k in ties}} and other["run_id"] != written["run_id"]
 
+    # mec-embed streams its rows into a .npy of its own, which write renames into place
+    np.save(tmp_path / ".rows.npy", matrix)
+    FeatureFile.write(
+        tmp_path / "moved.npy", names, {"model": "m", "run_id": "r1"}, features_file=tmp_path / ".rows.npy"
+    )
+    assert not (tmp_path / ".rows.npy").exists() and np.array_equal(np.load(tmp_path / "moved.npy"), matrix)
+    assert json.loads((tmp_path / "moved.meta.json").read_text())["run_id"] == "r1"
+
+
+def test_write_refuses_names_a_line_cannot_hold(tmp_path: Path):
+    matrix = np.zeros((2, 4), np.float32)
+    plain = {"model": "m"}
     with pytest.raises(ValueError, match="line break"):
-        FeatureFile.write(tmp_path / "bad.npy", ["a\nb.png"], plain)
+        FeatureFile.write(tmp_path / "bad.npy", ["a\nb.png", "c.png"], plain, matrix=matrix)
+    latin1 = os.fsdecode(b"caf\xe9.png")  # a Latin-1 file name as os.listdir returns it on Linux
+    with pytest.raises(MecHubError, match=r"not valid UTF-8 \(b'caf\\xe9.png'\)"):
+        FeatureFile.write(tmp_path / "bad.npy", ["a.png", latin1], plain, matrix=matrix)
     with pytest.raises(ValueError, match="1 paths for 2 rows"):
         FeatureFile.write(tmp_path / "short.npy", ["a.png"], plain, matrix=matrix)
-    assert not (tmp_path / "short.npy").exists() and not (tmp_path / "short.paths.txt").exists()
+    with pytest.raises(ValueError, match=r"says shape \[2, 4\], the features have \[3, 4\]"):
+        FeatureFile.write(tmp_path / "x.npy", ["a", "b", "c"], MEC_EMBED_META, matrix=np.zeros((3, 4), np.float32))
     with pytest.raises(ValueError, match=r"must end in \.npy"):
-        FeatureFile.write(tmp_path / "feats.bin", names, plain)
+        FeatureFile.write(tmp_path / "feats.bin", ["a.png", "b.png"], plain, matrix=matrix)
+    assert list(tmp_path.iterdir()) == []  # nothing published, no temporary file left
+
+
+def test_open_refuses_files_of_two_runs(tmp_path: Path):
+    """What a run stopped while replacing an older set leaves: the new files before the new meta."""
+    rng = np.random.default_rng(0)
+    old_rows, new_rows = rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=(3, 4)).astype(np.float32)
+    meta = {"model": "m", "shape": [3, 4]}
+    FeatureFile.write(tmp_path / "old" / "f.npy", ["a.png", "b.png", "c.png"], meta, matrix=old_rows)
+    FeatureFile.write(tmp_path / "new" / "f.npy", ["a.png", "b.png", "d.png"], meta, matrix=new_rows)
+    FeatureFile.write(tmp_path / "same" / "f.npy", ["a.png", "b.png", "c.png"], meta, matrix=new_rows)
+
+    def mix(paths_from: str, npy_from: str, meta_from: str) -> Path:
+        mixed = tmp_path / f"{paths_from}-{npy_from}-{meta_from}"
+        mixed.mkdir()
+        for name, source in (("f.paths.txt", paths_from), ("f.npy", npy_from), ("f.meta.json", meta_from)):
+            shutil.copy(tmp_path / source / name, mixed / name)
+        return mixed / "f.npy"
+
+    for paths_from, npy_from, meta_from in (("new", "old", "old"), ("new", "new", "old"), ("old", "same", "old")):
+        with pytest.raises(MecHubError, match="do not belong together") as info:
+            FeatureFile.open(mix(paths_from, npy_from, meta_from))
+        assert "--resume" in str(info.value) and "\n" not in str(info.value)
+    opened = FeatureFile.open(mix("new", "new", "new"))
+    assert opened.paths == ["a.png", "b.png", "d.png"] and np.array_equal(opened.matrix, new_rows)
+
+
+def test_the_features_digest_reads_both_ends_of_a_large_file(tmp_path: Path):
+    data = np.random.default_rng(1).integers(0, 256, size=3 * (1 << 20) + 5, dtype=np.uint8).tobytes()
+    (tmp_path / "big").write_bytes(data)
+    mib = 1 << 20
+    expected = hashlib.sha256(f"{len(data)}\n".encode() + data[:mib] + data[-mib:]).hexdigest()
+    assert features_ends_sha256(tmp_path / "big") == expected

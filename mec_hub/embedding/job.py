@@ -5,9 +5,15 @@
    ``resume`` and the same inputs and options.
 2. Each process (one, or one per torchrun rank) embeds its batch-aligned slice of the image list
    into its own part file, checkpointing after every batch (``checkpoint.py``).
-3. The first process joins the parts into the final ``.npy``, writes ``.paths.txt`` and
-   ``.meta.json`` (``mec_hub.data.featurefile``) and renames them into place, ``.npy`` last; then
-   the parts are removed.
+3. The first process joins the parts into one ``.npy`` and publishes the set
+   (``mec_hub.data.featurefile``): ``.paths.txt``, then the ``.npy`` (renamed), then
+   ``.meta.json``, which names the run; then the parts are removed.
+
+A run has an id, in its progress files and in the meta file it publishes. ``resume`` continues
+the unfinished run whose progress files it finds, even when finished outputs of an earlier run
+are there (an interrupted ``overwrite``); those count as this run's result only when their meta
+file has this run's id. A full disk or another write error stops the run with one line; what was
+done is kept for ``resume``, as are partial files that turn out to be damaged, which are named.
 
 The job knows the embedder only through ``JobEmbedder``, the few things it needs from one
 (``mec_hub.Embedder`` is one); it never imports the engine.
@@ -15,15 +21,25 @@ The job knows the embedder only through ``JobEmbedder``, the few things it needs
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import os
 import sys
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from mec_hub.data.featurefile import FORMAT, FORMAT_VERSION, FeatureFile, FeatureMeta, read_meta_json
+from mec_hub.data.featurefile import (
+    FORMAT,
+    FORMAT_VERSION,
+    FeatureFile,
+    FeatureMeta,
+    features_ends_sha256,
+    read_meta_json,
+)
 from mec_hub.data.images import describe_decoding
 from mec_hub.embedding.checkpoint import (
     PartState,
@@ -36,10 +52,9 @@ from mec_hub.embedding.checkpoint import (
     truncate,
 )
 from mec_hub.embedding.inputs import CollectedInputs, InputError, collect_inputs
-from mec_hub.embedding.npy_writer import NpyRowWriter
+from mec_hub.embedding.npy_writer import NpyRowWriter, read_npy_header
 from mec_hub.embedding.outputs import OutputError, OutputFiles, RunLock, check_output_location
 from mec_hub.errors import MecHubError
-from mec_hub.fileio import fsync_dir
 from mec_hub.runtime.distributed import DistEnv, ProcessGroup, batch_aligned_slice, dist_env
 
 if TYPE_CHECKING:
@@ -209,12 +224,9 @@ def _plan(files: OutputFiles, env: DistEnv, fingerprint: dict[str, Any], *, resu
     _refuse_clobbering(files, resume=resume, overwrite=overwrite)  # again: things may have changed since preflight
     if not resume:
         return _Plan("fresh")
-    finals = files.existing_finals()
-    meta = _finished_meta(files)
-    if len(finals) == 3 and meta and meta.get("fingerprint") == result_digest(fingerprint):
-        return _Plan("complete", meta=meta)  # done before; at most leftovers of the cleanup remain
     states = files.part_states()
     if states:
+        # An unfinished run: it wins over any finished outputs, which may be older ones it was replacing.
         suffix = f"-of-{env.world_size}.state.json"
         others = sorted({s.name.rsplit("-of-", 1)[1].split(".")[0] for s in states if not s.name.endswith(suffix)})
         if others:
@@ -222,6 +234,10 @@ def _plan(files: OutputFiles, env: DistEnv, fingerprint: dict[str, Any], *, resu
                 f"the unfinished run used {' or '.join(others)} process(es), this one {env.world_size}; resume it "
                 "with the same number (torchrun --nproc_per_node), or pass --overwrite to start over"
             )
+        run_id = PartState.load(states[0]).run_id  # any process's: a run's processes share it
+        meta = _finished_meta(files)
+        if run_id and meta.get("run_id") == run_id and len(files.existing_finals()) == 3:
+            return _Plan("complete", meta=meta)  # published by this run; only (part of) the cleanup was left
         mine = files.part(env.rank, env.world_size)
         state = PartState.load(mine.state)
         changes = describe_changes(state.fingerprint, fingerprint)
@@ -231,9 +247,14 @@ def _plan(files: OutputFiles, env: DistEnv, fingerprint: dict[str, Any], *, resu
                 + "; ".join(changes)
                 + ". Run it with the same inputs and options, or pass --overwrite to start over."
             )
-        if not mine.data.exists() or not mine.failed.exists():
+        published = state.publishing is not None  # the first process's .npy may be in place already
+        if not mine.failed.exists() or not (mine.data.exists() or published):
             raise ResumeError(f"the partial files of the unfinished run ({mine.data}) are missing; pass --overwrite")
         return _Plan("resume", state=state)
+    finals = files.existing_finals()
+    meta = _finished_meta(files)
+    if len(finals) == 3 and meta and meta.get("fingerprint") == result_digest(fingerprint):
+        return _Plan("complete", meta=meta)  # done before
     if finals:
         raise OutputError(
             f"{files.npy.name} was made by a run with other inputs or options; pass --overwrite to replace it"
@@ -244,6 +265,32 @@ def _plan(files: OutputFiles, env: DistEnv, fingerprint: dict[str, Any], *, resu
 def _remove_parts(files: OutputFiles) -> None:
     for path in files.all_part_files():
         path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _writing(folder: Path) -> Any:
+    """Writing the outputs in ``folder``: a failure (a full disk, a quota, an I/O error) stops the run
+    with one line. The progress files still name what is safely on disk, so ``resume`` goes on from there."""
+    try:
+        yield
+    except OSError as exc:
+        full = exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+        raise OutputError(
+            f"{exc.filename or folder}: {exc.strerror or exc}. The run stopped and the work done so far is kept: "
+            f"{'free some space' if full else 'fix that'}, then run the same command with --resume"
+        ) from None
+
+
+def _damaged(path: Path, exc: BaseException) -> ResumeError:
+    return ResumeError(f"{path}, a partial file of the unfinished run, is damaged ({exc}); start over with --overwrite")
+
+
+def _reopen(path: Path, dim: int, dtype: str, rows: int) -> NpyRowWriter:
+    """A part file, cut back to its checkpointed ``rows``, ready to take more."""
+    try:
+        return NpyRowWriter.open_for_resume(path, dim, dtype, rows)
+    except ValueError as exc:
+        raise _damaged(path, exc) from None
 
 
 def _embed_slice(
@@ -261,16 +308,18 @@ def _embed_slice(
     from mec_hub.embedding.loader import ImageSource, StringTable
 
     dim, dtype = identity["embed_dim"], identity["out_dtype"]
-    if state.rows_done == 0 and state.items_done == state.start:
-        writer = NpyRowWriter.create(part.data, dim, dtype)
-        part.failed.write_bytes(b"")
-        state.save(part.state)
-    else:
-        writer = NpyRowWriter.open_for_resume(part.data, dim, dtype, state.rows_done)
+    folder = part.data.parent
+    with _writing(folder):
+        if state.rows_done == 0 and state.items_done == state.start and state.publishing is None:
+            NpyRowWriter.create(part.data, dim, dtype).close()
+            part.failed.write_bytes(b"")
+            state.save(part.state)
+        if state.complete:
+            return  # what is left is _finalize's
+        num_failed = len(read_failures(part.failed, state.failed_bytes))
+        writer = _reopen(part.data, dim, dtype, state.rows_done)
         truncate(part.failed, state.failed_bytes)
-    if state.complete:
-        writer.close()
-        return
+        failed_log = open(part.failed, "ab")  # noqa: SIM115
     items = collected.items
     source = ImageSource(
         StringTable([it.path for it in items]), embedder.transform, names=StringTable([it.name for it in items])
@@ -287,19 +336,18 @@ def _embed_slice(
         dynamic_ncols=True,
         smoothing=0.05,
     )
-    num_failed = len(read_failures(part.failed, state.failed_bytes))
-    failed_log = open(part.failed, "ab")  # noqa: SIM115
 
     def commit(batch: Batch) -> None:
         """Rows and failures to disk and synced, then (only then) the checkpoint that counts them."""
         nonlocal num_failed
-        writer.append(batch.features)
-        append_failures(failed_log, batch.failures)
-        writer.sync()
-        sync_file(failed_log)
-        bar.update(batch.end - state.items_done)
-        state.items_done, state.rows_done, state.failed_bytes = batch.end, writer.rows, failed_log.tell()
-        state.save(part.state)
+        with _writing(folder):
+            writer.append(batch.features)
+            append_failures(failed_log, batch.failures)
+            writer.sync()
+            sync_file(failed_log)
+            bar.update(batch.end - state.items_done)
+            state.items_done, state.rows_done, state.failed_bytes = batch.end, writer.rows, failed_log.tell()
+            state.save(part.state)
         if batch.failures:
             num_failed += len(batch.failures)
             bar.set_postfix(failed=num_failed, refresh=False)
@@ -315,8 +363,11 @@ def _embed_slice(
         ) from None
     finally:
         bar.close()
-        failed_log.close()
-        writer.close()
+        # Unsynced bytes are past the checkpoint anyway; a full disk must not hide the first error.
+        with contextlib.suppress(OSError):
+            failed_log.close()
+        with contextlib.suppress(OSError):
+            writer.close()
 
 
 def _build_meta(
@@ -330,6 +381,7 @@ def _build_meta(
     fingerprint: dict[str, Any],
     recursive: bool,
     started_at: str,
+    run_id: str,
 ) -> FeatureMeta:
     import torch
 
@@ -341,6 +393,7 @@ def _build_meta(
         "features": files.npy.name,
         "paths": files.paths_txt.name,
         "shape": [rows, identity["embed_dim"]],
+        "run_id": run_id,
     }
     record.update(identity)
     record.update(
@@ -375,7 +428,7 @@ def _finalize(
     *,
     recursive: bool,
 ) -> dict[str, Any]:
-    """Join the parts, write paths and meta, rename everything into place (``.npy`` last)."""
+    """Join the parts into the first one and publish the set (``.meta.json`` last); see the module docstring."""
     parts = [files.part(rank, env.world_size) for rank in range(env.world_size)]
     states = [PartState.load(p.state) for p in parts]
     unfinished = [rank for rank, s in enumerate(states) if not s.complete]
@@ -384,20 +437,31 @@ def _finalize(
     failures: list[tuple[int, str]] = []
     for part, state in zip(parts, states, strict=True):
         failures.extend(read_failures(part.failed, state.failed_bytes))
-    writer = NpyRowWriter.open_for_resume(
-        parts[0].data, identity["embed_dim"], identity["out_dtype"], states[0].rows_done
-    )
-    try:
-        for part, state in zip(parts[1:], states[1:], strict=True):
-            writer.append_file_rows(part.data, state.rows_done)
-    except BaseException:
-        writer.close()
-        raise
-    writer.finish()
+    first, dim, dtype = parts[0], identity["embed_dim"], identity["out_dtype"]
+    if first.data.exists():
+        writer = _reopen(first.data, dim, dtype, states[0].rows_done)
+        try:
+            for part, state in zip(parts[1:], states[1:], strict=True):
+                try:
+                    writer.append_file_rows(part.data, state.rows_done)
+                except (ValueError, FileNotFoundError) as exc:
+                    raise _damaged(part.data, exc) from None
+        except BaseException:
+            writer.close()
+            raise
+        writer.finish()
+        rows, features_file = writer.rows, first.data
+        # Recorded before the rename, so that a resume after it recognises the file in its new place.
+        states[0].publishing = features_ends_sha256(first.data)
+        states[0].save(first.state)
+    elif states[0].publishing and files.npy.is_file() and features_ends_sha256(files.npy) == states[0].publishing:
+        rows, features_file = read_npy_header(files.npy)[0], None  # renamed into place by the run that stopped
+    else:
+        raise ResumeError(f"the partial files of the unfinished run ({first.data}) are missing; pass --overwrite")
     failed_indices = {index for index, _ in failures}
-    if writer.rows != len(collected) - len(failed_indices):
+    if rows != len(collected) - len(failed_indices):
         raise MecHubError(
-            f"internal error: {writer.rows} rows for {len(collected)} inputs with {len(failed_indices)} failures"
+            f"internal error: {rows} rows for {len(collected)} inputs with {len(failed_indices)} failures"
         )
 
     meta = _build_meta(
@@ -405,16 +469,15 @@ def _finalize(
         identity,
         collected,
         files,
-        rows=writer.rows,
+        rows=rows,
         failures=failures,
         fingerprint=fingerprint,
         recursive=recursive,
         started_at=min(s.started_at for s in states),
+        run_id=states[0].run_id,
     )
     names = (item.name for index, item in enumerate(collected.items) if index not in failed_indices)
-    FeatureFile.write(files.npy, names, meta)
-    os.replace(parts[0].data, files.npy)
-    fsync_dir(files.npy.parent)
+    FeatureFile.write(files.npy, names, meta, features_file=features_file)
     _remove_parts(files)
     return meta.to_json()
 
@@ -481,7 +544,11 @@ def run_job(
         group.barrier()
 
         start, end = batch_aligned_slice(len(collected), embedder.batch_size, env.rank, env.world_size)
-        state = plan.state or PartState(fingerprint, start, end, start, 0, 0, _now())
+        if plan.state is None:
+            run_id = group.broadcast_from_main(uuid.uuid4().hex if env.is_main else None)
+            state = PartState(fingerprint, start, end, start, 0, 0, _now(), run_id=run_id)
+        else:
+            state = plan.state
         if (state.start, state.end) != (start, end):
             raise ResumeError(f"the saved progress covers items {state.start}..{state.end}, expected {start}..{end}")
         show = (sys.stderr.isatty() if progress is None else progress) and env.is_main
@@ -501,7 +568,8 @@ def run_job(
         outcome: Any = None
         if env.is_main:
             try:
-                outcome = _finalize(embedder, identity, collected, files, env, fingerprint, recursive=recursive)
+                with _writing(files.npy.parent):
+                    outcome = _finalize(embedder, identity, collected, files, env, fingerprint, recursive=recursive)
             except BaseException as exc:
                 group.broadcast_from_main(str(exc) or type(exc).__name__)
                 raise
