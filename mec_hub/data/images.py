@@ -2,6 +2,10 @@
 
 What every file goes through, in order:
 
+0. Only a regular file (or a symbolic link to one) is read. A FIFO, socket or device fails at
+   once, without being read: it is opened with ``O_NONBLOCK`` (so that opening a FIFO cannot wait
+   for a writer) and checked with ``fstat`` on the descriptor that is then read, so a file swapped
+   for a FIFO after a first check cannot make decoding hang either.
 1. ``Image.open`` with the pixel limit enforced: an image whose header claims more than
    ``PIL.Image.MAX_IMAGE_PIXELS`` pixels fails as a decompression bomb. Pillow itself only warns
    between 1x and 2x that limit; here the warning counts as a failure, so the limit means what it
@@ -26,8 +30,9 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import warnings
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -86,12 +91,50 @@ def sniff_format(header: bytes) -> str | None:
     return None
 
 
-def _open_failure_reason(path: str | os.PathLike[str]) -> str:
+# Files that are not regular, and how to name them in a failure reason.
+_FILE_KINDS = (
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def _not_regular_reason(mode: int) -> str | None:
+    """Why a file of this ``st_mode`` is not read, or None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file"
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "an unknown kind of file")
+    return f"not a regular file: {kind}"
+
+
+def open_regular_file(path: str | os.PathLike[str]) -> IO[bytes]:
+    """Open ``path`` (symbolic links followed) for reading, if it is a regular file; never blocks.
+
+    Raises ``ImageDecodeError`` for a FIFO, socket, device or folder, and ``OSError`` for a file
+    that cannot be opened. The type is checked on the opened descriptor itself, so the file read
+    is the file checked.
+    """
+    reason = _not_regular_reason(os.stat(path).st_mode)  # refused before it is even opened
+    if reason:
+        raise ImageDecodeError(reason)
+    nonblocking = getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, os.O_RDONLY | nonblocking | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
-        with open(path, "rb") as fh:
-            header = fh.read(16)
-    except OSError:
-        header = b""
+        reason = _not_regular_reason(os.fstat(fd).st_mode)
+        if reason:
+            raise ImageDecodeError(reason)
+        if nonblocking:
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open_failure_reason(header: bytes) -> str:
     if not header:
         return "empty file (0 bytes)"
     fmt = sniff_format(header)
@@ -132,13 +175,17 @@ def _open_and_load(path: str | os.PathLike[str]) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             # Our own file object: Pillow leaves it to us, so it is closed even when decoding fails,
             # and the decoded pixels stay valid after it is.
-            with open(path, "rb") as fh:
-                image = Image.open(fh)
+            with open_regular_file(path) as fh:
+                try:
+                    image = Image.open(fh)
+                except UnidentifiedImageError:
+                    fh.seek(0)
+                    raise ImageDecodeError(_open_failure_reason(fh.read(16))) from None
                 image.load()
+    except ImageDecodeError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(_bomb_reason(str(exc))) from None
-    except UnidentifiedImageError:
-        raise ImageDecodeError(_open_failure_reason(path)) from None
     except FileNotFoundError:
         raise ImageDecodeError("file not found") from None
     except IsADirectoryError:

@@ -10,6 +10,11 @@ dies) or make it hang. Then the batch is decoded again one file per fresh proces
 (``decode_isolated``) with a time limit, and the file that kills or stalls its process is the
 failure. The limit is ``MEC_HUB_DECODE_TIMEOUT`` seconds (default 600) of waiting for a batch,
 or for one file.
+
+No decoding process outlives the process that started it: on Linux each asks the kernel to
+SIGKILL it when its parent dies (``PR_SET_PDEATHSIG``), so a kill -9 of a run takes its workers
+along, even one stuck in a decoder. (Elsewhere, DataLoader workers notice a dead parent between
+two batches.)
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -25,6 +32,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from mec_hub.data.featurefile import path_name_problem
 from mec_hub.data.images import ImageDecodeError, decode_image, prepare_image
 
 Sample = tuple[int, "torch.Tensor | str"]
@@ -36,6 +44,40 @@ DEFAULT_DECODE_TIMEOUT = 600.0
 
 def decode_timeout() -> float:
     return float(os.environ.get(DECODE_TIMEOUT_ENV) or DEFAULT_DECODE_TIMEOUT)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this process when its parent ``parent_pid`` dies (Linux; elsewhere nothing).
+
+    Called first thing in a decoding process. If the parent is already gone (it died before the
+    request took effect), this process ends at once.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1  # <linux/prctl.h>
+        if libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):  # no C library to call: the DataLoader's own watchdog remains
+        return
+    if os.getppid() != parent_pid:
+        try:
+            os.kill(parent_pid, 0)
+        except ProcessLookupError:  # the parent died already
+            os.kill(os.getpid(), signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        with contextlib.suppress(OSError):
+            return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 class StringTable(Sequence[str]):
@@ -85,8 +127,9 @@ class ImageSource(Dataset):
 
     def __getitem__(self, index: int) -> Sample:
         item = self.items[index]
-        if self.names is not None and ("\n" in self.names[index] or "\r" in self.names[index]):
-            return index, "its name contains a line break, which a line of FEATS.paths.txt cannot hold"
+        problem = None if self.names is None else path_name_problem(self.names[index])
+        if problem:
+            return index, problem
         try:
             image = prepare_image(item) if isinstance(item, Image.Image) else decode_image(item)
         except ImageDecodeError as exc:
@@ -131,13 +174,15 @@ class Collate:
 
 
 class _WorkerInit:
-    """Per-worker setup: one torch thread, lower priority, the main process's pixel limit."""
+    """Per-worker setup: dies with its parent, one torch thread, lower priority, the main process's pixel limit."""
 
     def __init__(self, max_pixels: int | None, niceness: int) -> None:
         self.max_pixels = max_pixels
         self.niceness = niceness
+        self.parent_pid = os.getpid()
 
     def __call__(self, worker_id: int) -> None:
+        die_with_parent(self.parent_pid)
         torch.set_num_threads(1)
         Image.MAX_IMAGE_PIXELS = self.max_pixels
         if self.niceness and hasattr(os, "nice"):
@@ -159,6 +204,26 @@ class OrderedBatches(torch.utils.data.Sampler[list[int]]):
             yield list(range(first, min(first + self.batch_size, self.end)))
 
 
+class _DataLoader(DataLoader):
+    """torch's DataLoader, without its warning about more workers than CPUs: torch gives it when
+    the loader is made and again each time it is iterated; ``make_loader`` gives its own, once."""
+
+    def check_worker_number_rationality(self) -> None:
+        return
+
+
+def _warn_if_too_many_workers(num_workers: int) -> None:
+    cpus = usable_cpus()
+    if num_workers > cpus:
+        # One place, one text: Python's default warning filter shows it once, however many loaders.
+        warnings.warn(
+            f"decoding with {num_workers} worker processes on {cpus} CPU(s) slows the run down; "
+            f"use at most {cpus} (--num-workers, or num_workers=)",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def make_loader(
     source: ImageSource,
     *,
@@ -175,13 +240,14 @@ def make_loader(
     (``niceness`` lowers their CPU priority; 0 workers: decoded in this process)."""
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
+        _warn_if_too_many_workers(num_workers)
         kwargs.update(
             prefetch_factor=prefetch_factor,
             worker_init_fn=_WorkerInit(Image.MAX_IMAGE_PIXELS, niceness),
             persistent_workers=False,
             timeout=decode_timeout(),
         )
-    return DataLoader(
+    return _DataLoader(
         source,
         batch_sampler=OrderedBatches(start, end, batch_size),
         num_workers=num_workers,
@@ -197,7 +263,8 @@ def is_worker_failure(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("DataLoader worker" in message or "DataLoader timed out" in message)
 
 
-def _decode_in_child(source: ImageSource, connection: Any, max_pixels: int | None) -> None:
+def _decode_in_child(source: ImageSource, connection: Any, max_pixels: int | None, parent_pid: int) -> None:
+    die_with_parent(parent_pid)
     torch.set_num_threads(1)
     Image.MAX_IMAGE_PIXELS = max_pixels
     _, value = source[0]
@@ -216,7 +283,9 @@ def decode_one_isolated(source: ImageSource, index: int) -> Sample:
     single = ImageSource([source.items[index]], source.transform, names)
     context = multiprocessing.get_context()
     receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_decode_in_child, args=(single, sender, Image.MAX_IMAGE_PIXELS), daemon=True)
+    process = context.Process(
+        target=_decode_in_child, args=(single, sender, Image.MAX_IMAGE_PIXELS, os.getpid()), daemon=True
+    )
     process.start()
     sender.close()
     try:
