@@ -46,7 +46,8 @@ Examples:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.argument("inputs", nargs=-1, metavar="INPUT...")
-@click.option("--out", "-o", required=True, metavar="OUT.npy", help="Features file to write (N x D .npy).")
+@click.option("--out", "-o", required=True, metavar="OUT.npy",
+              help="Features file to write (N x D .npy); a file name, not a folder.")
 @click.option("--model", "-m", default=None, metavar="NAME",
               help="Registry model (see `mec-hub list`).  [default: the package's default model]")
 @click.option("--weights", default=None, metavar="SRC",

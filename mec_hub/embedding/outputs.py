@@ -3,17 +3,22 @@
 Final files: ``FEATS.npy``, ``FEATS.paths.txt``, ``FEATS.meta.json``. While the run is going,
 each process writes hidden files beside them (``.FEATS.npy.part-R-of-W`` for rows,
 ``...failed.jsonl`` for failures, ``...state.json`` for the checkpoint); the final names only
-appear, by rename, when everything is done, ``FEATS.npy`` last.
+appear, by rename, when everything is done, ``FEATS.meta.json`` last (``mec_hub.data.featurefile``).
+
+``RunLock`` keeps two runs from writing the same outputs at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
+import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import ClassVar
 
 from mec_hub.data.featurefile import META_SUFFIX, PATHS_SUFFIX, sidecar
 from mec_hub.errors import MecHubError
@@ -41,8 +46,20 @@ class OutputFiles:
 
     @classmethod
     def for_out(cls, out: str | os.PathLike[str]) -> OutputFiles:
-        """``feats`` and ``feats.npy`` both mean ``feats.npy`` (as ``np.save`` does)."""
-        path = Path(os.path.abspath(os.path.expanduser(os.fspath(out))))
+        """``feats`` and ``feats.npy`` both mean ``feats.npy`` (as ``np.save`` does).
+
+        ``out`` names a file: a folder (``.``, ``""``, ``photos/``, an existing folder) is refused,
+        rather than guessing a file name for it.
+        """
+        given = os.fspath(out)
+        text = os.path.expanduser(given)
+        seps = (os.sep, os.altsep) if os.altsep else (os.sep,)
+        if not text or text.endswith(seps) or os.path.basename(text) in (os.curdir, os.pardir) or os.path.isdir(text):
+            if not given:
+                raise OutputError("--out is empty; it takes a file name, such as feats.npy")
+            example = os.path.join(given, "feats.npy")
+            raise OutputError(f"--out {given!r} names a folder; it takes a file name, such as {example}")
+        path = Path(os.path.abspath(text))
         if path.suffix != ".npy":
             path = path.with_name(path.name + ".npy")
         return cls(path)
@@ -99,30 +116,84 @@ def check_output_location(files: OutputFiles) -> None:
 
 
 class RunLock:
-    """An exclusive lock on the outputs, so two runs never write the same files (POSIX only)."""
+    """An exclusive lock on the outputs, so two runs never write the same files (POSIX only).
+
+    A POSIX record lock (``fcntl.lockf``) on the hidden file ``.FEATS.npy.lock``: it belongs to
+    the process that took it, so the decoding workers it forks do not hold it, and the kernel
+    releases it when that process dies, however it dies. The file is removed by the holder, while
+    it still holds the lock; so a lock taken on a file that is no longer the one at that path
+    (removed, or replaced by another run's, between opening and locking) is worthless, and
+    ``acquire`` opens the path again. Record locks do not exclude threads of one process, so the
+    outputs a process is writing are also kept in ``_held``. Under torchrun only the first process
+    takes it.
+    """
+
+    _held: ClassVar[set[tuple[int, int, str]]] = set()  # (device, inode of the folder, name) locked here
+    _held_guard: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, files: OutputFiles) -> None:
         self.path = files.lock
-        self._fh: IO[str] | None = None
+        self._target = files.npy
+        self._fd: int | None = None
+        self._key: tuple[int, int, str] | None = None
+
+    def _refuse(self) -> OutputError:
+        return OutputError(f"another mec-embed run is writing {self._target.name} (lock {self.path})")
 
     def acquire(self) -> None:
         try:
             import fcntl
         except ImportError:  # Windows: no advisory locks; the user keeps runs apart
             return
-        fh = open(self.path, "a+")  # noqa: SIM115
+        folder = os.stat(self.path.parent)  # the same folder under any name it is given
+        key = (folder.st_dev, folder.st_ino, self.path.name)
+        with self._held_guard:
+            if key in self._held:
+                raise self._refuse()
+            self._held.add(key)
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.close()
-            raise OutputError(
-                f"another mec-embed run is writing {self.path.name[1 : -len('.lock')]} (lock {self.path})"
-            ) from None
-        self._fh = fh
+            self._fd = self._lock_the_file(fcntl)
+        except BaseException:
+            with self._held_guard:
+                self._held.discard(key)
+            raise
+        self._key = key
+
+    def _lock_the_file(self, fcntl) -> int:  # type: ignore[no-untyped-def]
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            except OSError as exc:
+                raise OutputError(f"cannot create the lock file {self.path}: {exc.strerror or exc}") from None
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EACCES, errno.EAGAIN):
+                    os.close(fd)
+                    raise self._refuse() from None
+                # A file system without locks (ENOLCK ...): as on Windows, runs are the user's to keep apart.
+                warnings.warn(
+                    f"cannot lock {self.path} ({exc.strerror or exc}); nothing keeps another run from writing "
+                    f"{self._target.name} at the same time",
+                    stacklevel=4,
+                )
+                return fd
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                return fd
+            os.close(fd)  # locked a file its holder had already removed: take the one there now
 
     def release(self) -> None:
-        if self._fh is not None:
+        if self._fd is None:
+            return
+        try:
             with contextlib.suppress(OSError):
-                self.path.unlink()
-            self._fh.close()
-            self._fh = None
+                os.unlink(self.path)  # while still locked: see the class docstring
+            os.close(self._fd)
+        finally:
+            self._fd = None
+            with self._held_guard:
+                self._held.discard(self._key)  # type: ignore[arg-type]
