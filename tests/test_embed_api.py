@@ -160,3 +160,29 @@ def test_on_commit_reports_each_saved_batch_and_can_stop_the_run(embedder: Embed
     assert [(p.done, p.total, p.failed) for p in resumed] == [(10, 13, 0), (13, 13, 1)]
     assert (tmp_path / "f.npy").read_bytes() == (tmp_path / "ref.npy").read_bytes()
     assert (tmp_path / "f.paths.txt").read_text() == (tmp_path / "ref.paths.txt").read_text()
+
+
+def test_a_float64_or_float16_batch_is_computed_in_float32(embedder: Embedder, tiny_weights_dir: Path):
+    batch = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    model = mec_hub.load(weights=tiny_weights_dir)
+    with torch.no_grad():
+        direct = model(batch.float()).numpy()
+        direct_half = model(batch.half().float()).numpy()
+    np.testing.assert_allclose(embedder.embed(batch), direct, **TOL)
+    np.testing.assert_allclose(embedder.embed(batch.half()), direct_half, **TOL)
+
+
+def test_batch_size_and_num_workers_are_whole_numbers(tiny_weights_dir: Path):
+    for bad in (2.7, 3.0, "4", True):
+        with pytest.raises(ValueError, match="batch_size must be a whole number"):
+            Embedder(weights=tiny_weights_dir, device="cpu", batch_size=bad)
+    with pytest.raises(ValueError, match="num_workers must be a whole number"):
+        Embedder(weights=tiny_weights_dir, device="cpu", num_workers=1.5)
+    assert Embedder(weights=tiny_weights_dir, device="cpu", batch_size=np.int64(3), num_workers=0).batch_size == 3
+
+
+def test_from_meta_refuses_a_record_that_names_no_model(tiny_weights_dir: Path):
+    for empty in ({}, {"head": "backbone", "embed_dim": 512}):  # not the package's default model, silently
+        with pytest.raises(MecHubError, match="names no model"):
+            Embedder.from_meta(empty, device="cpu")
+    assert Embedder.from_meta({}, weights=str(tiny_weights_dir), device="cpu").embed_dim == 512  # named here

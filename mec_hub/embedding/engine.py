@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import numbers
 import os
 import warnings
 from collections.abc import Mapping
@@ -34,7 +35,7 @@ from mec_hub.embedding import DEFAULT_BATCH_SIZE
 from mec_hub.embedding.job import EmbedResult, ProgressCallback, run_job
 from mec_hub.embedding.loader import ImageSource
 from mec_hub.embedding.runner import Batch, BatchRunner, Commit, device_settings
-from mec_hub.errors import MecHubError
+from mec_hub.errors import InvalidArgumentError, MecHubError
 from mec_hub.runtime.devices import PRECISIONS, cpu_has_bf16, decoding_plan, default_num_workers, resolve_device
 
 OUT_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -124,10 +125,10 @@ class Embedder:
             raise ValueError(f"out_dtype must be one of {sorted(OUT_DTYPES)}, not {out_dtype!r}")
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, not {head!r}")
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-        if num_workers is not None and int(num_workers) < 0:
-            raise ValueError(f"num_workers must be 0 or more, not {num_workers}")
+        if not _is_whole_number(batch_size) or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number, at least 1, not {batch_size!r}")
+        if num_workers is not None and (not _is_whole_number(num_workers) or num_workers < 0):
+            raise ValueError(f"num_workers must be a whole number, 0 or more, not {num_workers!r}")
         self.device = resolve_device(device)
         if precision == "fp16" and self.device.type != "cuda":
             raise MecHubError(
@@ -317,10 +318,12 @@ class Embedder:
 
     def embed(self, items: Any) -> np.ndarray:
         """Features of ``items``: paths, PIL images (a list or a single one), or a preprocessed
-        ``(N, 3, H, W)`` float tensor. Returns ``np.ndarray`` ``(N, D)`` of ``out_dtype``.
+        ``(N, 3, H, W)`` float tensor (float64 or float16 is cast to float32, what the model
+        computes in). Returns ``np.ndarray`` ``(N, D)`` of ``out_dtype``.
 
         Files are decoded exactly as ``mec-embed`` decodes them (EXIF orientation, RGB
-        conversion, pixel limit); one that cannot be read raises ``ImageDecodeError`` naming it.
+        conversion, pixel limit); one that cannot be read raises ``ImageDecodeError`` naming it,
+        and so does a FIFO, socket or device, at once, without being read.
         """
         if isinstance(items, torch.Tensor):
             return self._embed_tensor(items)
@@ -356,6 +359,7 @@ class Embedder:
                 f"a tensor batch must be float (N, 3, H, W), already preprocessed; got {images.dtype} "
                 f"{tuple(images.shape)}"
             )
+        images = images.float()  # float64 or float16 in: the model's float32 (autocast lowers it where asked)
         blocks = []
         with device_settings(self.device):
             for start in range(0, images.shape[0], self.batch_size):
@@ -398,9 +402,16 @@ class Embedder:
 
         ``overrides`` replace constructor arguments (``device``, ``batch_size``, ``model`` for an
         already loaded module, ...). The rebuilt model must have the recorded weights digest,
-        head, dimension and preprocessing, or ``ModelMismatchError`` says what differs.
+        head, dimension and preprocessing, or ``ModelMismatchError`` says what differs. A meta that
+        names no model (neither ``model`` nor ``weights``) is refused, unless ``overrides`` name one.
         """
         meta = _as_feature_meta(meta)
+        named = meta.model or meta.weights or overrides.get("model") is not None or overrides.get("weights")
+        if not named:
+            raise InvalidArgumentError(
+                "the metadata names no model (neither 'model' nor 'weights'), so the model that made the "
+                "features is unknown; pass model= or weights="
+            )
         kwargs: dict[str, Any] = {
             "model": meta.model,
             "weights": meta.weights,
@@ -468,6 +479,10 @@ def embed(items: Any, model: str | nn.Module | None = None, **kwargs: Any) -> np
     For many calls, build one ``Embedder`` and reuse it: each call here loads the model.
     """
     return Embedder(model, **kwargs).embed(items)
+
+
+def _is_whole_number(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _as_feature_meta(meta: str | os.PathLike[str] | Mapping[str, Any] | FeatureMeta) -> FeatureMeta:
