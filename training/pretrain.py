@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import re
 import shlex
 import sys
@@ -547,7 +548,9 @@ def _taylor_text(summary: dict[str, float]) -> str:
     """`` taylor err 1.20e-03 at |C| 0.412``: the series' error on the window's measured step, where there is one."""
     if "taylor_rel_error" not in summary:
         return ""
-    return f" taylor err {summary['taylor_rel_error']:.2e} at |C| {summary['spectral_norm_exact']:.3f}"
+    error = summary["taylor_rel_error"]
+    shown = f"{error:.2e}" if math.isfinite(error) else "undefined (det(I + C) <= 0)"
+    return f" taylor err {shown} at |C| {summary['spectral_norm_exact']:.3f}"
 
 
 def run(args: TrainConfig, env: distributed.DistEnv, command: str) -> int:
