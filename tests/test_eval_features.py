@@ -12,7 +12,7 @@ from PIL import Image
 
 import mec_hub
 from mec_hub.errors import MecHubError
-from mec_hub.evaluation.features import extract_image_folder, load_feature_file, save_feature_file
+from mec_hub.evaluation.features import LabelledFeatures, extract_image_folder, load_feature_file, save_feature_file
 from mec_hub.evaluation.inputs import InvalidFeaturesError
 
 
@@ -113,3 +113,20 @@ def test_feature_file_errors(tmp_path: Path):
         load_feature_file(tmp_path / "bad.npy", tmp_path / "y.npy")
     with pytest.raises(MecHubError, match="features file not found"):
         load_feature_file(tmp_path / "missing.npy")
+
+
+def test_feature_files_of_two_runs_are_refused(tmp_path: Path):
+    """A kill mid-replacement can leave a new X.paths.txt beside the old X.npy and meta: eval must not
+    pair them (the labels would be another run's), whatever the row counts say."""
+    rng = np.random.default_rng(0)
+    data = LabelledFeatures(
+        features=torch.from_numpy(rng.standard_normal((3, 4)).astype(np.float32)),
+        labels=torch.tensor([0, 1, 0]),
+        classes=["a", "b"],
+        paths=["a/1.png", "b/2.png", "a/3.png"],
+    )
+    save_feature_file(data, tmp_path / "x.npy", {"model": None})
+    assert load_feature_file(tmp_path / "x.npy").labels.tolist() == [0, 1, 0]
+    (tmp_path / "x.paths.txt").write_text("b/1.png\na/2.png\nb/3.png\n", encoding="utf-8")  # another run's paths
+    with pytest.raises(InvalidFeaturesError, match=r"do not belong together"):
+        load_feature_file(tmp_path / "x.npy")

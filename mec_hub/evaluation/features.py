@@ -289,6 +289,17 @@ def load_feature_file(
             raise InvalidFeaturesError(
                 f"{label_path}: label {largest} is not among the {len(classes)} training classes"
             )
+    elif labels is None:
+        # X.paths.txt beside X.npy: open the set through its owner, which also refuses a paths file
+        # and a meta of another run than the .npy (what a kill mid-replacement can leave).
+        try:
+            paths = FeatureFile.open(features_path).paths
+        except InvalidFeaturesError:
+            raise
+        except MecHubError as exc:
+            raise InvalidFeaturesError(str(exc)) from None
+        values, classes = labels_from_paths(paths, origin=str(label_path), classes=classes)
+        label_tensor = torch.from_numpy(values)
     else:
         paths = read_paths(label_path)
         if len(paths) != tensor.shape[0]:
