@@ -351,3 +351,45 @@ def test_a_norm_of_exactly_one_is_divergent(monkeypatch):
         assert loss_module.warn_if_not_converging(1.0) is True
     assert loss_module.warn_if_not_converging(0.999) is False
     assert loss_module.warn_if_not_converging(5.0, order=None) is False
+
+
+def test_refusals_name_the_input_and_the_empty_case():
+    z, lst = views(4, 6)[0], [[0.0] * 6] * 4
+    with pytest.raises(TypeError, match=r"z1 must be a torch\.Tensor, not list"):
+        coding_length(lst, z, 0.1)
+    with pytest.raises(TypeError, match=r"z2 must be a torch\.Tensor, not list"):
+        coding_length(z, lst, 0.1)
+    with pytest.raises(ValueError, match=r"empty inputs of shape \(0, 6\)"):
+        coding_length(z[:0], z[:0], 0.1)
+    one = torch.ones(1, 1, dtype=torch.float64)  # a single 1-D embedding: C = [lamda]
+    want = torch.tensor(math.log(1.5), dtype=torch.float64)
+    torch.testing.assert_close(coding_length(one, one, 0.5, order=None), want)
+    with pytest.raises(ValueError, match=r"z1 is on cpu and z2 on meta"):
+        coding_length(z, torch.empty(4, 6, dtype=torch.float64, device="meta"), 0.1)
+    for order in (True, 2.5):
+        with pytest.raises(ValueError, match="order must be a positive int or None"):
+            coding_length(z, z, 0.1, order=order)
+    for name in ("p1", "z1", "p2"):
+        tensors = dict(zip(("p1", "z1", "p2", "z2"), views(4, 6) + views(4, 6, seed=1), strict=True))
+        tensors[name] = tensors[name][0]  # 1-D
+        with pytest.raises(ValueError, match=f"{name} must be"):
+            MECLoss()(**tensors)
+
+
+def test_exact_form_is_nan_below_zero_determinant_while_a_series_overflow_raises():
+    z = torch.ones(1, 3, dtype=torch.float64)
+    # C = -2 (1x1): det(I + C) = -1 has no real log; documented NaN, not an error
+    assert coding_length(z, -z, 2.0, order=None).isnan()
+    with pytest.raises(ValueError, match=r"the series overflowed to (inf|-inf|nan); lamda is far too large"):
+        coding_length(z, z, 1e100, order=4)  # C^4 = 1e400 overflows float64
+
+
+@pytest.mark.parametrize(
+    ("m", "d", "gram", "side"),
+    [(6, 9, "auto", 6), (9, 6, "auto", 6), (9, 6, "samples", 9), (6, 9, "features", 9), (6, 6, "auto", 6)],
+)
+def test_auto_picks_the_smaller_gram_matrix(m, d, gram, side):
+    """The series' saved powers (what backward keeps in memory) are side x side."""
+    z1, z2 = views(m, d, seed=3)
+    value = coding_length(z1.requires_grad_(), z2, 0.05, gram=gram)
+    assert [tuple(t.shape) for t in value.grad_fn.saved_tensors[4:]] == [(side, side), (side, side)]
