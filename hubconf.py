@@ -5,4 +5,4 @@ Offline, from a clone: ``torch.hub.load(repo_dir, "mec_resnet50", source="local"
 
 dependencies = ["torch", "timm", "safetensors", "huggingface_hub"]
 
-from mec_hub.hub_entrypoints import mec_resnet18_cifar10s, mec_resnet50  # noqa: E402, F401
+from mec_hub.models.hub_entrypoints import mec_resnet18_cifar10s, mec_resnet50  # noqa: E402, F401

@@ -118,7 +118,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = make_image_folder(Path(tmp) / "images", args.images)
         files = sorted((root / "all").iterdir())
-        from mec_hub.embedding.images import decode_image
+        from mec_hub.data.images import decode_image
 
         tensors = torch.stack([transform(decode_image(p)) for p in files])
         out = Path(tmp) / "feats.npy"

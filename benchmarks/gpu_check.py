@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.loss_speed import power_series
 from benchmarks.step_overhead import measure, timed
-from training.loss import coding_length
+from mec_hub.models.losses import coding_length
 from training.metrics import read_metrics
 
 PAPER = {"m": 1024, "d": 2048, "arch": "resnet50", "image": 224, "batch": 256, "e2e_arch": "resnet18", "e2e_image": 64}

@@ -1,4 +1,4 @@
-"""Forward + backward time of ``training.loss.coding_length`` vs the plain power series.
+"""Forward + backward time of ``mec_hub.models.losses.coding_length`` vs the plain power series.
 
 The baseline evaluates the series as the paper's formula reads (and as the official
 ``loss_func`` does): the m x m matrix C, then C^2, C^3, C^4 by successive products, the signed
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.loss import coding_length
+from mec_hub.models.losses import coding_length
 
 TARGETS = {(1024, 2048): 1.6, (1024, 512): 8.0}
 

@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.loss_speed import power_series
+from mec_hub.models.losses import MECLoss
 from training.engine import Precision, train_step
-from training.loss import MECLoss
 from training.model import build_mec_model
 from training.optim import build_optimizer
 from training.schedules import Schedules

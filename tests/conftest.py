@@ -1,4 +1,8 @@
-"""Shared fixtures: small real weights made on the spot, and the read-only data sets."""
+"""Shared fixtures: small real weights made on the spot, and the read-only data sets.
+
+The photos and odd image files ship with the repository (tests/data, see its SOURCES.md); only the
+CIFAR-10 subset, which states no licence, comes from ../shared/data (or MEC_HUB_TEST_DATA).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Shipped with the repository: photos/ and odd-images/ (byte-identical copies of ../shared/data's).
+SHIPPED_DATA_DIR = Path(__file__).resolve().parent / "data"
 # MEC_HUB_TEST_DATA points the tests at another copy of the data (and lets a test point it nowhere).
 DATA_DIR = Path(os.environ.get("MEC_HUB_TEST_DATA") or REPO_ROOT.parent / "shared" / "data")
 
@@ -30,14 +36,24 @@ def data_dir() -> Path:
     return _require(DATA_DIR)
 
 
-@pytest.fixture(scope="session")
-def photos_dir(data_dir: Path) -> Path:
-    return _require(data_dir / "photos")
+def _shipped(name: str) -> Path:
+    """``tests/data/<name>``; a failure, never a skip, when it is missing: it comes with every clone."""
+    path = SHIPPED_DATA_DIR / name
+    if not path.is_dir():
+        pytest.fail(f"test data not found at {path}: it ships with the repository (tests/data)", pytrace=False)
+    return path
 
 
 @pytest.fixture(scope="session")
-def odd_images_dir(data_dir: Path) -> Path:
-    return _require(data_dir / "odd-images")
+def photos_dir() -> Path:
+    """18 real photos (tests/data/photos). Read-only: a test that changes files copies them first."""
+    return _shipped("photos")
+
+
+@pytest.fixture(scope="session")
+def odd_images_dir() -> Path:
+    """30 unusual or broken image files and their MANIFEST.tsv (tests/data/odd-images). Read-only."""
+    return _shipped("odd-images")
 
 
 @pytest.fixture(scope="session")
@@ -54,10 +70,9 @@ def make_tiny_hub_folder(out: Path, *, seed: int = 0, input_size: int = 32, name
     import torch
     from torch import nn
 
-    from mec_hub.convert import ExtractedWeights, write_hub_folder
-    from mec_hub.heads import build_projector
-    from mec_hub.modeling import build_backbone
-    from mec_hub.registry import Preprocessing
+    from mec_hub.export.convert import ExtractedWeights, write_hub_folder
+    from mec_hub.models.encoder import build_backbone
+    from mec_hub.models.heads import build_projector
 
     torch.manual_seed(seed)
     backbone = build_backbone("resnet18")
@@ -74,7 +89,7 @@ def make_tiny_hub_folder(out: Path, *, seed: int = 0, input_size: int = 32, name
         backbone=backbone.state_dict(),
         projector=projector.state_dict(),
         layout="test fixture",
-        preprocessing=Preprocessing(input_size=(3, input_size, input_size), crop_pct=1.0, interpolation="bicubic"),
+        preprocessing={"input_size": (3, input_size, input_size), "crop_pct": 1.0, "interpolation": "bicubic"},
         meta={"license": "mit"},
     )
     write_hub_folder(extracted, out, name=name, overwrite=True)

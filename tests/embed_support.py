@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+DRIVER = Path(__file__).with_name("embed_driver.py")
 
 
 def make_images(folder: Path, count: int, *, seed: int = 0, prefix: str = "img") -> list[Path]:
@@ -59,8 +60,13 @@ def read_manifest(folder: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh, delimiter="\t"))
 
 
-def cli_command(*args: object) -> list[str]:
-    return [sys.executable, "-m", "mec_hub.cli.embed", *(str(a) for a in args)]
+def cli_command(*args: object, **faults: object) -> list[str]:
+    """``mec-embed ARGS`` as a command line; with ``faults`` (see tests/embed_driver.py, e.g.
+    ``kill_after_batches=3``), run through the driver that injects them."""
+    if not faults:
+        return [sys.executable, "-m", "mec_hub.cli.embed", *(str(a) for a in args)]
+    options = [f"--{name.replace('_', '-')}={value}" for name, value in faults.items()]
+    return [sys.executable, str(DRIVER), *options, "--", *(str(a) for a in args)]
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
@@ -70,15 +76,23 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_in_own_group(command: list[str], *, timeout: float = 180, env: dict[str, str] | None = None
-                     ) -> subprocess.CompletedProcess[str]:
+def run_in_own_group(
+    command: list[str], *, timeout: float = 180, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run ``command`` in a new process group and kill what is left of the group when it ends.
 
     A process that dies by SIGKILL leaves its DataLoader workers behind for a few seconds; they
     would hold the output pipes open (and linger) if they were not ended with it.
     """
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=REPO_ROOT, start_new_session=True)
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+        start_new_session=True,
+    )
     try:
         proc.wait(timeout=timeout)
     finally:
@@ -88,9 +102,12 @@ def run_in_own_group(command: list[str], *, timeout: float = 180, env: dict[str,
     return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
-def run_cli_subprocess(*args: object, timeout: float = 180, **extra_env: str) -> subprocess.CompletedProcess[str]:
-    return run_in_own_group(cli_command(*args), timeout=timeout, env=subprocess_env(**extra_env))
+def run_cli_subprocess(
+    *args: object, timeout: float = 180, faults: dict[str, object] | None = None, **extra_env: str
+) -> subprocess.CompletedProcess[str]:
+    return run_in_own_group(cli_command(*args, **(faults or {})), timeout=timeout, env=subprocess_env(**extra_env))
 
 
 def meta_without_times(meta: dict) -> dict:
-    return {k: v for k, v in meta.items() if k not in ("started_at", "finished_at")}
+    """What two runs of the same inputs and options must agree on: all but the times and the run's id."""
+    return {k: v for k, v in meta.items() if k not in ("started_at", "finished_at", "run_id")}

@@ -17,9 +17,9 @@ import torch
 import mec_hub
 from mec_hub.evaluation.features import extract_image_folder
 from mec_hub.evaluation.knn import knn_classify
-from mec_hub.loading import DEFAULT_MODEL
-from mec_hub.registry import list_models, model_info
-from mec_hub.sources import bundled_folder
+from mec_hub.models.loading import DEFAULT_MODEL
+from mec_hub.weights.registry import list_models, model_info
+from mec_hub.weights.sources import bundled_folder
 
 BUNDLED = [name for name in list_models() if model_info(name).bundled]
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +36,9 @@ def test_bundled_file_matches_its_record_and_size_limit(name):
     assert hashlib.sha256(path.read_bytes()).hexdigest() == record.sha256
     assert path.stat().st_size <= 10 * 1024 * 1024
     config = json.loads((path.parent / "config.json").read_text())
-    assert config["architecture"] == record.architecture and config["num_features"] == record.embed_dim
+    assert config["architecture"] == record.config.architecture
+    assert config["num_features"] == record.config.num_features
+    assert config["mec_hub"]["files"] == record.config.files
 
 
 def test_bundled_model_loads_offline_without_warnings(tmp_path):
@@ -51,7 +53,8 @@ def test_bundled_model_loads_offline_without_warnings(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     record = model_info(DEFAULT_MODEL)
-    assert done.stdout.split() == [DEFAULT_MODEL, str(record.embed_dim), "(1,", f"{record.embed_dim})"]
+    dim = record.config.num_features
+    assert done.stdout.split() == [DEFAULT_MODEL, str(dim), "(1,", f"{dim})"]
 
 
 def test_readme_command_embeds_the_examples_offline(tmp_path):
@@ -60,14 +63,17 @@ def test_readme_command_embeds_the_examples_offline(tmp_path):
     bindir = Path(sys.executable).parent
     done = subprocess.run(
         [str(bindir / "mec-embed"), str(REPO_ROOT / "examples" / "images"), "--out", str(out), "--quiet"],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr
     images = sorted(p.name for p in (REPO_ROOT / "examples" / "images").iterdir())
     assert out.with_suffix(".paths.txt").read_text().split() == images
     meta = json.loads(out.with_suffix(".meta.json").read_text())
     assert meta["model"] == DEFAULT_MODEL and meta["weights_sha256"] == model_info(DEFAULT_MODEL).sha256
-    assert np.load(out).shape == (len(images), model_info(DEFAULT_MODEL).embed_dim)
+    assert np.load(out).shape == (len(images), model_info(DEFAULT_MODEL).config.num_features)
 
 
 def _first_per_class(root: Path, per_class: int, tmp: Path) -> Path:
@@ -104,9 +110,13 @@ def test_recorded_metrics_are_the_measured_reports():
     record = model_info(DEFAULT_MODEL)
     reports = REPO_ROOT / "benchmarks" / "bundled_model"
     shipped = json.loads((bundled_folder(record.bundled) / "config.json").read_text())["mec_hub"]["meta"]
-    for key, report in [("knn_top1", "knn_trained"), ("knn_top1_random_init", "knn_random"),
-                        ("linear_top1", "linear_trained"), ("linear_top1_random_init", "linear_random")]:
+    for key, report in [
+        ("knn_top1", "knn_trained"),
+        ("knn_top1_random_init", "knn_random"),
+        ("linear_top1", "linear_trained"),
+        ("linear_top1_random_init", "linear_random"),
+    ]:
         measured = json.loads((reports / f"{report}.json").read_text())
-        assert record.meta[key] == shipped[key] == measured["results"]["top1"], key
+        assert record.config.meta[key] == shipped[key] == measured["results"]["top1"], key
         if report == "knn_trained":
             assert measured["model"]["weights_sha256"] == record.sha256

@@ -17,7 +17,7 @@ from official_checkpoint import make_official_checkpoint
 
 import mec_hub
 from mec_hub.cli.hub import main
-from mec_hub.integrity import sha256_file
+from mec_hub.weights.integrity import sha256_file
 
 
 @pytest.fixture(autouse=True)
@@ -41,10 +41,12 @@ def run(*args: str) -> tuple[int, str]:
 
 
 def test_help_does_not_import_torch():
-    code = "import sys; from mec_hub.cli.hub import main; from mec_hub.cli.embed import main as e\n" \
-           "import click.testing as t\n" \
-           "r = t.CliRunner().invoke(main, ['--help']); r2 = t.CliRunner().invoke(e, ['--help'])\n" \
-           "print(r.exit_code, r2.exit_code, 'torch' in sys.modules)"
+    code = (
+        "import sys; from mec_hub.cli.hub import main; from mec_hub.cli.embed import main as e\n"
+        "import click.testing as t\n"
+        "r = t.CliRunner().invoke(main, ['--help']); r2 = t.CliRunner().invoke(e, ['--help'])\n"
+        "print(r.exit_code, r2.exit_code, 'torch' in sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.split() == ["0", "0", "False"], done.stderr
 
@@ -81,7 +83,8 @@ def test_convert_prints_digests_and_refuses_to_overwrite(checkpoint, tmp_path):
     assert code == 0, out
     digest = sha256_file(out_dir / "model.safetensors")
     assert f"model.safetensors  sha256 {digest}" in out
-    assert json.loads(out.split("registry fields: ")[1])["sha256"] == digest
+    fields = json.loads(out.split("registry fields: ")[1])
+    assert fields["files"]["model.safetensors"] == digest and fields["num_features"] == 512
 
     code, out = run("convert", str(checkpoint), "--out", str(out_dir))
     assert code == 1 and "already exists; pass --overwrite" in out
@@ -109,7 +112,8 @@ def test_convert_without_from_exports_the_student(tmp_path):
         (lambda p: p.write_bytes(b"garbage"), [], "not a readable PyTorch checkpoint"),
         (lambda p: None, [], "no such checkpoint file"),
         ("checkpoint", ["--arch", "resnet34"], "wrong architecture for these weights"),
-        ("checkpoint", ["--arch", "no_such_net"], "cannot build architecture 'no_such_net'"),
+        ("checkpoint", ["--arch", "no_such_net"], "field 'arch' is 'no_such_net', which is not one of timm's ResNet"),
+        ("checkpoint", ["--arch", "hf-hub:org/x"], "field 'arch' must be a timm model name"),
     ],
 )
 def test_convert_errors_are_one_line(checkpoint, tmp_path, make, args, message):
@@ -125,10 +129,17 @@ def test_convert_errors_are_one_line(checkpoint, tmp_path, make, args, message):
 
 
 def test_download_offline_with_nothing_cached_says_what_to_do(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)}
+    # Relocated to a Hub repo (mec_resnet50 itself is not published yet, and is refused before any download).
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": str(tmp_path),
+        "MEC_HUB_MEC_RESNET50_WEIGHTS": "hf-hub:mec-test/mec_resnet50@0123abcd",
+    }
     bindir = Path(sys.executable).parent
-    done = subprocess.run([str(bindir / "mec-hub"), "download", "mec_resnet50"], capture_output=True, text=True,
-                          env=env, timeout=120)
+    done = subprocess.run(
+        [str(bindir / "mec-hub"), "download", "mec_resnet50"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert done.returncode == 1
     assert "Run `mec-hub download mec_resnet50` once while online, or pass local weights" in done.stderr
     assert "Traceback" not in done.stderr
@@ -221,3 +232,12 @@ def test_push_refuses_a_folder_whose_files_changed(checkpoint, tmp_path):
         fh.write(b"\0")
     code, out = run("push", str(out_dir), "--repo-id", "org/mec_test", "--dry-run")
     assert code == 1 and "SHA-256 mismatch" in out
+
+
+@pytest.mark.parametrize("repo_id", ["../../etc", "org/na me", "a/b/c", "org/-name"])
+def test_push_refuses_a_repo_id_the_hub_would_reject(checkpoint, tmp_path, repo_id):
+    out_dir = tmp_path / "r18"
+    run("convert", str(checkpoint), "--out", str(out_dir))
+    code, out = run("push", str(out_dir), "--repo-id", repo_id, "--dry-run")
+    assert code == 1 and out.count("\n") == 1, out
+    assert out.startswith(f"Error: bad Hugging Face repo id {repo_id!r}") and "nothing was sent" not in out

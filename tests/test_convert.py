@@ -5,19 +5,23 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
+import pickle
 import warnings
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+from click.testing import CliRunner
 from official_checkpoint import make_official_checkpoint
 from safetensors import safe_open
 
 import mec_hub
-from mec_hub.convert import TRAIN_FORMAT, convert_checkpoint
+from mec_hub.cli.hub import main as hub_main
 from mec_hub.errors import CheckpointReadError, IncompatibleWeightsError
-from mec_hub.integrity import UnverifiedWeightsWarning, sha256_file
+from mec_hub.export.convert import TRAIN_FORMAT, convert_checkpoint
+from mec_hub.weights.integrity import UnverifiedWeightsWarning, sha256_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,8 +153,8 @@ def test_plain_state_dict_drops_classifier(tmp_path):
 
 
 def test_training_checkpoint_layout(tmp_path):
-    from mec_hub.heads import build_projector
-    from mec_hub.modeling import build_backbone
+    from mec_hub.models.encoder import build_backbone
+    from mec_hub.models.heads import build_projector
 
     torch.manual_seed(1)
     parts = {
@@ -162,8 +166,17 @@ def test_training_checkpoint_layout(tmp_path):
     state = {f"{prefix}.{k}": v for prefix, m in parts.items() for k, v in m.state_dict().items()}
     ckpt = tmp_path / "checkpoint_last.pt"
     preprocessing = {"input_size": [3, 32, 32], "crop_pct": 1.0, "interpolation": "bilinear"}
-    torch.save({"format": TRAIN_FORMAT, "arch": "resnet18", "model_args": {}, "stem": "small", "model": state,
-                "export": {"preprocessing": preprocessing, "meta": {"epochs": 3}}}, ckpt)
+    torch.save(
+        {
+            "format": TRAIN_FORMAT,
+            "arch": "resnet18",
+            "model_args": {},
+            "stem": "small",
+            "model": state,
+            "export": {"preprocessing": preprocessing, "meta": {"epochs": 3}},
+        },
+        ckpt,
+    )
     folder = convert_checkpoint(ckpt, tmp_path / "export", source="teacher").folder
     model = mec_hub.load(weights=folder)
     x = _images(7, size=32)
@@ -249,3 +262,35 @@ def test_corrupted_local_file_is_refused_by_digest(converted, tmp_path):
     with pytest.raises(mec_hub.errors.ChecksumMismatchError, match=r"expected [0-9a-f]{64}, got [0-9a-f]{64}"):
         mec_hub.load(weights=folder)
     assert (folder / "model.safetensors").exists()  # a user's own file is reported, never deleted
+
+
+class _RunsACommand:
+    """Unpickling this would call os.system("true"): what a hostile checkpoint does."""
+
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def _write_hostile(path: Path, how: str) -> Path:
+    payload = {"state_dict": {"conv1.weight": _RunsACommand()}}
+    if how == "zip":
+        torch.save(payload, path)
+    elif how == "legacy":
+        torch.save(payload, path, _use_new_zipfile_serialization=False)
+    else:
+        path.write_bytes(pickle.dumps(payload))
+    return path
+
+
+@pytest.mark.parametrize("how", ["zip", "legacy", "plain pickle"])
+def test_a_pickle_that_would_run_a_command_is_refused_as_unsafe(tmp_path, how):
+    ckpt = _write_hostile(tmp_path / "hostile.pth.tar", how)
+    with pytest.raises(CheckpointReadError) as info:
+        convert_checkpoint(ckpt, tmp_path / "out")
+    result = CliRunner().invoke(hub_main, ["convert", str(ckpt), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    for message in (str(info.value), result.output):
+        assert "refused" in message and "unsafe" in message and "system" in message, message
+        assert "corrupted" not in message and "truncated" not in message, message
+        assert "weights_only=False" not in message and "weights_only` set to `False" not in message, message
+    assert not (tmp_path / "out").exists()

@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mec_hub.evaluation.knn import knn_classify
-from training.loss import coding_length
+from mec_hub.models.losses import coding_length
 
 # --------------------------------------------------------------------------------------------
 # knn_classify: DINO's k=20, T=0.07

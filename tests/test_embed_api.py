@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,8 +14,8 @@ from embed_support import make_images, reference_features
 from PIL import Image
 
 import mec_hub
+from mec_hub.data.images import ImageDecodeError
 from mec_hub.embedding.engine import Embedder, ModelMismatchError
-from mec_hub.embedding.images import ImageDecodeError
 from mec_hub.errors import MecHubError
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -90,8 +91,13 @@ def test_a_loaded_module_is_accepted(tiny_weights_dir: Path, photos: list[Path],
     module = mec_hub.load(weights=tiny_weights_dir, head="projector")
     embedder = Embedder(module, device="cpu")
     assert embedder.head == "projector" and embedder.embed_dim == 128
-    np.testing.assert_allclose(embedder.embed(photos[:2]), module(torch.stack(
-        [mec_hub.get_transform(module)(Image.open(p).convert("RGB")) for p in photos[:2]])).detach().numpy(), **TOL)
+    np.testing.assert_allclose(
+        embedder.embed(photos[:2]),
+        module(torch.stack([mec_hub.get_transform(module)(Image.open(p).convert("RGB")) for p in photos[:2]]))
+        .detach()
+        .numpy(),
+        **TOL,
+    )
     plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
     with pytest.raises(TypeError, match="pretrained_cfg"):
         Embedder(plain, device="cpu")
@@ -128,3 +134,29 @@ def test_from_meta_rebuilds_the_same_embedder(
         Embedder.from_meta({**meta, "weights": str(other)}, device="cpu")
     with pytest.raises(ModelMismatchError, match="preprocessing"):
         Embedder.from_meta({**meta, "preprocessing": {**meta["preprocessing"], "input_size": [3, 64, 64]}})
+
+
+def test_on_commit_reports_each_saved_batch_and_can_stop_the_run(embedder: Embedder, tmp_path: Path):
+    make_images(tmp_path / "imgs", 12)
+    (tmp_path / "imgs" / "zz_empty.png").write_bytes(b"")  # item 13 of the sorted walk: a failure
+    seen = []
+    embedder.embed_folder(tmp_path / "imgs", tmp_path / "ref.npy", progress=False, on_commit=seen.append)
+    # batches of 5 (the fixture's batch size) over 13 images, the last one failing
+    assert [(p.done, p.total, p.failed) for p in seen] == [(5, 13, 0), (10, 13, 0), (13, 13, 1)]
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_the_first_batch(progress: Any) -> None:
+        raise Stop
+
+    with pytest.raises(Stop):
+        embedder.embed_folder(
+            tmp_path / "imgs", tmp_path / "f.npy", progress=False, on_commit=stop_after_the_first_batch
+        )
+    assert not (tmp_path / "f.npy").exists()  # stopped: nothing final-looking, the first batch kept
+    resumed: list[Any] = []
+    embedder.embed_folder(tmp_path / "imgs", tmp_path / "f.npy", progress=False, resume=True, on_commit=resumed.append)
+    assert [(p.done, p.total, p.failed) for p in resumed] == [(10, 13, 0), (13, 13, 1)]
+    assert (tmp_path / "f.npy").read_bytes() == (tmp_path / "ref.npy").read_bytes()
+    assert (tmp_path / "f.paths.txt").read_text() == (tmp_path / "ref.paths.txt").read_text()

@@ -27,8 +27,9 @@ def test_photos_match_a_plain_forward(photos_dir: Path, tiny_weights_dir: Path, 
     assert names == sorted(p.name for p in photos_dir.iterdir())  # relative to the single input folder
     features = np.load(out, mmap_mode="r")
     assert features.shape == (18, 512) and features.dtype == np.float32
-    np.testing.assert_allclose(features, reference_features(tiny_weights_dir, [photos_dir / n for n in names]),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        features, reference_features(tiny_weights_dir, [photos_dir / n for n in names]), rtol=1e-5, atol=1e-5
+    )
 
     meta = json.loads((tmp_path / "feats.meta.json").read_text())
     import mec_hub
@@ -36,6 +37,7 @@ def test_photos_match_a_plain_forward(photos_dir: Path, tiny_weights_dir: Path, 
     assert meta["weights"] == str(tiny_weights_dir.resolve()) and meta["model"] is None
     assert meta["weights_sha256"] == mec_hub.load(weights=tiny_weights_dir).weights_sha256
     assert meta["shape"] == [18, 512] and meta["embed_dim"] == 512 and meta["head"] == "backbone"
+    assert meta["format"] == "mec-embed" and meta["format_version"] == 1
     assert meta["num_embedded"] == 18 and meta["num_failed"] == 0 and meta["failed"] == []
     assert meta["preprocessing"]["input_size"] == [3, 32, 32]
     assert meta["mec_hub_version"] == mec_hub.__version__
@@ -68,15 +70,35 @@ def test_odd_images_every_file_accounted_for(odd_images_dir: Path, tiny_weights_
     # the summary names every failure without a traceback
     assert "7 failed" in result.output and "Traceback" not in result.output
 
-    strict = run(odd_images_dir, "--out", tmp_path / "strict.npy", "--weights", tiny_weights_dir,
-                 "--device", "cpu", "-j", 0, "--strict")
+    strict = run(
+        odd_images_dir,
+        "--out",
+        tmp_path / "strict.npy",
+        "--weights",
+        tiny_weights_dir,
+        "--device",
+        "cpu",
+        "-j",
+        0,
+        "--strict",
+    )
     assert strict.exit_code == EXIT_STRICT, strict.output
     assert np.load(tmp_path / "strict.npy").shape == (23, 512)  # outputs are written all the same
 
 
 def test_nothing_embedded_is_an_error(odd_images_dir: Path, tiny_weights_dir: Path, tmp_path: Path):
-    result = run(odd_images_dir / "empty.jpg", odd_images_dir / "truncated.png", "--out", tmp_path / "f.npy",
-                 "--weights", tiny_weights_dir, "--device", "cpu", "-j", 0)
+    result = run(
+        odd_images_dir / "empty.jpg",
+        odd_images_dir / "truncated.png",
+        "--out",
+        tmp_path / "f.npy",
+        "--weights",
+        tiny_weights_dir,
+        "--device",
+        "cpu",
+        "-j",
+        0,
+    )
     assert result.exit_code == 1
     assert "no image could be embedded" in result.output
 
@@ -139,10 +161,10 @@ def test_unwritable_output_folder(tiny_weights_dir: Path, tmp_path: Path):
 
 
 def test_default_model_comes_from_the_loader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    import mec_hub.loading
+    import mec_hub.models.loading
 
     make_images(tmp_path / "imgs", 1)
-    monkeypatch.setattr(mec_hub.loading, "DEFAULT_MODEL", "no_such_default_model")
+    monkeypatch.setattr(mec_hub.models.loading, "DEFAULT_MODEL", "no_such_default_model")
     result = run(tmp_path / "imgs", "--out", tmp_path / "f.npy", "--device", "cpu")
     assert result.exit_code == 1 and "no_such_default_model" in result.output
 
@@ -152,8 +174,19 @@ def test_files_from_and_globs(tiny_weights_dir: Path, tmp_path: Path, monkeypatc
     listing = tmp_path / "list.txt"
     listing.write_text(f"{paths[4]}\n{paths[1]}\n{tmp_path / 'gone.png'}\n")
     monkeypatch.chdir(tmp_path)
-    result = run("imgs/*0.png", "--files-from", listing, "--out", "f.npy", "--weights", tiny_weights_dir,
-                 "--device", "cpu", "-j", 0)
+    result = run(
+        "imgs/*0.png",
+        "--files-from",
+        listing,
+        "--out",
+        "f.npy",
+        "--weights",
+        tiny_weights_dir,
+        "--device",
+        "cpu",
+        "-j",
+        0,
+    )
     assert result.exit_code == 0, result.output
     names = (tmp_path / "f.paths.txt").read_text().splitlines()
     assert names == ["imgs/img0000.png", str(paths[4]), str(paths[1])]

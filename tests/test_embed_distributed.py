@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from embed_support import make_images, meta_without_times, run_in_own_group, subprocess_env
 
 from mec_hub.cli.embed import main
-from mec_hub.embedding.distributed import batch_aligned_slice
+from mec_hub.runtime.distributed import batch_aligned_slice
 
 BATCH = 4
 

@@ -1,4 +1,4 @@
-"""Decoding odd and broken files to RGB (mec_hub.embedding.images), checked against independent references."""
+"""Decoding odd and broken files to RGB (mec_hub.data.images), checked against independent references."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from embed_support import read_manifest
 from PIL import Image
 
-from mec_hub.embedding.images import ImageDecodeError, decode_image, to_rgb
+from mec_hub.data.images import ImageDecodeError, decode_image, to_rgb
 
 
 def pixels(image: Image.Image) -> np.ndarray:

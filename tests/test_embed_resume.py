@@ -15,7 +15,6 @@ from click.testing import CliRunner
 from embed_support import cli_command, make_images, meta_without_times, run_cli_subprocess, subprocess_env
 
 from mec_hub.cli.embed import main
-from mec_hub.embedding.job import BATCH_DELAY_ENV, KILL_AFTER_BATCHES_ENV
 from mec_hub.embedding.npy_writer import HEADER_SIZE
 
 BATCH = 4
@@ -33,8 +32,22 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def uninterrupted(images: Path, tiny_weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("reference") / "f.npy"
-    result = CliRunner().invoke(main, [str(images), "--out", str(out), "--weights", str(tiny_weights_dir),
-                                       "--device", "cpu", "-b", str(BATCH), "-j", "0"])
+    result = CliRunner().invoke(
+        main,
+        [
+            str(images),
+            "--out",
+            str(out),
+            "--weights",
+            str(tiny_weights_dir),
+            "--device",
+            "cpu",
+            "-b",
+            str(BATCH),
+            "-j",
+            "0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -60,7 +73,7 @@ def test_sigkill_between_writing_rows_and_checkpointing(
 ):
     out = tmp_path / "f.npy"
     # SIGKILL itself after writing the rows of its 3rd batch, before recording them as done.
-    killed = run_cli_subprocess(*args(images, out, tiny_weights_dir), **{KILL_AFTER_BATCHES_ENV: "3"})
+    killed = run_cli_subprocess(*args(images, out, tiny_weights_dir), faults={"kill_after_batches": 3})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
 
     # Nothing final-looking exists; the partial rows run past the checkpoint.
@@ -94,9 +107,15 @@ def test_ctrl_c_keeps_the_work_and_resume_finishes_it(
 ):
     out = tmp_path / "f.npy"
     state_file = tmp_path / ".f.npy.part-0-of-1.state.json"
-    proc = subprocess.Popen(cli_command(*args(images, out, tiny_weights_dir)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=subprocess_env(**{BATCH_DELAY_ENV: "0.5"}),
-                            start_new_session=True, preexec_fn=sigint_as_in_a_terminal)
+    proc = subprocess.Popen(
+        cli_command(*args(images, out, tiny_weights_dir), batch_delay=0.5),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+        start_new_session=True,
+        preexec_fn=sigint_as_in_a_terminal,
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

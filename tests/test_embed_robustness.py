@@ -11,20 +11,25 @@ from click.testing import CliRunner
 from embed_support import make_images, run_cli_subprocess
 
 from mec_hub.cli.embed import main
-from mec_hub.embedding.loader import CRASH_ON_ENV, DECODE_TIMEOUT_ENV, HANG_ON_ENV
+from mec_hub.embedding.loader import DECODE_TIMEOUT_ENV
 
 
 def test_a_crashing_and_a_hanging_file_become_failures(tiny_weights_dir: Path, tmp_path: Path):
     images = tmp_path / "imgs"
     paths = make_images(images, 9)
-    # Two valid images that the test hooks make the worker die on (SIGSEGV) or hang on.
+    # Two valid images that tests/embed_driver.py makes the worker die on (SIGSEGV) or hang on.
     shutil.copy(paths[2], images / "img0002_crash.png")
     shutil.copy(paths[6], images / "img0006_hang.png")
     common = [images, "--weights", tiny_weights_dir, "--device", "cpu", "-b", 4, "-j", 1, "-q"]
 
-    broken = run_cli_subprocess(*common, "--out", tmp_path / "b.npy", timeout=240, **{
-        CRASH_ON_ENV: "_crash.png", HANG_ON_ENV: "_hang.png", DECODE_TIMEOUT_ENV: "2",
-    })
+    broken = run_cli_subprocess(
+        *common,
+        "--out",
+        tmp_path / "b.npy",
+        timeout=240,
+        faults={"crash_on": "_crash.png", "hang_on": "_hang.png"},
+        **{DECODE_TIMEOUT_ENV: "2"},
+    )
     assert broken.returncode == 0, broken.stderr[-3000:]
     healthy = CliRunner().invoke(main, [str(a) for a in (*common, "--out", tmp_path / "h.npy")])
     assert healthy.exit_code == 0, healthy.output

@@ -18,8 +18,8 @@ from PIL import Image
 
 import mec_hub
 from mec_hub.cli.hub import main
-from mec_hub.hubformat import read_config
-from mec_hub.modeling import build_encoder
+from mec_hub.models.encoder import build_encoder
+from mec_hub.weights.config import read_config
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -74,9 +74,28 @@ def numpy_knn_top1(train, train_y, val, val_y, k, temperature) -> float:
 
 def test_eval_knn_end_to_end(cifar_slice: Path, tiny_weights_dir: Path, tmp_path: Path):
     report_path = tmp_path / "report.json"
-    result = run("eval", "knn", "--weights", tiny_weights_dir, "--train", cifar_slice / "train",
-                 "--val", cifar_slice / "test", "--k", 5, "--temperature", 0.1, "--batch-size", 16,
-                 "--device", "cpu", "--out", report_path, "--save-features", tmp_path / "feats")
+    result = run(
+        "eval",
+        "knn",
+        "--weights",
+        tiny_weights_dir,
+        "--train",
+        cifar_slice / "train",
+        "--val",
+        cifar_slice / "test",
+        "--k",
+        5,
+        "--temperature",
+        0.1,
+        "--batch-size",
+        16,
+        "--device",
+        "cpu",
+        "--out",
+        report_path,
+        "--save-features",
+        tmp_path / "feats",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
 
@@ -97,9 +116,22 @@ def test_eval_knn_end_to_end(cifar_slice: Path, tiny_weights_dir: Path, tmp_path
     assert report["data"]["classes"] == CLASSES
 
     # The saved features are reusable input and give the same number without the model.
-    again = run("eval", "knn", "--train-features", tmp_path / "feats" / "train.npy",
-                "--val-features", tmp_path / "feats" / "val.npy", "--k", 5, "--temperature", 0.1,
-                "--device", "cpu", "--out", tmp_path / "again.json")
+    again = run(
+        "eval",
+        "knn",
+        "--train-features",
+        tmp_path / "feats" / "train.npy",
+        "--val-features",
+        tmp_path / "feats" / "val.npy",
+        "--k",
+        5,
+        "--temperature",
+        0.1,
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "again.json",
+    )
     assert again.exit_code == 0, again.output
     report_again = json.loads((tmp_path / "again.json").read_text())
     assert report_again["results"] == report["results"]
@@ -128,9 +160,19 @@ def test_eval_knn_random_init_needs_an_architecture(cifar_slice: Path, tiny_weig
     assert not np.allclose(seeded_random, trained, rtol=0.1, atol=0.01)  # the comparison can tell them apart
     assert (np.abs(used - trained).max(axis=1) > 0.01).all()
 
-    bad = run("eval", "knn", "--weights", tiny_weights_dir / "model.safetensors", "--random-init",
-              "--train", cifar_slice / "train", "--val", cifar_slice / "test")
-    assert bad.exit_code == 1 and "--random-init takes the architecture" in bad.output
+    # A download names no architecture until it is fetched: refused at once, without a request.
+    bad = run(
+        "eval",
+        "knn",
+        "--weights",
+        "hf-hub:org/not-fetched",
+        "--random-init",
+        "--train",
+        cifar_slice / "train",
+        "--val",
+        cifar_slice / "test",
+    )
+    _one_line_error(bad, "hf-hub:org/not-fetched", "the architecture of random weights comes from a model name")
 
 
 def test_eval_linear_on_feature_files(tmp_path: Path):
@@ -140,10 +182,28 @@ def test_eval_linear_on_feature_files(tmp_path: Path):
         labels = np.arange(n) % 3
         np.save(tmp_path / f"{split}.npy", (centres[labels] + rng.normal(size=(n, 8))).astype(np.float32))
         np.save(tmp_path / f"{split}_labels.npy", labels)
-    result = run("eval", "linear", "--train-features", tmp_path / "train.npy",
-                 "--train-labels", tmp_path / "train_labels.npy", "--val-features", tmp_path / "val.npy",
-                 "--val-labels", tmp_path / "val_labels.npy", "--weight-decay", 1e-3, "--weight-decay", 1e-1,
-                 "--seed", 1, "--device", "cpu", "--out", tmp_path / "linear.json")
+    result = run(
+        "eval",
+        "linear",
+        "--train-features",
+        tmp_path / "train.npy",
+        "--train-labels",
+        tmp_path / "train_labels.npy",
+        "--val-features",
+        tmp_path / "val.npy",
+        "--val-labels",
+        tmp_path / "val_labels.npy",
+        "--weight-decay",
+        1e-3,
+        "--weight-decay",
+        1e-1,
+        "--seed",
+        1,
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "linear.json",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "linear.json").read_text())
     assert report["protocol"] == "linear"
@@ -168,15 +228,30 @@ def test_eval_errors(tmp_path: Path, tiny_weights_dir: Path):
     np.save(tmp_path / "labels2.npy", np.zeros(2, dtype=int))
     feats = ["--train-features", tmp_path / "train.npy", "--val-features", tmp_path / "val.npy"]
 
-    _one_line_error(run("eval", "knn", *feats, "--train-labels", tmp_path / "labels4.npy",
-                        "--val-labels", tmp_path / "labels2.npy"), "has 4 labels but", "has 5 rows")
+    _one_line_error(
+        run(
+            "eval", "knn", *feats, "--train-labels", tmp_path / "labels4.npy", "--val-labels", tmp_path / "labels2.npy"
+        ),
+        "has 4 labels but",
+        "has 5 rows",
+    )
     _one_line_error(run("eval", "knn", *feats), "no labels for", "train.paths.txt")
-    _one_line_error(run("eval", "linear", "--train-features", tmp_path / "nope.npy", "--val-features",
-                        tmp_path / "val.npy"), "features file not found", "nope.npy")
-    _one_line_error(run("eval", "knn", "--weights", tiny_weights_dir, "--train", tmp_path / "missing",
-                        "--val", tmp_path / "missing"), "image folder not found")
-    _one_line_error(run("eval", "knn", "--weights", tmp_path / "no_such_weights", "--train", tmp_path,
-                        "--val", tmp_path), "weights not found")
+    _one_line_error(
+        run("eval", "linear", "--train-features", tmp_path / "nope.npy", "--val-features", tmp_path / "val.npy"),
+        "features file not found",
+        "nope.npy",
+    )
+    _one_line_error(
+        run(
+            "eval", "knn", "--weights", tiny_weights_dir, "--train", tmp_path / "missing", "--val", tmp_path / "missing"
+        ),
+        "image folder not found",
+    )
+    _one_line_error(run("eval", "knn", *feats, "--device", "tpu"), "device must be auto, cpu or cuda[:N]", "'tpu'")
+    _one_line_error(
+        run("eval", "knn", "--weights", tmp_path / "no_such_weights", "--train", tmp_path, "--val", tmp_path),
+        "weights not found",
+    )
 
     mixed = run("eval", "knn", *feats, "--train", tmp_path, "--val", tmp_path)
     assert mixed.exit_code == 2 and "not both" in mixed.output

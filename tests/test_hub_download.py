@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,11 +17,11 @@ from conftest import make_tiny_hub_folder
 from fakehub import FakeHub, folder_files
 
 import mec_hub
-from mec_hub import registry
 from mec_hub.errors import ChecksumMismatchError, WeightsNotFoundError
-from mec_hub.hubformat import read_config
-from mec_hub.integrity import UnverifiedWeightsWarning
-from mec_hub.registry import ModelRecord
+from mec_hub.weights import registry
+from mec_hub.weights.config import read_config
+from mec_hub.weights.integrity import UnverifiedWeightsWarning
+from mec_hub.weights.record import ModelRecord
 
 REPO = "mec-test/tiny_resnet18"
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -146,11 +147,7 @@ def test_offline_mode_uses_the_cache_and_explains_an_empty_one(hub, folders, tmp
     cache = tmp_path / "hf"
     mec_hub.load(weights=f"hf-hub:{REPO}", cache_dir=cache, endpoint=hub.endpoint)
     requests_before = len(hub.requests)
-    code = (
-        "import mec_hub, torch\n"
-        f"m = mec_hub.load(weights='hf-hub:{REPO}')\n"
-        "print(m.weights_sha256)\n"
-    )
+    code = f"import mec_hub, torch\nm = mec_hub.load(weights='hf-hub:{REPO}')\nprint(m.weights_sha256)\n"
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_ENDPOINT": hub.endpoint}
     done = _run(code, env)
     assert done.returncode == 0, done.stderr
@@ -165,12 +162,29 @@ def test_offline_mode_uses_the_cache_and_explains_an_empty_one(hub, folders, tmp
 
 def _register_tiny(monkeypatch, sha256: str | None, **location) -> ModelRecord:
     config = read_config(Path(location.pop("folder")))
-    record = ModelRecord(
-        name="tiny_test", architecture=config.architecture, embed_dim=config.num_features,
-        preprocessing=config.preprocessing, sha256=sha256, projector=config.projector, **location,
-    )
+    files = {"model.safetensors": sha256} if sha256 else {}
+    record = ModelRecord(replace(config, name="tiny_test", files=files), **location)
     monkeypatch.setitem(registry._REGISTRY, record.name, record)
     return record
+
+
+def test_a_repo_that_names_a_registry_model_is_checked_against_its_record(hub, folders, tmp_path, monkeypatch):
+    """The repo's config.json calls its model tiny_resnet18; the registry's tiny_resnet18 is v1, main is v2."""
+    v1 = read_config(folders["v1"])
+    record = ModelRecord(v1, hf_repo_id=REPO, hf_revision=hub.first_commit)
+    monkeypatch.setitem(registry._REGISTRY, v1.name, record)
+    cache = tmp_path / "hf"
+    v2_digest = hashlib.sha256((folders["v2"] / "model.safetensors").read_bytes()).hexdigest()
+    with pytest.raises(ChecksumMismatchError, match=f"expected {v1.files['model.safetensors']}, got {v2_digest}"):
+        mec_hub.load(weights=f"hf-hub:{REPO}", cache_dir=cache, endpoint=hub.endpoint)
+    assert v2_digest not in _cached_blobs(cache)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = mec_hub.load(weights=f"hf-hub:{REPO}@{hub.first_commit}", cache_dir=cache, endpoint=hub.endpoint)
+    assert model.name == v1.name
+    with torch.no_grad():
+        torch.testing.assert_close(model(X), _reference(folders["v1"]), rtol=0, atol=0)
 
 
 def test_registry_entry_downloads_from_its_pinned_repo(hub, folders, tmp_path, monkeypatch):

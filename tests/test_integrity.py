@@ -1,4 +1,4 @@
-"""mec_hub/integrity.py against hashlib and the file system (mutants that survived the first mutation pass)."""
+"""mec_hub/weights/integrity.py against hashlib and the file system (mutants that survived the first mutation pass)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import warnings
 import pytest
 
 from mec_hub.errors import ChecksumMismatchError
-from mec_hub.integrity import UnverifiedWeightsWarning, remove_cached_file, sha256_file, verify_sha256
+from mec_hub.weights.integrity import UnverifiedWeightsWarning, remove_cached_file, sha256_file, verify_sha256
 
 
 def test_a_matching_digest_passes_silently_and_a_mismatch_keeps_the_file_by_default(tmp_path):

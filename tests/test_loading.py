@@ -16,13 +16,15 @@ from mec_hub.errors import CheckpointReadError, UnknownModelError, WeightsNotFou
 
 def test_transform_matches_the_authors_evaluation_pipeline(photos_dir):
     image = Image.open(photos_dir / "skimage-chelsea.png").convert("RGB")
-    reference = T.Compose([
-        T.Resize(256, interpolation=T.InterpolationMode.BILINEAR),
-        T.CenterCrop(224),
-        T.ToImage(),
-        T.ToDtype(torch.float32, scale=True),
-        T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
-    ])
+    reference = T.Compose(
+        [
+            T.Resize(256, interpolation=T.InterpolationMode.BILINEAR),
+            T.CenterCrop(224),
+            T.ToImage(),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+        ]
+    )
     got = mec_hub.get_transform("mec_resnet50")(image)
     torch.testing.assert_close(got, reference(image), rtol=0, atol=1e-6)
 
@@ -63,3 +65,61 @@ def test_truncated_safetensors_without_digest(tiny_weights_dir, tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointReadError, match="corrupted or truncated"):
         mec_hub.load(weights=folder)
+
+
+def test_random_weights_take_the_architecture_of_a_weights_folder(tiny_weights_dir):
+    from safetensors.torch import load_file
+
+    torch.manual_seed(1)  # the fixture's weights are seed 0's initialisation
+    model = mec_hub.load(weights=tiny_weights_dir, pretrained=False, head="projector")
+    # The fixture folder: a ResNet-18 (512 features) with a 512-256-128 projector, 32 px preprocessing.
+    assert model.config.architecture == "resnet18" and model.embed_dim == 128 and not model.training
+    assert model.pretrained_cfg["input_size"] == [3, 32, 32] and model.weights_sha256 is None
+    published = load_file(str(tiny_weights_dir / "model.safetensors"))
+    random_init = model.backbone.state_dict()
+    assert set(random_init) == set(published)
+    assert not torch.equal(random_init["conv1.weight"], published["conv1.weight"])
+    assert not torch.equal(random_init["layer4.1.conv2.weight"], published["layer4.1.conv2.weight"])
+    with pytest.raises(ValueError, match="not from a download"):
+        mec_hub.load(weights="hf-hub:org/name", pretrained=False)
+
+
+@pytest.fixture
+def no_downloads(monkeypatch):
+    """Make any attempt to fetch weights fail the test."""
+    from mec_hub.weights import sources
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an unpublished model must be refused before any download")
+
+    for name in ("hf_download", "url_download", "_fetch_files"):
+        monkeypatch.setattr(sources, name, refuse)
+    monkeypatch.delenv("MEC_HUB_MEC_RESNET50_WEIGHTS", raising=False)
+
+
+def _says_what_to_do(message: str) -> None:
+    assert "'mec_resnet50' has no published weights to download yet" in message
+    assert "mec-hub convert" in message and "--weights DIR" in message
+    assert "MEC_HUB_MEC_RESNET50_WEIGHTS=DIR" in message
+
+
+def test_an_unpublished_model_is_refused_at_once(no_downloads):
+    with pytest.raises(WeightsNotFoundError) as info:
+        mec_hub.load("mec_resnet50")
+    _says_what_to_do(str(info.value))
+
+
+def test_cli_model_option_refuses_an_unpublished_model_at_once(no_downloads, photos_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from mec_hub.cli.embed import main as embed_main
+    from mec_hub.cli.hub import main as hub_main
+
+    for main, args in [
+        (embed_main, [str(photos_dir), "--out", str(tmp_path / "f.npy"), "--model", "mec_resnet50", "--quiet"]),
+        (hub_main, ["download", "mec_resnet50"]),
+    ]:
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1, result.output
+        assert "Traceback" not in result.output
+        _says_what_to_do(" ".join(result.output.split()))

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import training.loss as loss_module
-from training.loss import MECLoss, coding_length, spectral_norm_estimate
+import mec_hub.models.losses as loss_module
+from mec_hub.models.losses import MECLoss, coding_length, spectral_norm_estimate
 
 SHAPES = [(6, 9), (9, 6)]  # m < d (batch-side matrix smaller) and m > d (feature side smaller)
 

@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from mec_hub.apps.plots import PANELS, read_metrics, series
 from mec_hub.cli.hub import main
-from mec_hub.plots import PANELS, read_metrics, series
 
 
 def write_metrics(path: Path) -> Path:
@@ -107,6 +107,7 @@ def test_plot_draws_every_series_of_the_file(tmp_path: Path, monkeypatch: pytest
         "lamda": [0.5, 0.25, 0.2, 0.125, 0.1],  # drawn as 1/lamda
         "teacher_momentum": [0.996, 0.997, 0.998, 0.999, 1.0],
         "images_per_s": [100.0, 180.0, 150.0, 170.0, 160.0],
+        "taylor_rel_error": [1e-6, 1e-4, 0.02, 0.004, 0.003],
     }
     epochs = {20: 31.0, 40: 47.5}  # kNN top-1, measured at the end of each epoch
     lines = []
@@ -122,6 +123,7 @@ def test_plot_draws_every_series_of_the_file(tmp_path: Path, monkeypatch: pytest
         "Coding length": (xs, per_step["coding_length"]),
         "kNN top-1": ([20.0, 40.0], [31.0, 47.5]),
         "‖C‖₂ (series limit 1)": (xs, per_step["spectral_norm"]),
+        "Taylor error vs exact logdet (0.5% line)": (xs, per_step["taylor_rel_error"]),
         "Learning rate": (xs, per_step["lr"]),
         "1/λ (λ warm-up)": (xs, [2.0, 4.0, 5.0, 8.0, 10.0]),
         "Teacher momentum": (xs, per_step["teacher_momentum"]),
@@ -147,7 +149,7 @@ def test_plot_draws_every_series_of_the_file(tmp_path: Path, monkeypatch: pytest
         pixels = np.asarray(picture.convert("RGB")).astype(int)
     height = pixels.shape[0]
     for title, ax in panels.items():
-        data = [line for line in ax.get_lines() if line.get_linestyle() != "--"]
+        data = [line for line in ax.get_lines() if line.get_linestyle() not in ("--", ":")]
         assert len(data) == 1, (title, data)
         x, y = expected[title]
         assert list(data[0].get_xdata()) == x, title
@@ -160,3 +162,85 @@ def test_plot_draws_every_series_of_the_file(tmp_path: Path, monkeypatch: pytest
         assert (inside[..., 2] - inside[..., 0] > 60).sum() > 50, title
     limit = [line for line in panels["‖C‖₂ (series limit 1)"].get_lines() if line.get_linestyle() == "--"]
     assert len(limit) == 1 and list(limit[0].get_ydata()) == [1.0, 1.0]  # the series' convergence limit
+    taylor = panels["Taylor error vs exact logdet (0.5% line)"]
+    assert taylor.get_yscale() == "log"  # errors from 1e-6 to 2e-2 on one axis
+    limit = [line for line in taylor.get_lines() if line.get_linestyle() == "--"]
+    assert len(limit) == 1 and list(limit[0].get_ydata()) == [0.005, 0.005]  # the paper's 0.5%
+
+
+def draw(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lines: list[str]):
+    """Run ``mec-hub plot`` on ``lines``; the CLI result and the figure it drew."""
+    from matplotlib.figure import Figure
+
+    drawn: list[Figure] = []
+    savefig = Figure.savefig
+
+    def recording_savefig(self: Figure, *args: object, **kwargs: object) -> object:
+        drawn.append(self)
+        return savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", recording_savefig)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(lines) + "\n")
+    result = CliRunner().invoke(main, ["plot", str(metrics), "--out", str(tmp_path / "curves.png"), "--dpi", 40])
+    return result, drawn[0] if drawn else None
+
+
+def test_every_panel_names_its_quantity_and_unit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    result, figure = draw(tmp_path, monkeypatch, [json.dumps({"kind": "step", "step": 1, "loss": -1.0})])
+    assert result.exit_code == 0, result.output
+    assert len(figure.axes) == len(PANELS)
+    for ax in figure.axes:
+        label = ax.get_ylabel()
+        # "quantity (unit)", the unit in parentheses at the end
+        assert label.endswith(")") and "(" in label and label.index("(") > 2, (ax.get_title(), label)
+    units = {ax.get_title().split("  [")[0]: ax.get_ylabel() for ax in figure.axes}
+    assert units["Throughput"].endswith("(images/s)") and units["kNN top-1"].endswith("(%)")
+
+
+def test_a_resumed_run_is_marked_on_every_panel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """``{"kind": "resume", "step": 20}`` (what training/metrics.py writes on resuming) -> a dotted line at 20."""
+    lines = [json.dumps({"kind": "step", "step": s, "loss": -s / 10, "lr": 0.1}) for s in (10, 20, 30, 40)]
+    lines.insert(2, json.dumps({"kind": "resume", "step": 20, "time": "2026-01-01T00:00:00+00:00"}))
+    lines.append(json.dumps({"kind": "resume", "step": 40, "time": "2026-01-02T00:00:00+00:00"}))
+    result, figure = draw(tmp_path, monkeypatch, lines)
+    assert result.exit_code == 0, result.output
+    for ax in figure.axes:
+        markers = [line for line in ax.get_lines() if line.get_linestyle() == ":"]
+        assert sorted(list(line.get_xdata()) for line in markers) == [[20.0, 20.0], [40.0, 40.0]], ax.get_title()
+    texts = [t.get_text().strip() for ax in figure.axes for t in ax.texts]
+    assert texts.count("resumed") == 2  # labelled once per resume, on the first panel
+    loss = next(ax for ax in figure.axes if ax.get_title().startswith("Loss"))
+    (curve,) = [line for line in loss.get_lines() if line.get_linestyle() not in ("--", ":")]
+    assert list(curve.get_xdata()) == [10.0, 20.0, 30.0, 40.0]  # the resume lines add no data points
+
+
+def test_numbers_no_plot_can_hold_are_left_out_with_a_warning_naming_the_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """``1e400`` (JSON reads inf), ``-1e400``, ``NaN`` and ``1e308`` (its axis range overflows): no traceback."""
+    lines = [
+        '{"step": 1, "loss": -1.0, "coding_length": 5.0}',
+        '{"step": 2, "loss": 1e400, "coding_length": 6.0}',
+        '{"step": 3, "loss": -3.0, "coding_length": 1e308}',
+        '{"step": 4, "loss": -4.0, "coding_length": -1e400}',
+        '{"step": 1e400, "loss": -5.0}',
+        '{"step": 6, "loss": NaN, "coding_length": 7.0}',
+    ]
+    result, figure = draw(tmp_path, monkeypatch, lines)
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    metrics = tmp_path / "metrics.jsonl"
+    warned = [line for line in result.stderr.splitlines() if line.startswith("Warning:")]
+    assert warned == [
+        f"Warning: {metrics}:2: loss is inf, not a plottable number; left out",
+        f"Warning: {metrics}:3: coding_length is 1e+308, not a plottable number; left out",
+        f"Warning: {metrics}:4: coding_length is -inf, not a plottable number; left out",
+        f"Warning: {metrics}:5: step is inf, not a plottable number; line skipped",
+        f"Warning: {metrics}:6: loss is nan, not a plottable number; left out",
+    ]
+    panels = {ax.get_title().split("  [")[0]: ax for ax in figure.axes}
+    (loss,) = [line for line in panels["Loss"].get_lines() if line.get_linestyle() not in ("--", ":")]
+    assert list(loss.get_xdata()) == [1.0, 3.0, 4.0] and list(loss.get_ydata()) == [-1.0, -3.0, -4.0]
+    (coding,) = [line for line in panels["Coding length"].get_lines() if line.get_linestyle() not in ("--", ":")]
+    assert list(coding.get_xdata()) == [1.0, 2.0, 6.0] and list(coding.get_ydata()) == [5.0, 6.0, 7.0]

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 import mec_hub
+from mec_hub.apps.search import cosine_top_k
 from mec_hub.cli.hub import main
-from mec_hub.search import cosine_top_k
 
 
 def run(*args: object):

@@ -12,7 +12,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from training.data import GaussianBlur, GlobalBatchSampler, Solarize, TwoViewImages, find_images, mocov3_views
+from training.data import GaussianBlur, GlobalBatchSampler, TwoViewImages, find_images, mocov3_views
 
 
 def write_images(root: Path, count: int = 6, size: int = 40) -> list[Path]:
@@ -57,8 +57,8 @@ def test_views_follow_the_official_mocov3_recipe():
         blur = steps[3]
         assert blur.p == blur_p and isinstance(blur.transforms[0], GaussianBlur)
         assert blur.transforms[0].sigma == (0.1, 2.0)
-        solarize = [s for s in steps if isinstance(s, transforms.RandomApply) and isinstance(s.transforms[0], Solarize)]
-        assert [s.p for s in solarize] == ([] if solarize_p is None else [solarize_p])
+        solarize = [s for s in steps if isinstance(s, transforms.RandomSolarize)]
+        assert [(s.threshold, s.p) for s in solarize] == ([] if solarize_p is None else [(128, solarize_p)])
         assert isinstance(steps[-3], transforms.RandomHorizontalFlip)
         normalize = steps[-1]
         assert tuple(normalize.mean) == (0.485, 0.456, 0.406) and tuple(normalize.std) == (0.229, 0.224, 0.225)
@@ -67,8 +67,11 @@ def test_views_follow_the_official_mocov3_recipe():
 def test_noblur_views_drop_only_the_blur():
     blurred, plain = mocov3_views(32), mocov3_views(32, "mocov3-noblur")
     for with_blur, without in zip(blurred, plain, strict=True):
-        kept = [s for s in with_blur.transforms
-                if not (isinstance(s, transforms.RandomApply) and isinstance(s.transforms[0], GaussianBlur))]
+        kept = [
+            s
+            for s in with_blur.transforms
+            if not (isinstance(s, transforms.RandomApply) and isinstance(s.transforms[0], GaussianBlur))
+        ]
         assert [repr(s) for s in without.transforms] == [repr(s) for s in kept]
     with pytest.raises(ValueError, match="augmentation must be one of"):
         mocov3_views(32, "strong")
@@ -76,7 +79,8 @@ def test_noblur_views_drop_only_the_blur():
 
 def test_blur_and_solarize_are_the_pil_operations():
     image = Image.fromarray((np.random.default_rng(1).random((16, 16, 3)) * 255).astype("uint8"))
-    assert np.array_equal(np.asarray(Solarize()(image)), np.asarray(ImageOps.solarize(image, 128)))
+    solarize = transforms.RandomSolarize(threshold=128, p=1.0)
+    assert np.array_equal(np.asarray(solarize(image)), np.asarray(ImageOps.solarize(image, 128)))
     torch.manual_seed(3)
     blurred = GaussianBlur()(image)
     torch.manual_seed(3)
@@ -84,6 +88,22 @@ def test_blur_and_solarize_are_the_pil_operations():
     from PIL import ImageFilter
 
     assert np.array_equal(np.asarray(blurred), np.asarray(image.filter(ImageFilter.GaussianBlur(radius=sigma))))
+
+
+def test_solarize_draws_its_coin_from_torch_so_a_seed_fixes_it():
+    image = Image.fromarray((np.random.default_rng(2).random((16, 16, 3)) * 255).astype("uint8"))
+    solarized = np.asarray(ImageOps.solarize(image, 128))
+    view = mocov3_views(16)[1]
+    solarize = next(s for s in view.transforms if isinstance(s, transforms.RandomSolarize))
+    applied = []
+    for seed in range(40):
+        torch.manual_seed(seed)
+        out = np.asarray(solarize(image))
+        torch.manual_seed(seed)
+        expected = solarized if float(torch.rand(1)) < 0.2 else np.asarray(image)  # one draw, p = 0.2
+        assert np.array_equal(out, expected), seed
+        applied.append(np.array_equal(out, solarized))
+    assert 0 < sum(applied) < len(applied)
 
 
 def test_a_sample_is_a_function_of_seed_epoch_and_index_only(tmp_path):

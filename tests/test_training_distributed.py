@@ -18,7 +18,7 @@ from PIL import Image
 from torch import nn
 
 import training.pretrain as pretrain
-from training.loss import MECLoss
+from mec_hub.models.losses import MECLoss
 from training.model import MECModel, build_mec_model
 
 WORLD = 2

@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
+from mec_hub.models.losses import MECLoss, MECLossOutput
 from training.engine import EpochTotals, NonFiniteLossError, Precision, StepStats, train_step
-from training.loss import MECLoss, MECLossOutput
 from training.schedules import ScheduleValues
 
 

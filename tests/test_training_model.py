@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from mec_hub.convert import TRAIN_FORMAT
+from mec_hub.export.convert import TRAIN_FORMAT
+from mec_hub.models.losses import MECLossOutput
 from training import checkpoint as ckpt
 from training.engine import NonFiniteLossError, StepStats
-from training.loss import MECLossOutput
 from training.metrics import MetricsLog, read_metrics
 from training.model import build_mec_model
 from training.optim import LARS, build_optimizer
@@ -177,7 +177,7 @@ def test_step_stats_name_the_first_non_finite_step():
 
 def test_small_image_stem_builds_and_exports(tmp_path):
     import mec_hub
-    from mec_hub.convert import extract_weights, write_hub_folder
+    from mec_hub.export.convert import extract_weights, write_hub_folder
 
     torch.manual_seed(4)
     small = build_mec_model("resnet18", stem="small", dim=16, hidden_dim=32, pred_dim=8)

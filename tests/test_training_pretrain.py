@@ -19,13 +19,15 @@ from PIL import Image
 
 import mec_hub
 import training.pretrain as pretrain
-from training.loss import MECLossOutput
+from mec_hub.models.losses import MECLossOutput
+from training import checkpoint as ckpt
+from training.config import parse_args
 from training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "training" / "pretrain.py"
 STEPS = 6  # 16 images, batch 8: 2 steps per epoch, 3 epochs
-TIMING = ("images_per_s", "epoch_time_s")
+TIMING = ("images_per_s", "epoch_time_s", "data_time_s", "compute_time_s", "elapsed_s", "eta_s")
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +50,7 @@ def arguments(images: Path, out: Path, *extra: str) -> list[str]:
         "--data", str(images), "--output-dir", str(out),
         "--arch", "resnet10t", "--image-size", "32", "--dim", "32", "--hidden-dim", "64", "--pred-dim", "16",
         "--batch-size", "8", "--epochs", "3", "--warmup-epochs", "1", "--lamda-warmup-epochs", "1",
+        "--eps2", "64",  # the paper's value, which the default would scale up for a batch of 8
         "--workers", "0", "--log-every", "1", "--device", "cpu", "--no-tensorboard",
         "--knn-train", str(images), "--knn-val", str(images), "--knn-every", "2", "--knn-k", "5",
         *extra,
@@ -224,8 +227,47 @@ def test_two_processes_with_torchrun(images, tmp_path):
 
 @pytest.mark.parametrize(
     ("data", "expected"),
-    [("/data/cifar10-subset/train", "cifar10-subset/train"), ("/data/imagenet/val", "imagenet/val"),
-     ("/data/my_photos", "my_photos"), ("train", "train")],
+    [
+        ("/data/cifar10-subset/train", "cifar10-subset/train"),
+        ("/data/imagenet/val", "imagenet/val"),
+        ("/data/my_photos", "my_photos"),
+        ("train", "train"),
+    ],
 )
 def test_exports_name_the_data_set_not_just_its_split_folder(data, expected):
     assert pretrain.dataset_name(data) == expected
+
+
+@pytest.mark.parametrize(
+    ("batch", "eps2"),
+    [(1024, 64.0), (4096, 64.0), (256, 256.0), (128, 512.0), (64, 1024.0), (8, 8192.0)],
+)
+def test_default_eps2_is_the_papers_at_its_batch_and_keeps_lamda_below(batch, eps2):
+    parser = pretrain.build_parser()
+    args = parse_args(["--data", "d", "--output-dir", "o", "--batch-size", str(batch)], parser)
+    args = pretrain.check_args(args, parser, world_size=1)
+    assert args.eps2 == eps2
+    d = args.dim
+    assert d / (batch * args.eps2) == min(d / (batch * 64.0), d / (1024 * 64.0))  # lamda never above the paper's
+    explicit = parse_args(["--data", "d", "--output-dir", "o", "--batch-size", str(batch), "--eps2", "64"], parser)
+    explicit = pretrain.check_args(explicit, parser, world_size=1)
+    assert explicit.eps2 == 64.0
+    config = pretrain.recipe_config(args, hidden_dim=512, num_images=5000)
+    assert config["eps2"] == eps2 and config["batch_size"] == batch
+
+
+def test_the_recipe_config_holds_every_option_the_resume_check_compares():
+    parser = pretrain.build_parser()
+    args = parse_args(["--data", "imgs", "--output-dir", "o", "--arch", "resnet18", "--lr", "0.3"], parser)
+    args = pretrain.check_args(args, parser, world_size=1)
+    config = pretrain.recipe_config(args, hidden_dim=512, num_images=5000)
+    assert set(config) == {*ckpt.RECIPE_KEYS, "data", "extend_epochs", "schedule_restarts", "init_from"}
+    assert config["arch"] == "resnet18" and config["lr"] == 0.3 and config["eps2"] == 64.0
+    assert config["hidden_dim"] == 512 and config["num_images"] == 5000 and config["data"] == "imgs"
+    assert config["weight_decay"] == 1e-5 and config["order"] == 4 and config["model_args"] == {}
+    # What the resume check compared before the options became TrainConfig's fields is still compared.
+    assert set(ckpt.RECIPE_KEYS) >= {
+        "arch", "model_args", "stem", "image_size", "augmentation", "dim", "hidden_dim", "pred_dim", "epochs",
+        "batch_size", "lr", "weight_decay", "momentum", "optimizer", "eps2", "order", "teacher_momentum",
+        "warmup_epochs", "lamda_warmup_epochs", "lamda_warmup_factor", "seed", "num_images",
+    }  # fmt: skip

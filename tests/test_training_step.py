@@ -23,9 +23,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from mec_hub.heads import build_predictor, build_projector
+from mec_hub.models.heads import build_predictor, build_projector
+from mec_hub.models.losses import MECLoss
 from training.engine import Precision, train_step
-from training.loss import MECLoss
 from training.model import Encoder, MECModel
 from training.optim import build_optimizer
 from training.schedules import Schedules

@@ -1,6 +1,7 @@
-"""MEC pretraining: the coding-length loss, the official recipe, and the ``pretrain.py`` entry point.
+"""MEC pretraining: the official recipe and the ``pretrain.py`` entry point.
 
-Modules, each readable on its own: ``loss`` (coding length, ``MECLoss``), ``model`` (student,
+The loss (``mec_hub.MECLoss``, ``mec_hub.coding_length``) and the projector and predictor heads
+live in the installed package; this folder is the recipe. Modules, each readable on its own: ``model`` (student,
 EMA teacher, predictor), ``data`` (image folder, MoCo v3 views, global-batch sampler),
 ``schedules`` (lr, teacher momentum, lamda), ``optim`` (SGD, LARS), ``engine`` (one training
 step), ``checkpoint``, ``metrics``, ``monitor`` (kNN), ``distributed`` and ``pretrain`` (the

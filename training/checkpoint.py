@@ -1,8 +1,8 @@
-"""Training checkpoints: atomic writes, kept snapshots, and the resume compatibility check.
+"""Training checkpoints: atomic writes, kept snapshots, the resume check, and the weights a run starts from.
 
 A checkpoint is a plain dict that ``torch.load(weights_only=True)`` reads (tensors, dicts,
-lists, str, int, float, bool, None) and that ``mec_hub.convert`` understands
-(``format == mec_hub.convert.TRAIN_FORMAT``).
+lists, str, int, float, bool, None) and that ``mec_hub.export.convert`` understands
+(``format == mec_hub.export.convert.TRAIN_FORMAT``).
 """
 
 from __future__ import annotations
@@ -12,41 +12,22 @@ import re
 import shutil
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mec_hub.convert import TRAIN_FORMAT, read_checkpoint
+from mec_hub.export.convert import TRAIN_FORMAT, extract_weights, read_checkpoint
 from mec_hub.fileio import atomic_write
+from mec_hub.models.loading import load as load_encoder
+from training.config import recipe_keys
 
 LAST = "checkpoint_last.pt"
 SNAPSHOT_PATTERN = re.compile(r"^checkpoint_epoch(\d{4,})\.pt$")
-# What defines a run: resuming with any of these changed would not continue the same run.
-RECIPE_KEYS = (
-    "arch",
-    "model_args",
-    "stem",
-    "image_size",
-    "augmentation",
-    "dim",
-    "hidden_dim",
-    "pred_dim",
-    "epochs",
-    "batch_size",
-    "lr",
-    "weight_decay",
-    "momentum",
-    "optimizer",
-    "eps2",
-    "order",
-    "teacher_momentum",
-    "warmup_epochs",
-    "lamda_warmup_epochs",
-    "lamda_warmup_factor",
-    "seed",
-    "num_images",
-)
+# What defines a run: resuming with any of these changed would not continue the same run. The
+# recipe fields of ``TrainConfig`` (each the option of that name) and the number of images.
+RECIPE_KEYS = (*recipe_keys(), "num_images")
 
 
 class ResumeMismatchError(RuntimeError):
@@ -97,8 +78,17 @@ def keep_snapshot(out_dir: str | os.PathLike[str], epoch: int, keep: int) -> Pat
     return target
 
 
+def total_epochs(config: Mapping[str, Any]) -> int:
+    """The length of a run's schedule: its ``--extend-epochs`` when it was extended, else ``--epochs``."""
+    extended = config.get("extend_epochs")
+    return int(extended) if extended is not None else int(config["epochs"])
+
+
 def recipe_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """``["--epochs: checkpoint 100, command 200", ...]`` for the recipe keys that differ."""
+    """``["--epochs: checkpoint 100, command 200", ...]`` for the recipe keys that differ.
+
+    The schedule may grow (``--extend-epochs`` beyond the checkpoint's length), never shrink.
+    """
     out = []
     # Runs from before an option existed used its default.
     defaults = {"augmentation": "mocov3"}
@@ -106,10 +96,19 @@ def recipe_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
         if saved.get(key, defaults.get(key)) != current.get(key, defaults.get(key)):
             option = "number of images in --data" if key == "num_images" else "--" + key.replace("_", "-")
             out.append(f"{option}: checkpoint {saved.get(key)!r}, command {current.get(key)!r}")
+            if key == "epochs" and current[key] > saved[key]:
+                longer = f"keep --epochs {saved[key]} and add --extend-epochs {current[key]}"
+                out[-1] += f" (to make this run longer, {longer})"
+    if not out and total_epochs(current) < total_epochs(saved):
+        out.append(
+            f"--extend-epochs: checkpoint {saved.get('extend_epochs')!r}, command {current.get('extend_epochs')!r} "
+            f"(the run was extended to {total_epochs(saved)} epochs; a schedule can grow, not shrink)"
+        )
     return out
 
 
 def check_resumable(saved_config: Mapping[str, Any], config: Mapping[str, Any], *, path: Path) -> None:
+    """Refuse a command that asks for another run than the checkpoint's (one that extends it is the same run)."""
     differences = recipe_differences(saved_config, config)
     if differences:
         raise ResumeMismatchError(
@@ -117,6 +116,73 @@ def check_resumable(saved_config: Mapping[str, Any], config: Mapping[str, Any], 
             + "\n  ".join(differences)
             + "\nRerun with the checkpoint's values to continue it, or pass another --output-dir to start a new run."
         )
+
+
+def schedule_restart(saved_config: Mapping[str, Any], config: Mapping[str, Any], *, step: int) -> dict[str, int] | None:
+    """The restart record when ``config`` extends the checkpoint's schedule (after :func:`check_resumable`).
+
+    ``{"step", "from_epochs", "to_epochs"}``: from ``step`` on, the schedules are those of a
+    ``to_epochs`` run (the rule: ``training.schedules``).
+    """
+    before, after = total_epochs(saved_config), total_epochs(config)
+    if after == before:
+        return None
+    return {"step": int(step), "from_epochs": before, "to_epochs": after}
+
+
+@dataclass(frozen=True)
+class InitialWeights:
+    """What ``--init-from`` gives a new run: the student's backbone (and projector) and their architecture."""
+
+    architecture: str | None
+    """``None`` when the source does not say (a plain state dict): the strict load then decides."""
+    model_args: dict[str, Any]
+    stem: str
+    backbone: dict[str, torch.Tensor]
+    projector: dict[str, torch.Tensor] | None
+    source: str
+    """What the weights are, for the log and the config: ``student of a training checkpoint at step 6``."""
+
+
+def read_initial_weights(spec: str) -> InitialWeights:
+    """The student weights in ``spec``: a checkpoint file, or anything ``mec_hub.load`` accepts.
+
+    A file other than ``.safetensors`` is read as a checkpoint (``torch.load(weights_only=True)``):
+    a ``training/pretrain.py`` one (its student), the authors' one (its encoder), or a plain
+    backbone state dict. Anything else goes to ``mec_hub.load``, which checks digests: a
+    registry name, an exported folder, a ``.safetensors`` file, ``hf-hub:org/name``.
+    """
+    path = Path(spec)
+    if path.is_file() and path.suffix != ".safetensors":
+        state = read_checkpoint(path)
+        extracted = extract_weights(state, source="student", origin=spec)
+        if state.get("format") == TRAIN_FORMAT:
+            source = f"student of a training checkpoint at step {state.get('step')}"
+        else:
+            source = extracted.layout
+        known = extracted.layout != "plain state dict"
+        return InitialWeights(
+            architecture=extracted.architecture if known else None,
+            model_args=dict(extracted.model_args),
+            stem=extracted.stem,
+            backbone=extracted.backbone,
+            projector=extracted.projector,
+            source=source,
+        )
+    encoder = load_encoder(weights=spec, head="backbone")
+    projector = None
+    if encoder.config.projector is not None:
+        encoder = load_encoder(weights=spec, head="projector")
+        projector = encoder.projector.state_dict()
+    digest = f", sha256 {encoder.weights_sha256[:12]}" if encoder.weights_sha256 else ""
+    return InitialWeights(
+        architecture=encoder.config.architecture,
+        model_args=dict(encoder.config.model_args),
+        stem=encoder.config.stem,
+        backbone=encoder.backbone.state_dict(),
+        projector=projector,
+        source=f"mec_hub.load weights{digest}",
+    )
 
 
 def assert_weights_only_safe(obj: Any, where: str = "checkpoint") -> None:

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageFilter
 from torch.utils.data import Dataset, Sampler
 from torchvision import transforms
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from mec_hub.data.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
+from mec_hub.weights.config import IMAGENET_MEAN, IMAGENET_STD
+
 # Unreadable images are replaced by the next readable one; give up after this many in a row.
 _MAX_CONSECUTIVE_FAILURES = 50
 
@@ -58,7 +58,9 @@ def find_images(root: str | os.PathLike[str]) -> list[str]:
 class GaussianBlur:
     """PIL Gaussian blur with ``radius = sigma ~ U(sigma_min, sigma_max)`` (SimCLR / MoCo v3).
 
-    Draws from torch's generator (not Python's ``random``), so one seed fixes every augmentation.
+    Kept rather than ``torchvision.transforms.GaussianBlur``, which blurs with a fixed kernel size
+    where the recipe blurs with PIL's radius. Draws its radius from torch's generator (not
+    Python's ``random``), which the dataset seeds per sample: exact resumption depends on it.
     """
 
     def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)) -> None:
@@ -72,16 +74,6 @@ class GaussianBlur:
         return f"{type(self).__name__}(sigma={self.sigma})"
 
 
-class Solarize:
-    """PIL solarize at threshold 128 (BYOL / MoCo v3)."""
-
-    def __call__(self, image: Image.Image) -> Image.Image:
-        return ImageOps.solarize(image, threshold=128)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(threshold=128)"
-
-
 def mocov3_view(image_size: int, *, blur_p: float, solarize_p: float) -> transforms.Compose:
     """One MoCo v3 view: crop (scale 0.2-1), colour jitter (p 0.8), grayscale (0.2), blur, solarize, flip."""
     steps: list[Callable] = [
@@ -91,8 +83,8 @@ def mocov3_view(image_size: int, *, blur_p: float, solarize_p: float) -> transfo
     ]
     if blur_p > 0:
         steps.append(transforms.RandomApply([GaussianBlur((0.1, 2.0))], p=blur_p))
-    if solarize_p > 0:
-        steps.append(transforms.RandomApply([Solarize()], p=solarize_p))
+    if solarize_p > 0:  # PIL's solarize at 128; draws its coin from torch's RNG, like RandomApply
+        steps.append(transforms.RandomSolarize(threshold=128, p=solarize_p))
     steps += [
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
@@ -128,8 +120,11 @@ class TwoViewImages(Dataset):
 
     The augmentation of a sample is a function of ``(seed, epoch, index)`` alone: it is drawn
     inside a forked torch RNG seeded from those three numbers, leaving the caller's RNG as it was.
-    An unreadable image is replaced by the next readable one (with a warning once per file), so
-    a bad file costs one sample, not the run.
+    Images are decoded as ``mec-embed`` and evaluation decode them
+    (``mec_hub.data.images.decode_image``: EXIF orientation applied, transparency over white), so
+    that the model is trained on the pixels it is later served. An unreadable image is replaced
+    by the next readable one (with a warning once per file, giving the reason), so a bad file
+    costs one sample, not the run.
     """
 
     def __init__(
@@ -153,12 +148,11 @@ class TwoViewImages(Dataset):
         for attempt in range(_MAX_CONSECUTIVE_FAILURES):
             path = self.root / self.files[(index + attempt) % len(self.files)]
             try:
-                with Image.open(path) as image:
-                    return image.convert("RGB")
-            except Exception as exc:  # PIL raises OSError, ValueError, DecompressionBombError, ...
+                return decode_image(path)
+            except ImageDecodeError as exc:
                 if str(path) not in self._reported:
                     self._reported.add(str(path))
-                    warnings.warn(f"skipping unreadable image {path}: {exc}", stacklevel=2)
+                    warnings.warn(f"skipping unreadable image {path}: {exc.reason}", stacklevel=2)
         raise RuntimeError(
             f"{_MAX_CONSECUTIVE_FAILURES} unreadable images in a row, from {self.root / self.files[index]} on"
         )

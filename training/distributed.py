@@ -1,29 +1,18 @@
-"""Process-group setup for ``torchrun`` (and the single-process case) and the few collectives a run needs."""
+"""Process-group setup for ``torchrun`` (and the single-process case) and the few collectives a run needs.
+
+The process's place in the job is ``mec_hub.runtime.distributed.DistEnv``, the type the embedding
+job uses too; ``setup`` fills in its ``device``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
-import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-
-@dataclass(frozen=True)
-class DistEnv:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
+from mec_hub.runtime.distributed import DistEnv, dist_env
 
 
 def setup(device: str = "auto", *, timeout_minutes: float = 30.0) -> DistEnv:
@@ -33,9 +22,8 @@ def setup(device: str = "auto", *, timeout_minutes: float = 30.0) -> DistEnv:
     """
     if device not in ("auto", "cuda", "cpu"):
         raise ValueError(f"--device must be auto, cuda or cpu, not {device!r}")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    env = dist_env()
+    world_size, local_rank = env.world_size, env.local_rank
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError("--device cuda, but torch sees no GPU")
@@ -50,7 +38,7 @@ def setup(device: str = "auto", *, timeout_minutes: float = 30.0) -> DistEnv:
             dist.init_process_group(**kwargs, device_id=target if use_cuda else None)
         except TypeError:
             dist.init_process_group(**kwargs)
-    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=target)
+    return dataclasses.replace(env, device=target)
 
 
 def cleanup() -> None:

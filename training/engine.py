@@ -2,43 +2,90 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.loss import MECLoss, MECLossOutput
+from mec_hub.models.losses import MECLoss, MECLossOutput, coding_length
+from mec_hub.runtime.devices import Precision
 from training.schedules import ScheduleValues
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stops before anything is saved."""
 
 
-@dataclass(frozen=True)
-class Precision:
-    """Autocast settings: ``fp32`` (none), ``bf16``, or ``fp16`` (with a gradient scaler)."""
+class TaylorFidelity(NamedTuple):
+    """How well the truncated series stood for the log-determinant on one step's matrices (float64)."""
 
-    name: str
-    device_type: str
+    rel_error: Tensor
+    """``|series - exact| / |exact|`` of the step's coding length (both pairs summed), 0-d."""
+    spectral_norm: Tensor
+    """Exact ``||C||_2``, ``C = lamda * a b^T`` on the L2-normalised rows, the larger of the two pairs, 0-d."""
 
-    def __post_init__(self) -> None:
-        if self.name not in PRECISIONS:
-            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.name!r}")
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        dtype = PRECISIONS[self.name]
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device_type, dtype=dtype)
+class StepOutput(NamedTuple):
+    """:class:`MECLossOutput`'s fields, and the Taylor fidelity on the steps that measure it."""
 
-    def grad_scaler(self) -> torch.amp.GradScaler | None:
-        return torch.amp.GradScaler(self.device_type) if self.name == "fp16" else None
+    loss: Tensor
+    coding_length: Tensor
+    spectral_norm: Tensor
+    fidelity: TaylorFidelity | None = None
+
+
+def _exact_spectral_norm(a: Tensor, b: Tensor, lamda: float) -> Tensor:
+    """``lamda * sigma_max(a' b'^T)``, primes for unit rows, from the smaller side (float64 in, float64 out).
+
+    For m > d, with ``a' = Q_a R_a`` and ``b' = Q_b R_b`` (reduced QR, ``R`` d x d),
+    ``a' b'^T = Q_a (R_a R_b^T) Q_b^T`` has the singular values of ``R_a R_b^T``.
+    """
+    a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
+    if a.shape[0] > a.shape[1]:
+        a, b = torch.linalg.qr(a).R, torch.linalg.qr(b).R
+    product = a @ b.mT
+    # sigma_max^2 is the top eigenvalue of the symmetric product @ product^T (eigvalsh: several times
+    # faster than an SVD on CPU, and float64 keeps sigma^2 exact enough down to sigma ~ 1e-6).
+    return torch.linalg.eigvalsh(product @ product.mT)[-1].clamp_min(0).sqrt() * lamda
+
+
+@torch.no_grad()
+def taylor_fidelity(pairs: Sequence[tuple[Tensor, Tensor]], lamda: float, order: int) -> TaylorFidelity:
+    """The order-``order`` series against the exact log-determinant on the loss's pairs, in float64.
+
+    ``pairs``: the ``(z, p)`` pairs the loss codes (``(z2, p1)`` and ``(z1, p2)``), each ``(m, d)``
+    over the global batch. The relative error is that of the sum over the pairs, the quantity the
+    loss is proportional to; it is NaN when ``det(I + C) <= 0`` (far outside the series' region).
+    """
+    series = exact = norm = None
+    for a, b in pairs:
+        a, b = a.detach().double(), b.detach().double()
+        s = coding_length(a, b, lamda, order=order, check_finite=False)
+        e = coding_length(a, b, lamda, order=None, check_finite=False)
+        n = _exact_spectral_norm(a, b, lamda)
+        series = s if series is None else series + s
+        exact = e if exact is None else exact + e
+        norm = n if norm is None else torch.maximum(norm, n)
+    if series is None:
+        raise ValueError("taylor_fidelity: no pairs")
+    return TaylorFidelity((series - exact).abs() / exact.abs(), norm)
+
+
+def _gather_detached(criterion: MECLoss, tensors: Sequence[Tensor]) -> list[Tensor]:
+    """All ranks' rows, in rank order, when the loss is computed on the global batch; no gradient."""
+    dist = torch.distributed
+    if not (criterion.gather_distributed and dist.is_initialized() and dist.get_world_size() > 1):
+        return [t.detach() for t in tensors]
+    gathered = []
+    for t in tensors:
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.detach().contiguous())
+        gathered.append(torch.cat(parts))
+    return gathered
 
 
 def train_step(
@@ -52,10 +99,17 @@ def train_step(
     scaler: torch.amp.GradScaler | None = None,
     *,
     estimate_norm: bool = True,
-) -> MECLossOutput:
+    fidelity: bool = False,
+) -> StepOutput:
     """Forward both views, the symmetric MEC loss, one optimizer step, then the teacher's EMA step.
 
     ``estimate_norm``: whether the loss estimates ``||C||_2`` this step (only logged steps need it).
+    ``fidelity``: also measure the Taylor series against the exact log-determinant on this step's
+    matrices (:func:`taylor_fidelity`; a collective under DDP, so every rank must ask on the same
+    steps). Ignored when the loss is the exact log-determinant.
+
+    With a GradScaler (fp16), a step whose gradients hold inf/NaN is skipped by the scaler, and
+    then the teacher is not updated either: the EMA follows optimizer steps, not batches.
     """
     for group in optimizer.param_groups:
         group["lr"] = values.lr
@@ -63,15 +117,29 @@ def train_step(
     with precision.autocast():
         p1, p2, z1, z2 = model(*views)
     out = criterion(p1, z1, p2, z2, lamda_inv=values.lamda_inv, estimate_norm=estimate_norm)
+    measured = None
+    if fidelity and criterion.order is not None:
+        g_p1, g_z1, g_p2, g_z2 = _gather_detached(criterion, (p1, z1, p2, z2))
+        measured = taylor_fidelity([(g_z2, g_p1), (g_z1, g_p2)], 1.0 / values.lamda_inv, criterion.order)
+    stepped = True
     if scaler is not None:
         scaler.scale(out.loss).backward()
+        # update() lowers the scale exactly when step() skipped the step for inf/NaN gradients. step()
+        # already syncs with the device to find them, so reading the scale adds no stall of its own.
+        scale = scaler.get_scale()
         scaler.step(optimizer)
         scaler.update()
+        stepped = scaler.get_scale() >= scale
     else:
         out.loss.backward()
         optimizer.step()
-    update_teacher(values.teacher_momentum)
-    return out
+    if stepped:
+        update_teacher(values.teacher_momentum)
+    return StepOutput(out.loss, out.coding_length, out.spectral_norm, measured)
+
+
+# The columns of StepStats' rows; the last two are NaN on steps that do not measure the fidelity.
+STAT_COLUMNS = ("loss", "coding_length", "spectral_norm", "taylor_rel_error", "spectral_norm_exact")
 
 
 @dataclass
@@ -84,19 +152,29 @@ class StepStats:
     first_step: int = 0
     _rows: list[Tensor] = field(default_factory=list)
 
-    def add(self, out: MECLossOutput) -> None:
-        self._rows.append(torch.stack([out.loss.detach(), out.coding_length, out.spectral_norm]).float())
+    def add(self, out: StepOutput | MECLossOutput) -> None:
+        fidelity = out.fidelity if isinstance(out, StepOutput) else None
+        values = [out.loss.detach().float(), out.coding_length.float(), out.spectral_norm.float()]
+        if fidelity is None:
+            values += [torch.full_like(values[0], math.nan)] * 2
+        else:
+            values += [fidelity.rel_error.to(values[0]), fidelity.spectral_norm.to(values[0])]
+        self._rows.append(torch.stack(values))
 
     def __len__(self) -> int:
         return len(self._rows)
 
     def state_dict(self) -> dict[str, object]:
-        rows = torch.stack(self._rows).cpu() if self._rows else torch.zeros(0, 3)
+        rows = torch.stack(self._rows).cpu() if self._rows else torch.zeros(0, len(STAT_COLUMNS))
         return {"first_step": self.first_step, "rows": rows}
 
     def load_state_dict(self, state: dict[str, object], device: torch.device | str = "cpu") -> None:
         self.first_step = int(state["first_step"])  # type: ignore[arg-type]
-        self._rows = [row.to(device) for row in state["rows"]]  # type: ignore[union-attr]
+        rows = state["rows"]
+        missing = len(STAT_COLUMNS) - rows.shape[1]  # type: ignore[union-attr]
+        if missing > 0:  # a checkpoint written before the fidelity columns: those steps measured none
+            rows = torch.cat([rows, torch.full((rows.shape[0], missing), math.nan, dtype=rows.dtype)], dim=1)  # type: ignore[union-attr]
+        self._rows = [row.to(device) for row in rows]  # type: ignore[union-attr]
 
     def check_finite(self, *, steps_per_epoch: int, advice: str = "") -> None:
         """Raise :class:`NonFiniteLossError` if a step since the last flush had a NaN/inf loss (one sync)."""
@@ -104,14 +182,18 @@ class StepStats:
             self.flush(steps_per_epoch=steps_per_epoch, advice=advice)
 
     def flush(self, *, steps_per_epoch: int, advice: str = "") -> dict[str, float]:
-        """Mean loss and coding length, max spectral norm of the steps added since the last flush."""
+        """Mean loss and coding length, max spectral norm of the steps added since the last flush.
+
+        Steps that measured the Taylor fidelity add ``taylor_rel_error`` and ``spectral_norm_exact``,
+        the largest of each over those steps (NaN when the exact log-determinant was undefined).
+        """
         if not self._rows:
             return {}
         rows = torch.stack(self._rows).cpu().tolist()
         first = self.first_step
         self.first_step += len(rows)
         self._rows = []
-        for offset, (loss, coding, _) in enumerate(rows):
+        for offset, (loss, coding, *_) in enumerate(rows):
             if not (math.isfinite(loss) and math.isfinite(coding)):
                 step = first + offset
                 raise NonFiniteLossError(
@@ -119,12 +201,21 @@ class StepStats:
                     f"step {step % steps_per_epoch + 1} of {steps_per_epoch}); training stopped, and "
                     f"checkpoint_last.pt holds the last good state. {advice}"
                 )
-        spectral = [r[2] for r in rows if math.isfinite(r[2])]
-        return {
+        summary = {
             "loss": sum(r[0] for r in rows) / len(rows),
             "coding_length": sum(r[1] for r in rows) / len(rows),
-            "spectral_norm": max(spectral) if spectral else math.nan,
+            "spectral_norm": _max_finite(r[2] for r in rows),
         }
+        measured = [r for r in rows if math.isfinite(r[4])]
+        if measured:
+            summary["taylor_rel_error"] = _max_finite(r[3] for r in measured)
+            summary["spectral_norm_exact"] = _max_finite(r[4] for r in measured)
+        return summary
+
+
+def _max_finite(values) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return max(finite) if finite else math.nan
 
 
 @dataclass
@@ -135,20 +226,29 @@ class EpochTotals:
     loss: float = 0.0
     coding_length: float = 0.0
     spectral_norm: float = -math.inf
+    taylor_rel_error: float = -math.inf
+    spectral_norm_exact: float = -math.inf
 
     def add(self, summary: dict[str, float], steps: int) -> None:
         self.steps += steps
         self.loss += summary["loss"] * steps
         self.coding_length += summary["coding_length"] * steps
-        if math.isfinite(summary["spectral_norm"]):
-            self.spectral_norm = max(self.spectral_norm, summary["spectral_norm"])
+        for key in ("spectral_norm", "taylor_rel_error", "spectral_norm_exact"):
+            value = summary.get(key, math.nan)
+            if math.isfinite(value):
+                setattr(self, key, max(getattr(self, key), value))
 
     def means(self) -> dict[str, float]:
-        return {
+        """Mean loss and coding length; the largest spectral norm (and Taylor error, where measured)."""
+        means = {
             "loss": self.loss / self.steps,
             "coding_length": self.coding_length / self.steps,
             "spectral_norm": self.spectral_norm if math.isfinite(self.spectral_norm) else math.nan,
         }
+        if math.isfinite(self.spectral_norm_exact):
+            means["taylor_rel_error"] = self.taylor_rel_error if math.isfinite(self.taylor_rel_error) else math.nan
+            means["spectral_norm_exact"] = self.spectral_norm_exact
+        return means
 
     def state_dict(self) -> dict[str, float]:
         return {
@@ -156,8 +256,12 @@ class EpochTotals:
             "loss": self.loss,
             "coding_length": self.coding_length,
             "spectral_norm": self.spectral_norm,
+            "taylor_rel_error": self.taylor_rel_error,
+            "spectral_norm_exact": self.spectral_norm_exact,
         }
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.steps, self.loss = int(state["steps"]), float(state["loss"])
         self.coding_length, self.spectral_norm = float(state["coding_length"]), float(state["spectral_norm"])
+        self.taylor_rel_error = float(state.get("taylor_rel_error", -math.inf))
+        self.spectral_norm_exact = float(state.get("spectral_norm_exact", -math.inf))

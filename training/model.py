@@ -1,9 +1,9 @@
 """The MEC training model: student (backbone + projector), predictor, and EMA teacher.
 
 State-dict keys are ``student.backbone.*``, ``student.projector.*``, ``teacher.backbone.*``,
-``teacher.projector.*`` and ``predictor.*``: what ``mec_hub.convert`` reads from training
-checkpoints. The backbone is any timm architecture (``mec_hub.modeling.build_backbone``); the
-heads have the official layout (``mec_hub.heads``).
+``teacher.projector.*`` and ``predictor.*``: what ``mec_hub.export.convert`` reads from training
+checkpoints. The backbone is any timm architecture (``mec_hub.models.encoder.build_backbone``); the
+heads have the official layout (``mec_hub.models.heads``).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mec_hub.heads import build_predictor, build_projector
-from mec_hub.modeling import build_backbone
+from mec_hub.models.encoder import build_backbone
+from mec_hub.models.heads import build_predictor, build_projector
 
 
 class Encoder(nn.Module):

@@ -1,24 +1,34 @@
 """MEC pretraining with the official recipe, from one CPU to many GPUs.
 
     python training/pretrain.py --data DIR --output-dir OUT [options]
+    python training/pretrain.py --config training/configs/mec_resnet50_in1k.yaml --data DIR --output-dir OUT
     torchrun --nproc_per_node=8 training/pretrain.py --data DIR --output-dir OUT [options]
+
+The options are the fields of ``training.config.TrainConfig``; ``--config FILE`` reads them from
+YAML, options on the command line override the file, and the run writes its resolved options
+to ``OUT/config.yaml``.
 
 ``--data`` is any folder of images (searched recursively; class folders are just folders,
 labels are ignored). ``--batch-size`` is the global batch, split evenly over the processes;
 ``--lr`` is the base learning rate, scaled by ``batch / 256`` as in the official code. The
 recipe's defaults are the paper's (ResNet-50, 100 epochs, batch 1024, lr 0.5, wd 1e-5, eps^2 64,
-order 4, teacher momentum 0.996 -> 1, 10 warm-up epochs for lr and lamda).
+order 4, teacher momentum 0.996 -> 1, 10 warm-up epochs for lr and lamda). Below a batch of 1024,
+eps^2 defaults to ``64 * 1024 / batch``, which keeps lamda at its batch-1024 value and the order-4
+series convergent (``training.config.default_eps2``); ``--eps2 64`` asks for the paper's value at any batch.
 
 Rerunning the same command resumes from ``OUT/checkpoint_last.pt`` and reaches the same
 weights as an uninterrupted run (bit for bit on CPU in fp32): the data order, every
 augmentation and every other random draw are functions of (seed, step), not of the process's
 history. At the end the student (or ``--export-from teacher``) is exported to ``OUT/export``,
 which ``mec_hub.load(weights=OUT/export)`` and ``timm.create_model("local-dir:OUT/export")`` load.
+``--init-from WEIGHTS`` starts a new run's student from weights (the teacher a copy of it);
+``--extend-epochs N`` continues a run to N epochs (``training.schedules``: the extension rule).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import shlex
@@ -36,26 +46,29 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from mec_hub.convert import TRAIN_FORMAT, extract_weights, write_hub_folder
 from mec_hub.errors import MecHubError
-from mec_hub.fileio import atomic_write_json
-from mec_hub.modeling import STEMS
+from mec_hub.export.convert import TRAIN_FORMAT, extract_weights, write_hub_folder
+from mec_hub.models.encoder import load_state_dict_strict
+from mec_hub.models.losses import MECLoss, warn_if_not_converging
+from mec_hub.runtime.devices import Precision
+from mec_hub.weights.config import IMAGENET_MEAN, IMAGENET_STD
 from training import checkpoint as ckpt
+from training import config as train_config
 from training import distributed
+from training.config import ConfigError, TrainConfig
 from training.data import (
-    AUGMENTATIONS,
     GlobalBatchSampler,
     TwoViewImages,
     derive_seed,
     find_images,
     mocov3_views,
 )
-from training.engine import PRECISIONS, EpochTotals, NonFiniteLossError, Precision, StepStats, train_step
-from training.loss import MECLoss, warn_if_not_converging
+from training.engine import EpochTotals, NonFiniteLossError, StepStats, train_step
 from training.metrics import MetricsLog
 from training.model import MECModel, build_mec_model
-from training.optim import OPTIMIZERS, build_optimizer
-from training.schedules import Schedules, ScheduleValues
+from training.optim import build_optimizer
+from training.progress import TRAIN_LOG, Progress, TrainLog
+from training.schedules import EXTENSION_RULE, Schedules, ScheduleValues
 
 PAPER = "Liu et al., Self-Supervised Learning via Maximum Entropy Coding, NeurIPS 2022 (arXiv:2210.11464)"
 DIVERGENCE_ADVICE = (
@@ -65,149 +78,40 @@ DIVERGENCE_ADVICE = (
 
 
 # --------------------------------------------------------------------------------------------
-# options
-
-
-def _order(value: str) -> int | None:
-    if value.lower() in ("exact", "none", "logdet"):
-        return None
-    order = int(value)
-    if order < 1:
-        raise argparse.ArgumentTypeError("--order must be >= 1, or 'exact'")
-    return order
-
-
-def _json_dict(value: str) -> dict[str, Any]:
-    try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"--model-args is not valid JSON ({exc})") from None
-    if not isinstance(parsed, dict):
-        raise argparse.ArgumentTypeError("--model-args must be a JSON object, e.g. '{\"drop_path_rate\": 0.1}'")
-    return parsed
+# options: the fields of training.config.TrainConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="training/pretrain.py",
+    """The command line, generated from :class:`TrainConfig` (``--config FILE`` plus one option per field)."""
+    return train_config.build_parser(
         description=__doc__.split("\n\n")[0],
-        epilog="See the module docstring and README for resuming, DDP and exporting.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="See the module docstring and README for config files, resuming, DDP and exporting.",
     )
-    p.add_argument("--data", type=Path, help="folder of training images (recursive; labels ignored)")
-    p.add_argument("--output-dir", type=Path, required=True, help="checkpoints, metrics.jsonl and export/")
-
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", default="resnet50", help="any timm architecture name")
-    g.add_argument("--model-args", type=_json_dict, default={}, help="JSON keyword arguments for timm.create_model")
-    g.add_argument("--stem", choices=STEMS, default="default", help="'small': 3x3/1 ResNet stem for 32-64 px images")
-    g.add_argument("--image-size", type=int, default=224, help="training crop size")
-    g.add_argument(
-        "--augmentation",
-        choices=AUGMENTATIONS,
-        default="mocov3",
-        help="view augmentations; 'mocov3-noblur' drops the Gaussian blur, for 32-64 px images",
-    )
-    g.add_argument("--dim", type=int, default=2048, help="projector output size d")
-    g.add_argument("--hidden-dim", type=int, default=None, help="projector hidden size (default: backbone features)")
-    g.add_argument("--pred-dim", type=int, default=512, help="predictor hidden size")
-
-    g = p.add_argument_group("recipe")
-    g.add_argument("--epochs", type=int, default=100)
-    g.add_argument("--batch-size", type=int, default=1024, help="global batch m, over all processes")
-    g.add_argument("--lr", type=float, default=0.5, help="base lr; the peak lr is lr * batch_size / 256")
-    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=1e-5)
-    g.add_argument("--momentum", type=float, default=0.9, help="optimizer momentum")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
-    g.add_argument("--eps2", type=float, default=64.0, help="squared distortion eps^2; lamda = d / (m * eps2)")
-    g.add_argument("--order", type=_order, default=4, help="Taylor order, or 'exact' for the log-determinant")
-    g.add_argument("--teacher-momentum", type=float, default=0.996, help="EMA momentum at step 0 (cosine to 1)")
-    g.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warm-up")
-    g.add_argument("--lamda-warmup-epochs", type=int, default=10, help="1/lamda goes from factor/lamda to 1/lamda")
-    g.add_argument("--lamda-warmup-factor", type=float, default=8.0)
-    g.add_argument("--seed", type=int, default=0)
-
-    g = p.add_argument_group("run")
-    g.add_argument("--workers", type=int, default=8, help="data-loading processes per training process")
-    g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    g.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="autocast dtype (fp16: scaled)")
-    g.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convolutions on GPUs)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total (smoke runs)")
-    g.add_argument("--log-every", type=int, default=50, help="steps between log lines")
-    g.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N steps (0: epoch ends only)")
-    g.add_argument("--snapshot-every", type=int, default=10, help="keep checkpoint_epochNNNN.pt every N epochs (0: no)")
-    g.add_argument("--keep-snapshots", type=int, default=0, help="keep only the newest N snapshots (0: all)")
-    g.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs even if installed")
-    g.add_argument("--dist-timeout-minutes", type=float, default=30.0, help="collective timeout (kNN runs on rank 0)")
-
-    g = p.add_argument_group("export")
-    g.add_argument("--export-from", choices=("student", "teacher"), default="student")
-    g.add_argument("--export-name", default=None, help="model name in the exported config (default: mec_ARCH_DATA)")
-    g.add_argument("--export-only", action="store_true", help="export OUT/checkpoint_last.pt to OUT/export and exit")
-
-    g = p.add_argument_group("kNN monitor")
-    g.add_argument("--knn-train", type=Path, default=None, help="labelled ImageFolder for the kNN bank")
-    g.add_argument("--knn-val", type=Path, default=None, help="labelled ImageFolder to classify")
-    g.add_argument("--knn-every", type=int, default=1, help="epochs between kNN measurements (and at the end)")
-    g.add_argument("--knn-k", type=int, default=20)
-    g.add_argument("--knn-temperature", type=float, default=0.07)
-    return p
 
 
-def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser, world_size: int) -> None:
-    if not args.export_only and args.data is None:
-        parser.error("--data is required (unless --export-only)")
-    positive = ("epochs", "batch_size", "image_size", "dim", "pred_dim", "log_every", "knn_every", "knn_k")
-    for name in positive:
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("warmup_epochs", "lamda_warmup_epochs", "workers", "save_every_steps", "snapshot_every", "seed"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must be >= 0")
-    if args.hidden_dim is not None and args.hidden_dim < 1:
-        parser.error("--hidden-dim must be >= 1")
-    if args.max_steps is not None and args.max_steps < 1:
-        parser.error("--max-steps must be >= 1")
-    if not (args.lr > 0 and args.eps2 > 0 and args.lamda_warmup_factor > 0 and args.weight_decay >= 0):
-        parser.error("--lr, --eps2 and --lamda-warmup-factor must be > 0, --wd >= 0")
-    if not 0 <= args.teacher_momentum <= 1:
-        parser.error("--teacher-momentum must be in [0, 1]")
-    if args.batch_size % world_size:
-        parser.error(f"--batch-size {args.batch_size} is not divisible by the {world_size} processes")
-    if (args.knn_train is None) != (args.knn_val is None):
-        parser.error("--knn-train and --knn-val go together")
-    if args.stem == "small" and args.image_size > 64:
+def check_args(args: TrainConfig, parser: argparse.ArgumentParser, world_size: int) -> TrainConfig:
+    """``args`` with ``--eps2 auto`` resolved; a bad option exits 2 with one line naming it."""
+    try:
+        checked = args.check(world_size)
+    except ConfigError as exc:
+        train_config.fail(parser, str(exc))
+    if checked.stem == "small" and checked.image_size > 64:
         warnings.warn("--stem small is meant for 32-64 px images; at larger sizes it is slow", stacklevel=2)
+    return checked
 
 
-def recipe_config(args: argparse.Namespace, *, hidden_dim: int, num_images: int) -> dict[str, Any]:
-    """What defines the run (compared on resume) plus facts about it; only JSON-able values."""
-    return {
-        "arch": args.arch,
-        "model_args": dict(args.model_args),
-        "stem": args.stem,
-        "image_size": args.image_size,
-        "augmentation": args.augmentation,
-        "dim": args.dim,
-        "hidden_dim": hidden_dim,
-        "pred_dim": args.pred_dim,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "weight_decay": args.weight_decay,
-        "momentum": args.momentum,
-        "optimizer": args.optimizer,
-        "eps2": args.eps2,
-        "order": args.order,
-        "teacher_momentum": args.teacher_momentum,
-        "warmup_epochs": args.warmup_epochs,
-        "lamda_warmup_epochs": args.lamda_warmup_epochs,
-        "lamda_warmup_factor": args.lamda_warmup_factor,
-        "seed": args.seed,
-        "num_images": num_images,
-        "data": str(args.data),
-    }
+def recipe_config(args: TrainConfig, *, hidden_dim: int, num_images: int) -> dict[str, Any]:
+    """What defines the run (``checkpoint.RECIPE_KEYS``, compared on resume) plus its record; JSON-able.
+
+    Every recipe key is the option of that name, except those resolved here. Beside them: the data
+    folder, ``extend_epochs`` (the schedule's length when extended; see ``checkpoint.schedule_restart``),
+    ``schedule_restarts`` (one ``{"step", "from_epochs", "to_epochs"}`` per extension) and
+    ``init_from`` (``{"weights", "source"}`` when the run started from weights).
+    """
+    resolved = {"model_args": dict(args.model_args), "hidden_dim": hidden_dim, "num_images": num_images}
+    config = {key: resolved[key] if key in resolved else getattr(args, key) for key in ckpt.RECIPE_KEYS}
+    record = {"extend_epochs": args.extend_epochs, "schedule_restarts": [], "init_from": None}
+    return {**config, "data": str(args.data), **record}
 
 
 def eval_preprocessing(image_size: int) -> dict[str, Any]:
@@ -217,8 +121,8 @@ def eval_preprocessing(image_size: int) -> dict[str, Any]:
         "interpolation": "bilinear",
         "crop_pct": 1.0 if image_size <= 64 else 0.875,
         "crop_mode": "center",
-        "mean": [0.485, 0.456, 0.406],
-        "std": [0.229, 0.224, 0.225],
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
     }
 
 
@@ -239,12 +143,11 @@ def dataset_name(data: str) -> str:
 
 def export_info(config: dict[str, Any], *, step: int, steps_per_epoch: int, command: str, knn_top1: float | None):
     epochs_done = step / steps_per_epoch
+    epochs = ckpt.total_epochs(config)
     dataset = dataset_name(config["data"])
     meta: dict[str, Any] = {
-        "pretraining": (
-            f"MEC on {dataset} ({config['num_images']} images), {epochs_done:g} of {config['epochs']} epochs"
-        ),
-        "epochs": config["epochs"],
+        "pretraining": f"MEC on {dataset} ({config['num_images']} images), {epochs_done:g} of {epochs} epochs",
+        "epochs": epochs,
         "epochs_completed": epochs_done,
         "steps": step,
         "batch_size": config["batch_size"],
@@ -265,10 +168,27 @@ def export_info(config: dict[str, Any], *, step: int, steps_per_epoch: int, comm
         "command": command,
         "paper": PAPER,
     }
+    if config.get("schedule_restarts"):
+        meta["schedule"] = "; ".join(restart_text(r) for r in config["schedule_restarts"]) + " (" + EXTENSION_RULE + ")"
+    if config.get("init_from"):
+        meta["init_from"] = f"{config['init_from']['weights']} ({config['init_from']['source']})"
     if knn_top1 is not None:
         meta["knn_top1"] = round(knn_top1, 2)
         meta["metrics_source"] = "kNN monitor of training/pretrain.py (k-NN on the --knn-val folder)"
     return {"preprocessing": eval_preprocessing(config["image_size"]), "meta": meta}
+
+
+def describe_arch(arch: dict[str, Any]) -> str:
+    args = f", model_args {json.dumps(arch['model_args'])}" if arch["model_args"] else ""
+    return f"{arch['arch']} ({arch['stem']} stem{args})"
+
+
+def arch_options(arch: dict[str, Any]) -> str:
+    return shlex.join(["--arch", arch["arch"], "--model-args", json.dumps(arch["model_args"]), "--stem", arch["stem"]])
+
+
+def restart_text(restart: dict[str, int]) -> str:
+    return f"extended from {restart['from_epochs']} to {restart['to_epochs']} epochs at step {restart['step']}"
 
 
 def export(state: dict[str, Any], out_dir: Path, *, source: str, name: str | None) -> Path:
@@ -297,7 +217,7 @@ class SetupError(RuntimeError):
 class Run:
     """Everything one training process holds; ``train()`` runs from the current step to the end."""
 
-    def __init__(self, args: argparse.Namespace, env: distributed.DistEnv, command: str) -> None:
+    def __init__(self, args: TrainConfig, env: distributed.DistEnv, command: str) -> None:
         self.args, self.env, self.command = args, env, command
         self.out = Path(args.output_dir)
         self.log = print if env.is_main else (lambda *a, **k: None)
@@ -317,7 +237,7 @@ class Run:
         except ValueError as exc:
             raise SetupError(f"--data {args.data}: {exc}; lower --batch-size") from None
         self.steps_per_epoch = self.sampler.steps_per_epoch
-        self.total_steps = args.epochs * self.steps_per_epoch
+        self.total_steps = args.total_epochs * self.steps_per_epoch
         self.schedules = Schedules(
             total_steps=self.total_steps,
             lr=args.lr * args.batch_size / 256,
@@ -327,10 +247,10 @@ class Run:
             lamda_warmup_factor=args.lamda_warmup_factor,
             teacher_momentum=args.teacher_momentum,
         )
-        if max(args.warmup_epochs, args.lamda_warmup_epochs) > args.epochs:
+        if max(args.warmup_epochs, args.lamda_warmup_epochs) > args.total_epochs:
             warnings.warn(
                 f"the warm-ups ({args.warmup_epochs} lr, {args.lamda_warmup_epochs} lamda epochs) are longer than "
-                f"the {args.epochs}-epoch run: the lr never reaches its peak",
+                f"the {args.total_epochs}-epoch run: the lr never reaches its peak",
                 stacklevel=2,
             )
         views = mocov3_views(args.image_size, args.augmentation)
@@ -381,6 +301,62 @@ class Run:
                 num_workers=min(args.workers, 8),
                 device=env.device,
             )
+
+    # ---- where the run starts
+
+    def start_from(self, spec: str) -> None:
+        """``--init-from``: the student's backbone (and projector, if ``spec`` has one) from ``spec``, the
+        teacher a copy of the student; the predictor and the optimizer start fresh."""
+        args = self.args
+        try:
+            weights = ckpt.read_initial_weights(spec)
+        except MecHubError as exc:
+            raise SetupError(f"--init-from {spec}: {exc}") from None
+        wanted = {"arch": args.arch, "model_args": dict(args.model_args), "stem": args.stem}
+        found = {"arch": weights.architecture, "model_args": weights.model_args, "stem": weights.stem}
+        if weights.architecture is not None and found != wanted:
+            raise SetupError(
+                f"--init-from {spec} holds a {describe_arch(found)}, but this run builds a {describe_arch(wanted)}: "
+                f"pass {arch_options(found)}, or weights of this architecture"
+            )
+        student = self.model.student
+        load_state_dict_strict(student.backbone, weights.backbone, origin=spec, target=f"{args.arch} backbone")
+        if weights.projector is not None:
+            target = f"projector of this run (--dim {args.dim}, --hidden-dim {self.config['hidden_dim']})"
+            load_state_dict_strict(student.projector, weights.projector, origin=spec, target=target)
+        self.model.teacher.load_state_dict(student.state_dict())
+        parts = "backbone and projector" if weights.projector is not None else "backbone (projector fresh)"
+        self.config["init_from"] = {"weights": spec, "source": f"{weights.source}: student {parts}"}
+        self.log(f"started from {spec} ({weights.source}): student {parts}, teacher a copy of the student")
+
+    def restart_line(self, restart: dict[str, int]) -> str:
+        """The log line of an extension: the values before and after the restart, and the rule."""
+        step = restart["step"]
+        old = dataclasses.replace(self.schedules, total_steps=restart["from_epochs"] * self.steps_per_epoch)
+        new = self.schedules.at(step)
+        before = old.at(step - 1) if 0 < step <= old.total_steps else new
+        return (
+            f"schedule {restart_text(restart)}: lr {before.lr:.4g} (step {step - 1}) -> {new.lr:.4g} (step {step}), "
+            f"teacher momentum {before.teacher_momentum:.5f} -> {new.teacher_momentum:.5f}, 1/lamda "
+            f"{new.lamda_inv:.4g} unchanged; {EXTENSION_RULE}"
+        )
+
+    def resolved_options(self) -> TrainConfig:
+        """The options as ``OUT/config.yaml`` records them: eps2 and hidden_dim resolved, the run's init_from."""
+        init_from = self.config["init_from"]["weights"] if self.config["init_from"] else None
+        return dataclasses.replace(self.args, hidden_dim=self.config["hidden_dim"], init_from=init_from)
+
+    def config_header(self) -> str:
+        lines = [
+            f"training/pretrain.py options of the run in {self.out}, resolved; --config with this file resumes it.",
+            f"Written at step {self.step} of {self.total_steps} by: {self.command}",
+            f"Data: {self.config['num_images']} images in {self.config['data']}",
+        ]
+        if self.config["init_from"]:
+            lines.append(f"Started from: {self.config['init_from']['weights']} ({self.config['init_from']['source']})")
+        for restart in self.config["schedule_restarts"]:
+            lines.append(f"Schedule {restart_text(restart)}: {EXTENSION_RULE}")
+        return "\n".join(lines)
 
     # ---- state
 
@@ -448,12 +424,19 @@ class Run:
             torch.backends.cudnn.benchmark = True
 
         stop = min(self.total_steps, args.max_steps or self.total_steps)
-        window_start = epoch_start = time.perf_counter()
-        window_first = epoch_first = self.step  # images/s count the steps this process ran
+        epoch_start, epoch_first = time.perf_counter(), self.step  # images/s count the steps this process ran
+        progress = Progress(
+            start_step=self.step,
+            stop=stop,
+            steps_per_epoch=self.steps_per_epoch,
+            epochs=args.total_epochs,
+            batch_size=args.batch_size,
+            bar=None if env.is_main else False,  # a bar when stderr is a terminal
+        )
         while self.step < stop:
             epoch, first_in_epoch = divmod(self.step, self.steps_per_epoch)
             self.sampler.set_epoch(epoch, first_in_epoch)
-            for views in self.loader:
+            for views in progress.batches(self.loader, epoch):
                 values = self.schedules.at(self.step)
                 # Drop-path and any other random op draw from (seed, step, rank), as the data does.
                 torch.manual_seed(derive_seed(args.seed, self.step, env.rank, 1))
@@ -471,27 +454,29 @@ class Run:
                     self.scaler,
                     # The norm estimate is for the log line, so only logged steps compute it.
                     estimate_norm=logged,
+                    fidelity=logged if args.fidelity_every is None else _every(upcoming, args.fidelity_every),
                 )
                 self.stats.add(out)
                 self.step += 1
+                progress.step_done()
                 epoch_end = self.step % self.steps_per_epoch == 0
                 if logged:
-                    now = time.perf_counter()
-                    images_per_s = (self.step - window_first) * args.batch_size / (now - window_start)
-                    self._log_window(metrics, values, images_per_s=images_per_s)
-                    window_start, window_first = now, self.step
+                    self._log_window(metrics, values, progress)
                 if epoch_end or self.step == stop:
                     break
                 if args.save_every_steps and self.step % args.save_every_steps == 0:
-                    self.save()
+                    with progress.paused():  # left out of images/s
+                        self.save()
             finished_epoch = self.step % self.steps_per_epoch == 0
             seconds = time.perf_counter() - epoch_start
-            self._end_of_epoch(metrics, finished_epoch, stop, seconds=seconds, steps_here=self.step - epoch_first)
+            with progress.paused():
+                self._end_of_epoch(metrics, finished_epoch, stop, seconds=seconds, steps_here=self.step - epoch_first)
             epoch_start, epoch_first = time.perf_counter(), self.step
 
-    def _log_window(self, metrics: MetricsLog, values: ScheduleValues, *, images_per_s: float) -> None:
+    def _log_window(self, metrics: MetricsLog, values: ScheduleValues, progress: Progress) -> None:
         steps = len(self.stats)
         summary = self.stats.flush(steps_per_epoch=self.steps_per_epoch, advice=DIVERGENCE_ADVICE)
+        timing = progress.window()  # after the flush, whose device sync ends the window's compute
         self.epoch_totals.add(summary, steps)
         record = {
             "kind": "step",
@@ -501,14 +486,15 @@ class Run:
             "lr": values.lr,
             "lamda_inv": values.lamda_inv,
             "teacher_momentum": values.teacher_momentum,
-            "images_per_s": images_per_s,
+            **timing.record(),
         }
         metrics.write(record)
         self.log(
-            f"epoch {self.step // self.steps_per_epoch + (self.step % self.steps_per_epoch > 0)}/{self.args.epochs} "
+            f"epoch {self.step // self.steps_per_epoch + (self.step % self.steps_per_epoch > 0)}"
+            f"/{self.args.total_epochs} "
             f"step {self.step}/{self.total_steps} loss {summary['loss']:.4f} coding {summary['coding_length']:.2f} "
             f"lr {values.lr:.4g} 1/lamda {values.lamda_inv:.4g} ema {values.teacher_momentum:.5f} "
-            f"|C| {summary['spectral_norm']:.3f} {images_per_s:.1f} img/s",
+            f"|C| {summary['spectral_norm']:.3f}{_taylor_text(summary)} | {timing.text()}",
             flush=True,
         )
         if self.env.is_main:
@@ -553,7 +539,18 @@ class Run:
         return self.model.student if self.args.export_from == "student" else self.model.teacher
 
 
-def run(args: argparse.Namespace, env: distributed.DistEnv, command: str) -> int:
+def _every(step: int, n: int) -> bool:
+    return n > 0 and step % n == 0
+
+
+def _taylor_text(summary: dict[str, float]) -> str:
+    """`` taylor err 1.20e-03 at |C| 0.412``: the series' error on the window's measured step, where there is one."""
+    if "taylor_rel_error" not in summary:
+        return ""
+    return f" taylor err {summary['taylor_rel_error']:.2e} at |C| {summary['spectral_norm_exact']:.3f}"
+
+
+def run(args: TrainConfig, env: distributed.DistEnv, command: str) -> int:
     out = Path(args.output_dir)
     last = out / ckpt.LAST
     log = print if env.is_main else (lambda *a, **k: None)
@@ -576,17 +573,42 @@ def run(args: argparse.Namespace, env: distributed.DistEnv, command: str) -> int
 
     training = Run(args, env, command)
     if state is not None:
-        ckpt.check_resumable(state["config"], training.config, path=last)
-        if state["config"].get("data") != training.config["data"]:
-            log(f"note: the data folder moved ({state['config'].get('data')} -> {training.config['data']})")
+        saved = state["config"]
+        ckpt.check_resumable(saved, training.config, path=last)
+        restart = ckpt.schedule_restart(saved, training.config, step=state["step"])
+        if saved.get("data") != training.config["data"]:
+            log(f"note: the data folder moved ({saved.get('data')} -> {training.config['data']})")
+        init_from = saved.get("init_from")
+        if args.init_from is not None and args.init_from != (init_from or {}).get("weights"):
+            log(f"note: --init-from {args.init_from} is not read: a resumed run continues from its checkpoint")
+        training.config["init_from"] = init_from
+        training.config["schedule_restarts"] = [*saved.get("schedule_restarts", []), *([restart] if restart else [])]
         training.load_state_dict(state)
         log(f"resuming {last} at step {training.step} of {training.total_steps}")
+        if restart:
+            log(training.restart_line(restart))
         del state
-    elif env.is_main:
-        atomic_write_json(out / "config.json", {**training.config, "command": command})
+    else:
+        if args.extend_epochs is not None:
+            raise SetupError(
+                f"--extend-epochs continues the run in {out}, which has no {ckpt.LAST}: "
+                f"for a new run of {args.extend_epochs} epochs, use --epochs {args.extend_epochs}"
+            )
+        if args.init_from is not None:
+            training.start_from(args.init_from)
+    if env.is_main:
+        header = training.config_header()
+        train_config.write_config(out / train_config.CONFIG_FILE, training.resolved_options(), header)
 
     tensorboard = not args.no_tensorboard
-    metrics = MetricsLog(out, resume_step=training.step, enabled=env.is_main, tensorboard=tensorboard)
+    metrics = MetricsLog(
+        out,
+        resume_step=training.step,
+        enabled=env.is_main,
+        tensorboard=tensorboard,
+        wandb=args.wandb,
+        run_config=training.config,
+    )
     log(
         f"MEC pretraining: {args.arch} ({args.stem} stem), {training.config['num_images']} images, "
         f"batch {args.batch_size} over {env.world_size} process(es) on {env.device}, "
@@ -611,11 +633,14 @@ def run(args: argparse.Namespace, env: distributed.DistEnv, command: str) -> int
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = train_config.parse_args(argv, parser)
     env = distributed.setup(args.device, timeout_minutes=args.dist_timeout_minutes)
     try:
-        check_args(args, parser, env.world_size)
-        return run(args, env, command=shlex.join(["training/pretrain.py", *argv]))
+        args = check_args(args, parser, env.world_size)
+        with TrainLog(Path(args.output_dir) / TRAIN_LOG, enabled=env.is_main):  # stdout also to OUT/train.log
+            return run(args, env, command=shlex.join(["training/pretrain.py", *argv]))
+    except ConfigError as exc:  # e.g. no PyYAML to write OUT/config.yaml
+        train_config.fail(parser, str(exc))
     except (NonFiniteLossError, ckpt.ResumeMismatchError, SetupError, MecHubError, FileNotFoundError) as exc:
         if env.is_main:
             print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -8,6 +8,14 @@
   again), then constant, so that the Taylor series converges while the network is young.
 
 A value at step ``s`` depends on ``s`` alone, so a resumed run needs nothing but the step.
+
+Extending a run (``--extend-epochs N``, restart at step ``r``): from ``r`` on, the values are those
+of a run of ``N`` epochs, ``Schedules(total_steps=N * steps_per_epoch, ...).at(s)``, the cosines
+recomputed for the new length as if it had been planned from step 0 (what timm's ``train.py``
+does when resumed with more epochs). The alternative, a new cosine from the restart step's values
+to the new end, would keep a finished run's lr at its final value (0) for the whole extension.
+1/lamda does not depend on the length and is unchanged. Before ``r`` the run followed its
+earlier length, which ``metrics.jsonl`` records.
 """
 
 from __future__ import annotations
@@ -40,6 +48,13 @@ def warmup_constant(step: int, warmup: int, start: float, base: float) -> float:
     if step < warmup:
         return linspace_value(step, warmup, start, base)
     return base
+
+
+EXTENSION_RULE = (
+    "from the restart step on, lr and teacher momentum follow the schedules of a run of the new length, "
+    "recomputed as if it had been planned from step 0 (lr: the same warm-up, then a half cosine to 0 over the "
+    "new total; teacher momentum: a half cosine to 1 over the new total); 1/lamda is unchanged"
+)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@
 The weights are the run's student, exactly as `training/pretrain.py` exports them; the metadata
 adds the numbers measured by the commands in `evaluate.sh` (the JSON reports beside this file),
 so the model card and the safetensors header say what the registry record says. Prints the
-SHA-256 digests to put in `mec_hub/zoo.py`.
+SHA-256 digests to put in the record's `files` in `mec_hub/weights/zoo.py`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mec_hub.convert import extract_weights, read_checkpoint, write_hub_folder
+from mec_hub.export.convert import extract_weights, read_checkpoint, write_hub_folder
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]

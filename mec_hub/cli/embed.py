@@ -14,6 +14,9 @@ from mec_hub.cli.common import UserError, friendly_errors, show_warnings_briefly
 from mec_hub.embedding import DEFAULT_BATCH_SIZE
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from mec_hub.embedding.engine import Embedder
     from mec_hub.embedding.job import EmbedResult
 
 EXIT_STRICT = 3  # --strict and some images failed (the outputs are still written)
@@ -48,8 +51,19 @@ Examples:
               help="Registry model (see `mec-hub list`).  [default: the package's default model]")
 @click.option("--weights", default=None, metavar="SRC",
               help="Weights: a .safetensors file, a converted folder, hf-hub:org/name[@rev] or a URL.")
+@click.option("--sha256", default=None, metavar="HEX",
+              help="The SHA-256 you trust for the weights' model.safetensors (refused if it differs).")
 @click.option("--head", type=click.Choice(["backbone", "projector"]), default="backbone", show_default=True,
               help="Pooled backbone features, or the MEC projector's output.")
+@click.option("--pool", type=click.Choice(["avg", "gem", "none"]), default=None,
+              help="Embed backbone stage --layer pooled this way instead (none: its C x H x W map, flattened).")
+@click.option("--layer", type=click.IntRange(min=0), default=None, metavar="N",
+              help="The stage --pool reads, timm's feature index (ResNet: 1-4 its stages).  [default: the last]")
+@click.option("--gem-p", type=click.FloatRange(min=0, min_open=True), default=3.0, show_default=True,
+              help="The GeM exponent of --pool gem (1: average; large: max).")
+@click.option("--allow-large", is_flag=True, help="Let --pool none write its maps as float32.")
+@click.option("--runtime", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
+              help="onnxruntime: run the .onnx file --weights names (written by `mec-hub export`).")
 @click.option("--batch-size", "-b", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True)
 @click.option("--num-workers", "-j", type=click.IntRange(min=0), default=None,
               help="Decoding processes (0: decode in the main process).  [default: chosen for the device]")
@@ -75,7 +89,13 @@ def main(
     out: str,
     model: str | None,
     weights: str | None,
+    sha256: str | None,
     head: str,
+    pool: str | None,
+    layer: int | None,
+    gem_p: float,
+    allow_large: bool,
+    runtime: str,
     batch_size: int,
     num_workers: int | None,
     device: str,
@@ -99,6 +119,7 @@ def main(
     show_warnings_briefly()
     if not inputs and files_from is None:
         raise click.UsageError("give at least one INPUT (folder, file or glob pattern) or --files-from LIST")
+    _check_model_options(head, pool, layer, out_dtype, allow_large, runtime, model, weights, precision)
 
     from mec_hub.embedding.inputs import check_inputs_exist, collect_inputs
     from mec_hub.embedding.job import preflight
@@ -114,14 +135,17 @@ def main(
         Image.MAX_IMAGE_PIXELS = max_pixels or None
     collected = collect_inputs(inputs, files_from=files_from, recursive=recursive)
 
-    from mec_hub.embedding.distributed import dist_env
     from mec_hub.embedding.engine import Embedder
     from mec_hub.embedding.job import EmbeddingInterrupted
+    from mec_hub.runtime.distributed import dist_env
 
     embedder = Embedder(
         model, weights=weights, head=head, device=device, precision=precision, batch_size=batch_size,
-        num_workers=num_workers, normalize=normalize, out_dtype=out_dtype,
+        num_workers=num_workers, normalize=normalize, out_dtype=out_dtype, sha256=sha256,
+        pool=pool, layer=layer, gem_p=gem_p, runtime=runtime,
     )
+    if pool == "none":
+        _announce_maps(embedder, len(collected), files.npy.parent, quiet=quiet)
     try:
         result = embedder.embed_folder(
             collected, files.npy, recursive=recursive, resume=resume, overwrite=overwrite,
@@ -140,6 +164,46 @@ def main(
         if not quiet:
             click.echo(f"Error: {result.num_failed} image(s) failed (--strict)", err=True)
         raise click.exceptions.Exit(EXIT_STRICT)
+
+
+def _check_model_options(
+    head: str, pool: str | None, layer: int | None, out_dtype: str, allow_large: bool, runtime: str,
+    model: str | None, weights: str | None, precision: str,
+) -> None:
+    if (pool or layer is not None) and head != "backbone":
+        raise click.UsageError("--pool and --layer read a backbone stage; they do not combine with --head projector")
+    if pool == "none" and out_dtype != "float16" and not allow_large:
+        raise click.UsageError(
+            "--pool none writes a C x H x W map per image: pass --out-dtype float16 (half the size) or --allow-large"
+        )
+    if runtime == "onnxruntime":
+        if model is not None or weights is None:
+            raise click.UsageError("--runtime onnxruntime runs the file --weights names (FILE.onnx); drop --model")
+        if pool or layer is not None or precision != "fp32":
+            raise click.UsageError("--runtime onnxruntime runs the exported file as it is: fp32, no --pool/--layer")
+
+
+def _announce_maps(embedder: Embedder, count: int, folder: Path, *, quiet: bool) -> None:
+    """Say how large the --pool none output will be, and refuse it where it cannot fit."""
+    import shutil
+
+    import numpy as np
+
+    nbytes = count * embedder.embed_dim * np.dtype(embedder.out_dtype).itemsize
+    c, h, w = embedder.model.map_shape
+    if not quiet:
+        click.echo(
+            f"mec-embed: --pool none: {count} maps of {c} x {h} x {w} {embedder.out_dtype} "
+            f"= {_size(nbytes)} (less any image that fails)",
+            err=True,
+        )
+    free = shutil.disk_usage(folder).free
+    if nbytes > free:
+        raise UserError(f"the maps need {_size(nbytes)} and {folder} has {_size(free)} free")
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
 
 
 def _report(result: EmbedResult) -> None:

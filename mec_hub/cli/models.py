@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from mec_hub.cli.common import UserError, friendly_errors
+from mec_hub.cli.common import friendly_errors
 
 
 @click.command("list")
@@ -16,7 +16,7 @@ from mec_hub.cli.common import UserError, friendly_errors
 @friendly_errors
 def list_cmd(pattern: str | None, as_json: bool) -> None:
     """List the published models (optionally those matching a shell PATTERN like '*resnet*')."""
-    from mec_hub.registry import list_models, model_info
+    from mec_hub.weights.registry import list_models, model_info
 
     names = list_models(pattern)
     if as_json:
@@ -24,11 +24,13 @@ def list_cmd(pattern: str | None, as_json: bool) -> None:
         return
     for name in names:
         rec = model_info(name)
-        top1 = rec.meta.get("linear_top1") or rec.meta.get("knn_top1")
-        metric = f"{'linear' if 'linear_top1' in rec.meta else 'kNN'} top-1 {top1}%" if top1 else ""
+        meta = rec.config.meta
+        top1 = meta.get("linear_top1") or meta.get("knn_top1")
+        metric = f"{'linear' if 'linear_top1' in meta else 'kNN'} top-1 {top1}%" if top1 else ""
         verified = "sha256 known" if rec.sha256 else "UNVERIFIED"
         where = "bundled" if rec.bundled else ("hub" if rec.hf_repo_id or rec.url else "no location")
-        click.echo(f"{name:<28} {rec.architecture:<12} D={rec.embed_dim:<5} {where:<8} {verified:<12} {metric}")
+        arch, dim = rec.config.architecture, rec.config.num_features
+        click.echo(f"{name:<28} {arch:<12} D={dim:<5} {where:<8} {verified:<12} {metric}")
 
 
 @click.command("info")
@@ -36,7 +38,7 @@ def list_cmd(pattern: str | None, as_json: bool) -> None:
 @friendly_errors
 def info_cmd(name: str) -> None:
     """Show everything known about model NAME (record, locations, digests) as JSON."""
-    from mec_hub.registry import model_info
+    from mec_hub.weights.registry import model_info
 
     click.echo(json.dumps(model_info(name).to_dict(), indent=2))
 
@@ -49,32 +51,60 @@ def info_cmd(name: str) -> None:
 @friendly_errors
 def download_cmd(name: str, weights: str | None, head: str, cache_dir: str | None) -> None:
     """Download and verify model NAME into the cache, so that later runs work offline."""
-    from mec_hub.registry import model_info
-    from mec_hub.sources import fetch_weights, parse_weights_spec
+    from mec_hub.weights.registry import model_info
+    from mec_hub.weights.sources import fetch_weights, parse_weights_spec, record_location
 
     record = model_info(name)
-    specs = [parse_weights_spec(weights)] if weights else [parse_weights_spec(s) for s in record.locations()]
-    if not specs:
-        raise UserError(f"model {name!r} has no published location; set {record.source_env_var} or pass --weights")
-    local = fetch_weights(specs[0], record=record, want_projector=head == "projector", cache_dir=cache_dir)
+    spec = parse_weights_spec(weights) if weights else record_location(record)
+    local = fetch_weights(spec, record=record, want_projector=head == "projector", cache_dir=cache_dir)
     click.echo(f"{name}: {local.model_file}")
     click.echo(f"sha256 {local.sha256}")
 
 
 @click.command("convert")
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder to write.")
+@click.argument("checkpoint", type=click.Path())
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(),
+    help="Folder to write (--to folder), or the file (.pkl for detectron2, .pth for torchvision).",
+)
+@click.option(
+    "--to",
+    "to",
+    type=click.Choice(["folder", "detectron2", "torchvision"]),
+    default="folder",
+    show_default=True,
+    help="folder: safetensors + config.json + model card; detectron2: the .pkl for MODEL.WEIGHTS; "
+    "torchvision: a state dict for torchvision.models.resnet*() and MMDetection.",
+)
 @click.option("--arch", default=None, help="timm architecture (default: from the checkpoint, else resnet50).")
-@click.option("--from", "source", type=click.Choice(["student", "teacher"]), default="student", show_default=True,
-              help="Which network of an MEC checkpoint to export.")
+@click.option(
+    "--from",
+    "source",
+    type=click.Choice(["student", "teacher"]),
+    default="student",
+    show_default=True,
+    help="Which network of an MEC checkpoint to export.",
+)
 @click.option("--name", default=None, help="Model name recorded in config.json and the model card.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @friendly_errors
 def convert_cmd(
-    checkpoint: str, out_dir: str, arch: str | None, source: str, name: str | None, overwrite: bool
+    checkpoint: str, out_dir: str, to: str, arch: str | None, source: str, name: str | None, overwrite: bool
 ) -> None:
-    """Convert an MEC CHECKPOINT (official .pth.tar, training checkpoint or state dict) to safetensors."""
-    from mec_hub.convert import convert_checkpoint
+    """Convert an MEC CHECKPOINT (official .pth.tar, training checkpoint or state dict) to safetensors.
+
+    With --to detectron2 or torchvision, CHECKPOINT may also be any weights --weights takes: a converted
+    or timm folder, a .safetensors file, a registry name, bundled:NAME, hf-hub:org/name[@rev].
+    """
+    if to != "folder":
+        _convert_for_framework(checkpoint, out_dir, to, arch=arch, source=source, overwrite=overwrite)
+        return
+    if Path(checkpoint).is_dir():
+        raise click.UsageError(f"{checkpoint} is a folder already; --to detectron2|torchvision exports it")
+    from mec_hub.export.convert import convert_checkpoint
 
     result = convert_checkpoint(checkpoint, out_dir, arch=arch, source=source, name=name, overwrite=overwrite)
     click.echo(f"read {checkpoint} ({result.layout}); wrote {result.folder}")
@@ -82,12 +112,35 @@ def convert_cmd(
         click.echo(f"dropped classifier keys: {', '.join(result.dropped)}")
     for fname, digest in result.digests.items():
         click.echo(f"  {fname}  sha256 {digest}")
-    click.echo("registry fields: " + json.dumps({
-        "architecture": result.config.architecture,
-        "embed_dim": result.config.num_features,
-        "sha256": result.digests.get("model.safetensors"),
-        "projector_sha256": result.digests.get("projector.safetensors"),
-    }))
+    click.echo(
+        "registry fields: "
+        + json.dumps(
+            {
+                "architecture": result.config.architecture,
+                "num_features": result.config.num_features,
+                "projector": result.config.projector,
+                "files": result.digests,
+            }
+        )
+    )
+
+
+def _convert_for_framework(
+    checkpoint: str, out: str, framework: str, *, arch: str | None, source: str, overwrite: bool
+) -> None:
+    from mec_hub.export.transfer import export_backbone
+
+    result = export_backbone(checkpoint, framework, out, source=source, arch=arch, overwrite=overwrite)
+    click.echo(
+        f"read {checkpoint} ({result.layout}); wrote {result.out}: {result.num_tensors} tensors of the "
+        f"{result.architecture} backbone for {framework}"
+    )
+    if result.dropped:
+        click.echo(f"dropped classifier keys: {', '.join(result.dropped)}")
+    if result.config_lines:
+        click.echo("Detectron2 config:")
+        for line in result.config_lines:
+            click.echo(f"  {line.replace('<this file>', str(result.out))}")
 
 
 @click.command("push")
@@ -99,14 +152,26 @@ def convert_cmd(
 @click.option("--dry-run", is_flag=True, help="List what would be uploaded and stop.")
 @click.option("--endpoint", default=None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co).")
 @friendly_errors
-def push_cmd(folder: str, repo_id: str, private: bool, revision: str | None, commit_message: str | None,
-             dry_run: bool, endpoint: str | None) -> None:
+def push_cmd(
+    folder: str,
+    repo_id: str,
+    private: bool,
+    revision: str | None,
+    commit_message: str | None,
+    dry_run: bool,
+    endpoint: str | None,
+) -> None:
     """Upload a converted FOLDER to the Hugging Face Hub (after checking its files against config.json)."""
-    from mec_hub.publish import push_folder
+    from mec_hub.export.publish import push_folder
 
     result = push_folder(
-        Path(folder), repo_id, private=private, revision=revision, commit_message=commit_message,
-        dry_run=dry_run, endpoint=endpoint,
+        Path(folder),
+        repo_id,
+        private=private,
+        revision=revision,
+        commit_message=commit_message,
+        dry_run=dry_run,
+        endpoint=endpoint,
     )
     for fname, size, digest in result.files:
         click.echo(f"  {fname:<24} {size:>12,d} bytes  sha256 {digest}")

@@ -16,11 +16,12 @@ from mec_hub.cli.common import UserError, friendly_errors
               help="Resolution; the picture is 15 x 8 inches.")
 @friendly_errors
 def plot_cmd(metrics: str, out_path: str, title: str | None, dpi: int) -> None:
-    """Plot loss, coding length, kNN top-1, lr, 1/lamda and teacher momentum against steps.
+    """Plot loss, coding length, kNN top-1, ||C||, the Taylor error, lr, 1/lamda, teacher momentum and images/s.
 
-    METRICS is the metrics.jsonl a training run writes. Needs matplotlib: pip install "mec-hub[plot]".
+    METRICS is the metrics.jsonl a training run writes; the steps a run was resumed from are
+    marked on every panel. Needs matplotlib: pip install "mec-hub[plot]".
     """
-    from mec_hub.plots import plot_training_curves
+    from mec_hub.apps.plots import plot_training_curves
 
     try:
         written = plot_training_curves(metrics, out_path, title=title, dpi=dpi)

@@ -33,7 +33,7 @@ def search_cmd(features: str, queries: tuple[str, ...], top_k: int, grid_path: s
     of --tile pixels, 8 px apart with a 16 px caption: (1 + K) * (T + 8) + 8 pixels wide and
     Q * (T + 24) + 8 tall.
     """
-    from mec_hub.search import FeatureFile, search
+    from mec_hub.apps.search import FeatureFile, search
 
     index = FeatureFile.open(features)
     results = search(index, list(queries), top_k=top_k, weights=weights, device=device)
@@ -54,7 +54,7 @@ def search_cmd(features: str, queries: tuple[str, ...], top_k: int, grid_path: s
     if grid_path:
         from pathlib import Path
 
-        from mec_hub.grid import Cell, draw_grid, save_picture
+        from mec_hub.apps.grid import Cell, draw_grid, save_picture
 
         cells = [
             [Cell(Path(query), f"query {_short(query)}", is_query=True)]

@@ -7,7 +7,12 @@ part files back to that prefix and goes on from the next batch, so the result is
 uninterrupted run.
 
 The state also holds the run's fingerprint (inputs digest, model digest, every option that
-changes the numbers); a resume with a different fingerprint is refused, naming what changed.
+changes the numbers); a resume with a different fingerprint is refused, naming what changed. And
+it holds the run's id, which the finished meta file records too: finals with another id (older
+outputs that an interrupted ``--overwrite`` was replacing) never pass for this run's result.
+
+Partial files that do not read back as written (cut short, overwritten, not this module's) are a
+``ResumeError`` naming the file, never a traceback.
 """
 
 from __future__ import annotations
@@ -82,6 +87,10 @@ class PartState:
     failed_bytes: int  # length of the failed log covered by this checkpoint
     started_at: str
     version: int = STATE_VERSION
+    run_id: str = ""  # the same in every process of a run, and in the meta file it publishes
+    # Set on the first process's state just before its joined .npy is renamed to the final name:
+    # ``features_ends_sha256`` of that file, by which a resume recognises it there.
+    publishing: str | None = None
 
     @property
     def complete(self) -> bool:
@@ -94,14 +103,29 @@ class PartState:
     def load(cls, path: Path) -> PartState:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
             if data.get("version") != STATE_VERSION:
-                raise ValueError(f"state version {data.get('version')}")
-            return cls(**data)
+                raise ValueError(f"state version {data.get('version')!r}")
+            state = cls(**data)
+            state._check()
+            return state
         except (OSError, ValueError, TypeError) as exc:
             raise ResumeError(
-                f"the progress file {path} of the unfinished run is unreadable ({exc}); "
-                "start over with --overwrite"
+                f"the progress file {path} of the unfinished run is unreadable ({exc}); start over with --overwrite"
             ) from None
+
+    def _check(self) -> None:
+        """Every field of the type it is written with, and the counts in order."""
+        counts = (self.start, self.end, self.items_done, self.rows_done, self.failed_bytes)
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+            raise ValueError("its counts are not whole numbers")
+        if not (self.start <= self.items_done <= self.end and self.rows_done <= self.items_done - self.start):
+            raise ValueError("its counts contradict each other")
+        if not isinstance(self.fingerprint, dict) or not isinstance(self.started_at, str):
+            raise ValueError("fingerprint or started_at of the wrong type")
+        if not isinstance(self.run_id, str) or not isinstance(self.publishing, str | None):
+            raise ValueError("run_id or publishing of the wrong type")
 
 
 def append_failures(fh: Any, failures: list[tuple[int, str]]) -> None:
@@ -118,9 +142,17 @@ def read_failures(path: Path, length: int) -> list[tuple[int, str]]:
     if len(data) < length:
         raise ResumeError(f"{path} is shorter than its checkpoint says; start over with --overwrite")
     out = []
-    for line in data.decode().splitlines():
-        record = json.loads(line)
-        out.append((int(record["index"]), str(record["reason"])))
+    try:
+        for line in data.decode().splitlines():
+            record = json.loads(line)
+            index, reason = record["index"], record["reason"]
+            if not isinstance(index, int) or isinstance(index, bool) or not isinstance(reason, str):
+                raise ValueError("a record of the wrong types")
+            out.append((index, reason))
+    except (ValueError, KeyError, TypeError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ResumeError(
+            f"{path}, the failure log of the unfinished run, is damaged ({exc}); start over with --overwrite"
+        ) from None
     return out
 
 

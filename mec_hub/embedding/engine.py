@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,22 +28,18 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from mec_hub.data.featurefile import FeatureMeta
+from mec_hub.data.images import ImageDecodeError
 from mec_hub.embedding import DEFAULT_BATCH_SIZE
-from mec_hub.embedding.devices import cpu_has_bf16, decoding_plan, default_num_workers, resolve_device
-from mec_hub.embedding.images import ImageDecodeError
-from mec_hub.embedding.loader import (
-    Collate,
-    ImageSource,
-    decode_isolated,
-    is_worker_failure,
-    make_loader,
-    worker_deaths_deferred,
-)
+from mec_hub.embedding.job import EmbedResult, ProgressCallback, run_job
+from mec_hub.embedding.loader import ImageSource
+from mec_hub.embedding.runner import Batch, BatchRunner, Commit, device_settings
 from mec_hub.errors import MecHubError
+from mec_hub.runtime.devices import PRECISIONS, cpu_has_bf16, decoding_plan, default_num_workers, resolve_device
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 OUT_DTYPES = {"float32": np.float32, "float16": np.float16}
 HEADS = ("backbone", "projector")
+RUNTIMES = ("torch", "onnxruntime")
 
 
 class ModelMismatchError(MecHubError):
@@ -64,7 +60,7 @@ def _weights_to_record(weights: str | os.PathLike[str] | None) -> tuple[str | No
     """(registry name, loadable weights string) for the meta file: local paths made absolute."""
     if weights is None:
         return None, None
-    from mec_hub.sources import parse_weights_spec
+    from mec_hub.weights.sources import parse_weights_spec
 
     spec = parse_weights_spec(weights)
     if spec.kind == "registry":
@@ -94,6 +90,13 @@ class Embedder:
         out_dtype: ``"float32"`` or ``"float16"`` for the returned / written features.
         optimize: run a copy of the model with each BatchNorm folded into the convolution before
             it (same outputs up to float rounding, faster; see ``mec_hub.embedding.optimize``).
+        sha256: the SHA-256 you trust for the weights' ``model.safetensors`` (see ``mec_hub.load``).
+        pool, layer, gem_p: embed backbone stage ``layer`` (timm's feature index; default the last)
+            pooled by ``pool`` (``"avg"``, ``"gem"`` with exponent ``gem_p``, or ``"none"``: the
+            flattened ``C x H x W`` map) instead of the model's own output (see
+            ``mec_hub.models.features.PooledStage``).
+        runtime: ``"torch"``, or ``"onnxruntime"`` to run an ONNX file written by ``mec-hub export``
+            (``weights`` names it; fp32, as exported, see ``mec_hub.export.deploy``).
     """
 
     def __init__(
@@ -109,6 +112,11 @@ class Embedder:
         normalize: bool = False,
         out_dtype: str = "float32",
         optimize: bool = True,
+        sha256: str | None = None,
+        pool: str | None = None,
+        layer: int | None = None,
+        gem_p: float = 3.0,
+        runtime: str = "torch",
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
@@ -140,7 +148,20 @@ class Embedder:
         self.decode_threads, self.worker_niceness = decoding_plan(self.device)
         self.normalize = bool(normalize)
         self.out_dtype = out_dtype
-        self.model, self.name, self.weights = self._load(model, weights, head)
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
+        if runtime == "onnxruntime":
+            if pool is not None or layer is not None or precision != "fp32":
+                raise ValueError("runtime='onnxruntime' runs the exported file as it is: fp32, no pool= or layer=")
+            from mec_hub.export.deploy import onnx_embedding_model
+
+            self.model, self.name, self.weights = onnx_embedding_model(model, weights, head=head, sha256=sha256)
+        else:
+            self.model, self.name, self.weights = self._load(model, weights, head, sha256)
+        if pool is not None or layer is not None:
+            from mec_hub.models.features import PooledStage
+
+            self.model = PooledStage(self.model, layer=layer, pool=pool or "avg", gem_p=gem_p)
         self.head = str(getattr(self.model, "head", head))
         cfg = getattr(self.model, "pretrained_cfg", None)
         if not isinstance(cfg, Mapping):
@@ -149,35 +170,35 @@ class Embedder:
                 "mec_hub.load, or set module.pretrained_cfg = {'input_size': ..., 'mean': ..., ...}"
             )
         self.pretrained_cfg: dict[str, Any] = json.loads(json.dumps(dict(cfg)))
-        from mec_hub.transforms import get_transform, resolve_preprocessing
+        from mec_hub.data.transforms import get_transform, resolve_preprocessing
 
-        self.input_size = tuple(resolve_preprocessing(self.pretrained_cfg).input_size)
+        self.input_size = tuple(resolve_preprocessing(self.pretrained_cfg)["input_size"])
         self.transform = get_transform(self.pretrained_cfg)
         self.weights_sha256: str | None = getattr(self.model, "weights_sha256", None)
         self._state_dict_sha256: str | None = None
-        self._prepare_model(optimize)
+        self._prepare_model(optimize and runtime == "torch")
         self.embed_dim = self._probe_embed_dim()
 
     # -- model ------------------------------------------------------------------------------
 
     @staticmethod
     def _load(
-        model: str | nn.Module | None, weights: str | os.PathLike[str] | None, head: str
+        model: str | nn.Module | None, weights: str | os.PathLike[str] | None, head: str, sha256: str | None = None
     ) -> tuple[nn.Module, str | None, str | None]:
         """(module, registry name or None, loadable weights string or None)."""
         if isinstance(model, nn.Module):
-            if weights is not None:
-                raise ValueError("weights= cannot be combined with an already loaded model")
+            if weights is not None or sha256 is not None:
+                raise ValueError("weights= and sha256= cannot be combined with an already loaded model")
             own_head = getattr(model, "head", None)
             if own_head is not None and head != "backbone" and head != own_head:
                 raise ValueError(f"head={head!r}, but the given model's head is {own_head!r}")
-            from mec_hub.registry import is_registered
+            from mec_hub.weights.registry import is_registered
 
             name = getattr(model, "name", None)
             return model, (name if isinstance(name, str) and is_registered(name) else None), None
         import mec_hub
-        from mec_hub.loading import DEFAULT_MODEL
-        from mec_hub.registry import is_registered
+        from mec_hub.models.loading import DEFAULT_MODEL
+        from mec_hub.weights.registry import is_registered
 
         if model is not None and not isinstance(model, str):
             raise TypeError(f"model must be a registry name or an nn.Module, not {type(model).__name__}")
@@ -186,7 +207,7 @@ class Embedder:
         if model is None and weights is None:
             model = DEFAULT_MODEL
         name_from_weights, weights_text = _weights_to_record(weights)
-        module = mec_hub.load(model, weights=weights, head=head, device="cpu")
+        module = mec_hub.load(model, weights=weights, head=head, device="cpu", sha256=sha256)
         return module, model or name_from_weights, weights_text
 
     def _prepare_model(self, optimize: bool) -> None:
@@ -240,6 +261,7 @@ class Embedder:
             preprocessing=self.pretrained_cfg,
             optimizations=self.optimizations,
         )
+        info.update(getattr(self.model, "embedding_meta", None) or {})  # pooling, runtime
         return info
 
     # -- forward ----------------------------------------------------------------------------
@@ -268,90 +290,28 @@ class Embedder:
     def _to_numpy(self, features: torch.Tensor) -> np.ndarray:
         return features.cpu().numpy().astype(OUT_DTYPES[self.out_dtype], copy=False)
 
-    @contextlib.contextmanager
-    def _running(self) -> Iterator[None]:
-        """Global settings for a run, restored after it: cuDNN autotuning for fixed-size batches."""
-        if self.device.type != "cuda":
-            yield
-            return
-        before = torch.backends.cudnn.benchmark
-        torch.backends.cudnn.benchmark = True
-        try:
-            with torch.cuda.device(self.device):
-                yield
-        finally:
-            torch.backends.cudnn.benchmark = before
-
-    def iter_batches(
-        self, loader: Iterable[tuple[list[int], torch.Tensor, list[tuple[int, str]]]]
-    ) -> Iterator[tuple[list[int], list[tuple[int, str]], np.ndarray]]:
-        """(good indices, failures, features) per loader batch, in order.
-
-        On CUDA the next batch is queued on the GPU before the previous one is copied back, so
-        the GPU is not idle while the host writes results.
-        """
-        pending: tuple[list[int], list[tuple[int, str]], torch.Tensor | None] | None = None
-        lag = self.device.type == "cuda"
-        for indices, images, failures in loader:
-            features = self._forward(images) if indices else None
-            if not lag:
-                yield indices, failures, self._finish(features)
-                continue
-            if pending is not None:
-                yield pending[0], pending[1], self._finish(pending[2])
-            pending = (indices, failures, features)
-        if pending is not None:
-            yield pending[0], pending[1], self._finish(pending[2])
-
     def _finish(self, features: torch.Tensor | None) -> np.ndarray:
         if features is None:
             return np.empty((0, self.embed_dim), OUT_DTYPES[self.out_dtype])
         return self._to_numpy(features)
 
     def run_batches(
-        self,
-        source: ImageSource,
-        start: int,
-        end: int,
-        commit: Callable[[list[int], list[tuple[int, str]], np.ndarray], None],
-        *,
-        num_workers: int | None = None,
+        self, source: ImageSource, start: int, end: int, commit: Commit, *, num_workers: int | None = None
     ) -> None:
-        """Embed ``source[start:end]`` in order, one ``commit(good indices, failures, features)`` per batch.
+        """Embed ``source[start:end]`` in order, one ``commit(batch)`` per batch (see ``runner.BatchRunner``).
 
-        Decoding runs ``num_workers`` processes ahead of the model. If one of them dies or stalls
-        (a file that crashes or hangs the decoder), the batch after the last commit is decoded
-        again one file per process, the culprit becomes a failure, and the run goes on.
+        ``num_workers`` overrides this embedder's number of decoding processes for this call.
         """
-        workers = self.num_workers if num_workers is None else num_workers
-        source.threads = self.decode_threads
-        position = start
-        with self._running():
-            while position < end:
-                loader = make_loader(
-                    source, start=position, end=end, batch_size=self.batch_size, num_workers=workers,
-                    input_size=self.input_size, pin_memory=self.device.type == "cuda", niceness=self.worker_niceness,
-                )
-                batches = self.iter_batches(loader)
-                try:
-                    for indices, failures, features in batches:
-                        with worker_deaths_deferred():
-                            commit(indices, failures, features)
-                            position = _batch_end(indices, failures)
-                    continue
-                except RuntimeError as exc:
-                    if workers == 0 or not is_worker_failure(exc):
-                        raise
-                finally:
-                    batches.close()
-                if position >= end:
-                    break
-                stop = min(position + self.batch_size, end)
-                isolated = decode_isolated(source, range(position, stop), Collate(self.input_size))
-                for indices, failures, features in self.iter_batches([isolated]):
-                    with worker_deaths_deferred():
-                        commit(indices, failures, features)
-                        position = stop
+        BatchRunner(
+            self._forward,
+            self._finish,
+            device=self.device,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers if num_workers is None else num_workers,
+            input_size=self.input_size,
+            decode_threads=self.decode_threads,
+            worker_niceness=self.worker_niceness,
+        ).run(source, start, end, commit)
 
     # -- public API -------------------------------------------------------------------------
 
@@ -377,13 +337,13 @@ class Embedder:
         workers = 0 if in_memory or len(sources) <= self.batch_size else self.num_workers
         blocks = []
 
-        def keep(_: list[int], failures: list[tuple[int, str]], features: np.ndarray) -> None:
-            if failures:
-                index, reason = failures[0]
+        def keep(batch: Batch) -> None:
+            if batch.failures:
+                index, reason = batch.failures[0]
                 where = sources[index] if isinstance(sources[index], str) else f"image #{index}"
-                more = f" (and {len(failures) - 1} more in the same batch)" if len(failures) > 1 else ""
+                more = f" (and {len(batch.failures) - 1} more in the same batch)" if len(batch.failures) > 1 else ""
                 raise ImageDecodeError(reason + more, path=str(where))
-            blocks.append(features)
+            blocks.append(batch.features)
 
         self.run_batches(ImageSource(sources, self.transform), 0, len(sources), keep, num_workers=workers)
         return np.concatenate(blocks)
@@ -397,7 +357,7 @@ class Embedder:
                 f"{tuple(images.shape)}"
             )
         blocks = []
-        with self._running():
+        with device_settings(self.device):
             for start in range(0, images.shape[0], self.batch_size):
                 blocks.append(self._to_numpy(self._forward(images[start : start + self.batch_size])))
         if not blocks:
@@ -414,44 +374,50 @@ class Embedder:
         resume: bool = False,
         overwrite: bool = False,
         progress: bool | None = None,
-    ) -> Any:
+        on_commit: ProgressCallback | None = None,
+    ) -> EmbedResult:
         """Embed every image named by ``inputs`` into ``out`` (``.npy``) plus ``.paths.txt`` and
-        ``.meta.json`` beside it; see ``mec_hub.embedding.job.run_job``. Returns an ``EmbedResult``.
+        ``.meta.json`` beside it; see ``mec_hub.embedding.job.run_job`` for the options.
         """
-        from mec_hub.embedding.job import run_job
-
         return run_job(
-            self, inputs, out, files_from=files_from, recursive=recursive, resume=resume, overwrite=overwrite,
+            self,
+            inputs,
+            out,
+            files_from=files_from,
+            recursive=recursive,
+            resume=resume,
+            overwrite=overwrite,
             progress=progress,
+            on_commit=on_commit,
         )
 
     @classmethod
-    def from_meta(cls, meta: str | os.PathLike[str] | Mapping[str, Any], **overrides: Any) -> Embedder:
-        """An Embedder that embeds like the run that wrote ``meta`` (a FEATS.meta.json path or dict).
+    def from_meta(cls, meta: str | os.PathLike[str] | Mapping[str, Any] | FeatureMeta, **overrides: Any) -> Embedder:
+        """An Embedder that embeds like the run that wrote ``meta`` (a FEATS.meta.json path, its
+        ``FeatureMeta`` or the dict it holds).
 
         ``overrides`` replace constructor arguments (``device``, ``batch_size``, ``model`` for an
         already loaded module, ...). The rebuilt model must have the recorded weights digest,
         head, dimension and preprocessing, or ``ModelMismatchError`` says what differs.
         """
-        if not isinstance(meta, Mapping):
-            path = Path(meta)
-            try:
-                meta = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as exc:
-                raise MecHubError(f"cannot read {path}: {exc}") from None
-        assert isinstance(meta, Mapping)
+        meta = _as_feature_meta(meta)
         kwargs: dict[str, Any] = {
-            "model": meta.get("model"),
-            "weights": meta.get("weights"),
-            "head": meta.get("head", "backbone"),
-            "precision": meta.get("precision", "fp32"),
-            "normalize": bool(meta.get("normalize", False)),
-            "out_dtype": meta.get("out_dtype", "float32"),
+            "model": meta.model,
+            "weights": meta.weights,
+            "head": "backbone" if meta.head is None else meta.head,
+            "precision": "fp32" if meta.precision is None else meta.precision,
+            "normalize": bool(meta.normalize),
+            "out_dtype": "float32" if meta.out_dtype is None else meta.out_dtype,
         }
-        if meta.get("batch_size"):
-            kwargs["batch_size"] = int(meta["batch_size"])
-        if "optimizations" in meta:
-            kwargs["optimize"] = "fold_batchnorm" in meta["optimizations"]
+        if meta.batch_size:
+            kwargs["batch_size"] = meta.batch_size
+        if meta.optimizations is not None:
+            kwargs["optimize"] = "fold_batchnorm" in meta.optimizations
+        pooling = meta.extra.get("pooling")
+        if isinstance(pooling, Mapping):
+            kwargs.update(pool=pooling.get("pool"), layer=pooling.get("layer"), gem_p=pooling.get("gem_p", 3.0))
+        if meta.extra.get("runtime"):
+            kwargs["runtime"] = meta.extra["runtime"]
         if isinstance(overrides.get("model"), nn.Module):
             kwargs["weights"] = None
         kwargs.update(overrides)
@@ -459,26 +425,29 @@ class Embedder:
         embedder.check_matches(meta)
         return embedder
 
-    def check_matches(self, meta: Mapping[str, Any]) -> None:
+    def check_matches(self, meta: Mapping[str, Any] | FeatureMeta) -> None:
         """Raise ``ModelMismatchError`` unless this model is the one recorded in ``meta``."""
+        meta = _as_feature_meta(meta)
         problems = []
-        want_sha, have_sha = meta.get("weights_sha256"), self.weights_sha256
+        want_sha, have_sha = meta.weights_sha256, self.weights_sha256
         if want_sha and have_sha and want_sha != have_sha:
             problems.append(f"weights SHA-256 {have_sha[:12]}... instead of {want_sha[:12]}...")
         elif (
-            meta.get("state_dict_sha256")
-            and not (want_sha and have_sha)
-            and self.state_dict_sha256 != meta["state_dict_sha256"]
+            meta.state_dict_sha256 and not (want_sha and have_sha) and self.state_dict_sha256 != meta.state_dict_sha256
         ):
             problems.append("different weights (state_dict digest)")
-        for key, have in (("head", self.head), ("embed_dim", self.embed_dim)):
-            if key in meta and meta[key] != have:
-                problems.append(f"{key} {have!r} instead of {meta[key]!r}")
-        if "preprocessing" in meta:
-            from mec_hub.transforms import resolve_preprocessing
+        for key, want, have in (("head", meta.head, self.head), ("embed_dim", meta.embed_dim, self.embed_dim)):
+            if want is not None and want != have:
+                problems.append(f"{key} {have!r} instead of {want!r}")
+        ours = getattr(self.model, "embedding_meta", None) or {}
+        for key in ("pooling", "runtime"):  # absent from both for the model's own output run by torch
+            if meta.extra.get(key) != ours.get(key):
+                problems.append(f"{key} {ours.get(key)!r} instead of {meta.extra.get(key)!r}")
+        if meta.preprocessing is not None:
+            from mec_hub.data.transforms import resolve_preprocessing
 
-            if resolve_preprocessing(dict(meta["preprocessing"])) != resolve_preprocessing(self.pretrained_cfg):
-                problems.append(f"preprocessing {self.pretrained_cfg} instead of {dict(meta['preprocessing'])}")
+            if resolve_preprocessing(dict(meta.preprocessing)) != resolve_preprocessing(self.pretrained_cfg):
+                problems.append(f"preprocessing {self.pretrained_cfg} instead of {meta.preprocessing}")
         if problems:
             raise ModelMismatchError(
                 "the model does not match the one that made these features: " + "; ".join(problems)
@@ -501,6 +470,9 @@ def embed(items: Any, model: str | nn.Module | None = None, **kwargs: Any) -> np
     return Embedder(model, **kwargs).embed(items)
 
 
-def _batch_end(indices: list[int], failures: list[tuple[int, str]]) -> int:
-    """One past the last item of a batch (every item is either embedded or failed)."""
-    return max(indices + [index for index, _ in failures]) + 1
+def _as_feature_meta(meta: str | os.PathLike[str] | Mapping[str, Any] | FeatureMeta) -> FeatureMeta:
+    if isinstance(meta, FeatureMeta):
+        return meta
+    if isinstance(meta, Mapping):
+        return FeatureMeta.from_json(meta)
+    return FeatureMeta.load(meta)

@@ -27,18 +27,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mec_hub.data.images import IMAGE_EXTENSIONS
 from mec_hub.errors import MecHubError
 
-# Raster formats Pillow decodes (HEIC/AVIF need plugins: kept, so that they show up as failures
-# with a reason instead of vanishing). Extensions Pillow registers for containers that are often
-# not images (.h5, .mpg, .pdf, .ps ...) are deliberately left out.
-IMAGE_EXTENSIONS = frozenset(
-    {
-        ".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".png", ".apng", ".gif", ".bmp", ".dib", ".tif",
-        ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm", ".pfm", ".tga", ".ico", ".icns", ".qoi",
-        ".jp2", ".j2k", ".jpx", ".jpf", ".j2c", ".psd", ".pcx", ".sgi", ".avif", ".heic", ".heif",
-    }
-)
 _GLOB_CHARS = frozenset("*?[")
 
 

@@ -5,23 +5,42 @@
    ``resume`` and the same inputs and options.
 2. Each process (one, or one per torchrun rank) embeds its batch-aligned slice of the image list
    into its own part file, checkpointing after every batch (``checkpoint.py``).
-3. The first process joins the parts into the final ``.npy``, writes ``.paths.txt`` and
-   ``.meta.json`` and renames them into place, ``.npy`` last; then the parts are removed.
+3. The first process joins the parts into one ``.npy`` and publishes the set
+   (``mec_hub.data.featurefile``): ``.paths.txt``, then the ``.npy`` (renamed), then
+   ``.meta.json``, which names the run; then the parts are removed.
+
+A run has an id, in its progress files and in the meta file it publishes. ``resume`` continues
+the unfinished run whose progress files it finds, even when finished outputs of an earlier run
+are there (an interrupted ``overwrite``); those count as this run's result only when their meta
+file has this run's id. A full disk or another write error stops the run with one line; what was
+done is kept for ``resume``, as are partial files that turn out to be damaged, which are named.
+
+The job knows the embedder only through ``JobEmbedder``, the few things it needs from one
+(``mec_hub.Embedder`` is one); it never imports the engine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
-import json
+import errno
 import os
-import signal
 import sys
-import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from mec_hub.data.featurefile import (
+    FORMAT,
+    FORMAT_VERSION,
+    FeatureFile,
+    FeatureMeta,
+    features_ends_sha256,
+    read_meta_json,
+)
+from mec_hub.data.images import describe_decoding
 from mec_hub.embedding.checkpoint import (
     PartState,
     ResumeError,
@@ -32,23 +51,52 @@ from mec_hub.embedding.checkpoint import (
     sync_file,
     truncate,
 )
-from mec_hub.embedding.distributed import DistEnv, ProcessGroup, batch_aligned_slice, dist_env
-from mec_hub.embedding.images import describe_decoding
 from mec_hub.embedding.inputs import CollectedInputs, InputError, collect_inputs
-from mec_hub.embedding.npy_writer import NpyRowWriter
+from mec_hub.embedding.npy_writer import NpyRowWriter, read_npy_header
 from mec_hub.embedding.outputs import OutputError, OutputFiles, RunLock, check_output_location
 from mec_hub.errors import MecHubError
-from mec_hub.fileio import atomic_write, atomic_write_json
+from mec_hub.runtime.distributed import DistEnv, ProcessGroup, batch_aligned_slice, dist_env
 
 if TYPE_CHECKING:
-    from mec_hub.embedding.engine import Embedder
+    import torch
+
+    from mec_hub.embedding.loader import ImageSource
+    from mec_hub.embedding.runner import Batch, Commit
 
 T = TypeVar("T")
-META_FORMAT_VERSION = 1
-# Test hooks (used by tests/test_embed_resume.py only): SIGKILL this process after writing the rows
-# of its N-th batch but before checkpointing them; sleep this many seconds after each checkpoint.
-KILL_AFTER_BATCHES_ENV = "MEC_HUB_TEST_KILL_AFTER_BATCHES"
-BATCH_DELAY_ENV = "MEC_HUB_TEST_BATCH_DELAY"
+
+
+class JobEmbedder(Protocol):
+    """What the job needs from an embedder; ``mec_hub.Embedder`` is one."""
+
+    batch_size: int  # images per batch: recorded, and part of what a resume must match
+    device: torch.device  # its kind (``.type``) is recorded in the meta file
+    transform: Callable[[Any], Any]  # PIL image -> the preprocessed tensor the model takes
+
+    def identity(self) -> dict[str, Any]:
+        """The model fields of ``FeatureMeta``: model, weights, weights_sha256 (or state_dict_sha256),
+        architecture, head, embed_dim, normalize, precision, out_dtype, preprocessing, optimizations."""
+        ...
+
+    def run_batches(self, source: ImageSource, start: int, end: int, commit: Commit) -> None:
+        """Embed ``source[start:end]`` in order, calling ``commit(batch)`` once per batch."""
+        ...
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What ``on_commit`` receives after each batch, once its rows, failures and checkpoint are on disk.
+
+    Counts are of this process's share of the images (all of them, unless under torchrun), and
+    include what an earlier run did before it was resumed.
+    """
+
+    done: int  # images handled, embedded or failed
+    total: int
+    failed: int
+
+
+ProgressCallback = Callable[[Progress], None]
 
 
 class EmbeddingInterrupted(MecHubError):
@@ -92,12 +140,16 @@ def preflight(files: OutputFiles, *, resume: bool, overwrite: bool) -> None:
     if resume and overwrite:
         raise OutputError("--resume and --overwrite exclude each other: continue the old run, or replace it")
     check_output_location(files)
+    _refuse_clobbering(files, resume=resume, overwrite=overwrite)
+
+
+def _refuse_clobbering(files: OutputFiles, *, resume: bool, overwrite: bool) -> None:
+    """Without ``resume`` or ``overwrite``, an unfinished run and finished outputs are left alone."""
     if resume or overwrite:
         return
     if files.part_states():
         raise OutputError(
-            f"an unfinished run into {files.npy} was found; pass --resume to continue it, "
-            "or --overwrite to start over"
+            f"an unfinished run into {files.npy} was found; pass --resume to continue it, or --overwrite to start over"
         )
     existing = files.existing_finals()
     if existing:
@@ -123,12 +175,12 @@ def result_digest(fingerprint: dict[str, Any]) -> str:
     return fingerprint_digest({k: v for k, v in fingerprint.items() if k != "world_size"})
 
 
-def make_fingerprint(embedder: Embedder, collected: CollectedInputs, world_size: int) -> dict[str, Any]:
+def make_fingerprint(embedder: JobEmbedder, collected: CollectedInputs, world_size: int) -> dict[str, Any]:
     """Everything that decides the numbers in the output; a resume must match it exactly."""
     from mec_hub import __version__
 
     identity = embedder.identity()
-    return {
+    fingerprint = {
         "inputs_sha256": collected.digest(),
         "num_inputs": len(collected),
         "weights_sha256": identity["weights_sha256"],
@@ -136,15 +188,18 @@ def make_fingerprint(embedder: Embedder, collected: CollectedInputs, world_size:
         "head": identity["head"],
         "embed_dim": identity["embed_dim"],
         "preprocessing": identity["preprocessing"],
-        "precision": embedder.precision,
-        "normalize": embedder.normalize,
-        "out_dtype": embedder.out_dtype,
+        "precision": identity["precision"],
+        "normalize": identity["normalize"],
+        "out_dtype": identity["out_dtype"],
         "optimizations": identity["optimizations"],
         "batch_size": embedder.batch_size,
         "world_size": world_size,
         "decoding": describe_decoding(),
         "mec_hub_version": __version__,
     }
+    # A pooled stage or another runtime (only in the runs that use them: other fingerprints stay as they were).
+    fingerprint.update({key: identity[key] for key in ("pooling", "runtime") if key in identity})
+    return fingerprint
 
 
 @dataclass
@@ -154,29 +209,24 @@ class _Plan:
     meta: dict[str, Any] | None = None
 
 
-def _read_meta(path: Path) -> dict[str, Any] | None:
+def _finished_meta(files: OutputFiles) -> dict[str, Any]:
+    """The meta record of finished outputs, or ``{}`` when there is none that can be read."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+        return read_meta_json(files.npy)
+    except MecHubError:
+        return {}
 
 
 def _plan(files: OutputFiles, env: DistEnv, fingerprint: dict[str, Any], *, resume: bool, overwrite: bool) -> _Plan:
     """Decide, without changing anything, whether this process starts, resumes or has nothing to do."""
-    digest = result_digest(fingerprint)
     if overwrite:
         return _Plan("fresh")
-    finals = files.existing_finals()
-    meta = _read_meta(files.meta_json) if files.meta_json.exists() else None
-    finished = len(finals) == 3 and meta is not None and meta.get("fingerprint") == digest
+    _refuse_clobbering(files, resume=resume, overwrite=overwrite)  # again: things may have changed since preflight
+    if not resume:
+        return _Plan("fresh")
     states = files.part_states()
-    if states and not resume:
-        raise OutputError(
-            f"an unfinished run into {files.npy} was found; pass --resume to continue it, or --overwrite to start over"
-        )
-    if resume and finished:
-        return _Plan("complete", meta=meta)  # done before; at most leftovers of the cleanup remain
     if states:
+        # An unfinished run: it wins over any finished outputs, which may be older ones it was replacing.
         suffix = f"-of-{env.world_size}.state.json"
         others = sorted({s.name.rsplit("-of-", 1)[1].split(".")[0] for s in states if not s.name.endswith(suffix)})
         if others:
@@ -184,25 +234,31 @@ def _plan(files: OutputFiles, env: DistEnv, fingerprint: dict[str, Any], *, resu
                 f"the unfinished run used {' or '.join(others)} process(es), this one {env.world_size}; resume it "
                 "with the same number (torchrun --nproc_per_node), or pass --overwrite to start over"
             )
+        run_id = PartState.load(states[0]).run_id  # any process's: a run's processes share it
+        meta = _finished_meta(files)
+        if run_id and meta.get("run_id") == run_id and len(files.existing_finals()) == 3:
+            return _Plan("complete", meta=meta)  # published by this run; only (part of) the cleanup was left
         mine = files.part(env.rank, env.world_size)
         state = PartState.load(mine.state)
         changes = describe_changes(state.fingerprint, fingerprint)
         if changes:
             raise ResumeError(
-                f"cannot resume the unfinished run into {files.npy.name}: " + "; ".join(changes)
+                f"cannot resume the unfinished run into {files.npy.name}: "
+                + "; ".join(changes)
                 + ". Run it with the same inputs and options, or pass --overwrite to start over."
             )
-        if not mine.data.exists() or not mine.failed.exists():
+        published = state.publishing is not None  # the first process's .npy may be in place already
+        if not mine.failed.exists() or not (mine.data.exists() or published):
             raise ResumeError(f"the partial files of the unfinished run ({mine.data}) are missing; pass --overwrite")
         return _Plan("resume", state=state)
+    finals = files.existing_finals()
+    meta = _finished_meta(files)
+    if len(finals) == 3 and meta and meta.get("fingerprint") == result_digest(fingerprint):
+        return _Plan("complete", meta=meta)  # done before
     if finals:
-        if resume:
-            raise OutputError(
-                f"{files.npy.name} was made by a run with other inputs or options; "
-                "pass --overwrite to replace it"
-            )
-        names = ", ".join(p.name for p in finals)
-        raise OutputError(f"{names} already exist in {files.npy.parent}; pass --overwrite to replace them")
+        raise OutputError(
+            f"{files.npy.name} was made by a run with other inputs or options; pass --overwrite to replace it"
+        )
     return _Plan("fresh")
 
 
@@ -211,66 +267,92 @@ def _remove_parts(files: OutputFiles) -> None:
         path.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def _writing(folder: Path) -> Any:
+    """Writing the outputs in ``folder``: a failure (a full disk, a quota, an I/O error) stops the run
+    with one line. The progress files still name what is safely on disk, so ``resume`` goes on from there."""
+    try:
+        yield
+    except OSError as exc:
+        full = exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+        raise OutputError(
+            f"{exc.filename or folder}: {exc.strerror or exc}. The run stopped and the work done so far is kept: "
+            f"{'free some space' if full else 'fix that'}, then run the same command with --resume"
+        ) from None
+
+
+def _damaged(path: Path, exc: BaseException) -> ResumeError:
+    return ResumeError(f"{path}, a partial file of the unfinished run, is damaged ({exc}); start over with --overwrite")
+
+
+def _reopen(path: Path, dim: int, dtype: str, rows: int) -> NpyRowWriter:
+    """A part file, cut back to its checkpointed ``rows``, ready to take more."""
+    try:
+        return NpyRowWriter.open_for_resume(path, dim, dtype, rows)
+    except ValueError as exc:
+        raise _damaged(path, exc) from None
+
+
 def _embed_slice(
-    embedder: Embedder,
+    embedder: JobEmbedder,
+    identity: dict[str, Any],
     collected: CollectedInputs,
     part: Any,
     state: PartState,
     *,
     show_progress: bool,
     label: str = "embedding",
+    on_commit: ProgressCallback | None = None,
 ) -> None:
     """Embed ``collected.items[state.items_done:state.end]``, checkpointing after every batch."""
-    import numpy as np
-
     from mec_hub.embedding.loader import ImageSource, StringTable
 
-    dtype = np.dtype(embedder.out_dtype)
-    if state.rows_done == 0 and state.items_done == state.start:
-        writer = NpyRowWriter.create(part.data, embedder.embed_dim, dtype)
-        part.failed.write_bytes(b"")
-        state.save(part.state)
-    else:
-        writer = NpyRowWriter.open_for_resume(part.data, embedder.embed_dim, dtype, state.rows_done)
+    dim, dtype = identity["embed_dim"], identity["out_dtype"]
+    folder = part.data.parent
+    with _writing(folder):
+        if state.rows_done == 0 and state.items_done == state.start and state.publishing is None:
+            NpyRowWriter.create(part.data, dim, dtype).close()
+            part.failed.write_bytes(b"")
+            state.save(part.state)
+        if state.complete:
+            return  # what is left is _finalize's
+        num_failed = len(read_failures(part.failed, state.failed_bytes))
+        writer = _reopen(part.data, dim, dtype, state.rows_done)
         truncate(part.failed, state.failed_bytes)
-    if state.complete:
-        writer.close()
-        return
+        failed_log = open(part.failed, "ab")  # noqa: SIM115
     items = collected.items
     source = ImageSource(
         StringTable([it.path for it in items]), embedder.transform, names=StringTable([it.name for it in items])
     )
-    kill_after = int(os.environ.get(KILL_AFTER_BATCHES_ENV, 0) or 0)
-    delay = float(os.environ.get(BATCH_DELAY_ENV, 0) or 0)
     from tqdm.auto import tqdm
 
     bar = tqdm(
-        total=state.end - state.start, initial=state.items_done - state.start, unit="img", desc=label,
-        disable=not show_progress, file=sys.stderr, dynamic_ncols=True, smoothing=0.05,
+        total=state.end - state.start,
+        initial=state.items_done - state.start,
+        unit="img",
+        desc=label,
+        disable=not show_progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        smoothing=0.05,
     )
-    num_failed = len(read_failures(part.failed, state.failed_bytes))
-    failed_log = open(part.failed, "ab")  # noqa: SIM115
-    batches = 0
 
-    def commit(indices: list[int], failures: list[tuple[int, str]], features: np.ndarray) -> None:
+    def commit(batch: Batch) -> None:
         """Rows and failures to disk and synced, then (only then) the checkpoint that counts them."""
-        nonlocal batches, num_failed
-        writer.append(features)
-        append_failures(failed_log, failures)
-        writer.sync()
-        sync_file(failed_log)
-        batches += 1
-        if batches == kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
-        batch_end = max(indices + [i for i, _ in failures]) + 1
-        bar.update(batch_end - state.items_done)
-        state.items_done, state.rows_done, state.failed_bytes = batch_end, writer.rows, failed_log.tell()
-        state.save(part.state)
-        if failures:
-            num_failed += len(failures)
+        nonlocal num_failed
+        with _writing(folder):
+            writer.append(batch.features)
+            append_failures(failed_log, batch.failures)
+            writer.sync()
+            sync_file(failed_log)
+            bar.update(batch.end - state.items_done)
+            state.items_done, state.rows_done, state.failed_bytes = batch.end, writer.rows, failed_log.tell()
+            state.save(part.state)
+        if batch.failures:
+            num_failed += len(batch.failures)
             bar.set_postfix(failed=num_failed, refresh=False)
-        if delay:
-            time.sleep(delay)
+        if on_commit is not None:
+            on_commit(Progress(state.items_done - state.start, state.end - state.start, num_failed))
 
     try:
         embedder.run_batches(source, state.items_done, state.end, commit)
@@ -281,12 +363,16 @@ def _embed_slice(
         ) from None
     finally:
         bar.close()
-        failed_log.close()
-        writer.close()
+        # Unsynced bytes are past the checkpoint anyway; a full disk must not hide the first error.
+        with contextlib.suppress(OSError):
+            failed_log.close()
+        with contextlib.suppress(OSError):
+            writer.close()
 
 
 def _build_meta(
-    embedder: Embedder,
+    embedder: JobEmbedder,
+    identity: dict[str, Any],
     collected: CollectedInputs,
     files: OutputFiles,
     *,
@@ -295,21 +381,22 @@ def _build_meta(
     fingerprint: dict[str, Any],
     recursive: bool,
     started_at: str,
-) -> dict[str, Any]:
+    run_id: str,
+) -> FeatureMeta:
     import torch
 
     from mec_hub import __version__
 
-    identity = embedder.identity()
-    meta: dict[str, Any] = {
-        "format": "mec-embed",
-        "format_version": META_FORMAT_VERSION,
+    record: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
         "features": files.npy.name,
         "paths": files.paths_txt.name,
         "shape": [rows, identity["embed_dim"]],
+        "run_id": run_id,
     }
-    meta.update(identity)
-    meta.update(
+    record.update(identity)
+    record.update(
         num_inputs=len(collected),
         num_embedded=rows,
         num_failed=len(failures),
@@ -328,11 +415,12 @@ def _build_meta(
         started_at=started_at,
         finished_at=_now(),
     )
-    return meta
+    return FeatureMeta.from_json(record, origin="the embedder's identity")
 
 
 def _finalize(
-    embedder: Embedder,
+    embedder: JobEmbedder,
+    identity: dict[str, Any],
     collected: CollectedInputs,
     files: OutputFiles,
     env: DistEnv,
@@ -340,9 +428,7 @@ def _finalize(
     *,
     recursive: bool,
 ) -> dict[str, Any]:
-    """Join the parts, write paths and meta, rename everything into place (``.npy`` last)."""
-    import numpy as np
-
+    """Join the parts into the first one and publish the set (``.meta.json`` last); see the module docstring."""
     parts = [files.part(rank, env.world_size) for rank in range(env.world_size)]
     states = [PartState.load(p.state) for p in parts]
     unfinished = [rank for rank, s in enumerate(states) if not s.complete]
@@ -351,54 +437,53 @@ def _finalize(
     failures: list[tuple[int, str]] = []
     for part, state in zip(parts, states, strict=True):
         failures.extend(read_failures(part.failed, state.failed_bytes))
-    dtype = np.dtype(embedder.out_dtype)
-    writer = NpyRowWriter.open_for_resume(parts[0].data, embedder.embed_dim, dtype, states[0].rows_done)
-    try:
-        for part, state in zip(parts[1:], states[1:], strict=True):
-            writer.append_file_rows(part.data, state.rows_done)
-    except BaseException:
-        writer.close()
-        raise
-    writer.finish()
+    first, dim, dtype = parts[0], identity["embed_dim"], identity["out_dtype"]
+    if first.data.exists():
+        writer = _reopen(first.data, dim, dtype, states[0].rows_done)
+        try:
+            for part, state in zip(parts[1:], states[1:], strict=True):
+                try:
+                    writer.append_file_rows(part.data, state.rows_done)
+                except (ValueError, FileNotFoundError) as exc:
+                    raise _damaged(part.data, exc) from None
+        except BaseException:
+            writer.close()
+            raise
+        writer.finish()
+        rows, features_file = writer.rows, first.data
+        # Recorded before the rename, so that a resume after it recognises the file in its new place.
+        states[0].publishing = features_ends_sha256(first.data)
+        states[0].save(first.state)
+    elif states[0].publishing and files.npy.is_file() and features_ends_sha256(files.npy) == states[0].publishing:
+        rows, features_file = read_npy_header(files.npy)[0], None  # renamed into place by the run that stopped
+    else:
+        raise ResumeError(f"the partial files of the unfinished run ({first.data}) are missing; pass --overwrite")
     failed_indices = {index for index, _ in failures}
-    if writer.rows != len(collected) - len(failed_indices):
+    if rows != len(collected) - len(failed_indices):
         raise MecHubError(
-            f"internal error: {writer.rows} rows for {len(collected)} inputs with {len(failed_indices)} failures"
+            f"internal error: {rows} rows for {len(collected)} inputs with {len(failed_indices)} failures"
         )
 
-    def write_paths(tmp: Path) -> None:
-        with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as fh:
-            for index, item in enumerate(collected.items):
-                if index not in failed_indices:
-                    fh.write(item.name + "\n")
-
     meta = _build_meta(
-        embedder, collected, files, rows=writer.rows, failures=failures, fingerprint=fingerprint,
-        recursive=recursive, started_at=min(s.started_at for s in states),
+        embedder,
+        identity,
+        collected,
+        files,
+        rows=rows,
+        failures=failures,
+        fingerprint=fingerprint,
+        recursive=recursive,
+        started_at=min(s.started_at for s in states),
+        run_id=states[0].run_id,
     )
-    atomic_write(files.paths_txt, write_paths)
-    atomic_write_json(files.meta_json, meta)
-    os.replace(parts[0].data, files.npy)
-    _fsync_dir(files.npy.parent)
+    names = (item.name for index, item in enumerate(collected.items) if index not in failed_indices)
+    FeatureFile.write(files.npy, names, meta, features_file=features_file)
     _remove_parts(files)
-    return meta
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    return meta.to_json()
 
 
 def run_job(
-    embedder: Embedder,
+    embedder: JobEmbedder,
     inputs: Any,
     out: str | os.PathLike[str],
     *,
@@ -407,6 +492,7 @@ def run_job(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool | None = None,
+    on_commit: ProgressCallback | None = None,
 ) -> EmbedResult:
     """Embed the images named by ``inputs`` (folders, files, globs, or a ``CollectedInputs``) into ``out``.
 
@@ -414,8 +500,11 @@ def run_job(
     (model, options, counts, failures). Files that cannot be read are skipped and listed in the
     meta file with a reason. ``resume`` continues an interrupted run with the same inputs and
     options; ``overwrite`` replaces existing outputs (only once the new ones are complete).
-    ``progress``: show a progress bar (default: when stderr is a terminal). Under torchrun each
-    process embeds its own slice and the first one writes the files.
+    ``progress``: show a progress bar (default: when stderr is a terminal). ``on_commit``: called
+    with a ``Progress`` after every batch, once it is saved; an exception it raises stops the run
+    with the work so far kept for ``resume`` (``KeyboardInterrupt`` becomes ``EmbeddingInterrupted``).
+    Under torchrun each process embeds its own slice (and calls its own ``on_commit``) and the
+    first one writes the files.
     """
     files = OutputFiles.for_out(out)
     env = dist_env()
@@ -431,6 +520,7 @@ def run_job(
     group = ProcessGroup(env)
     lock = RunLock(files)
     try:
+        identity = embedder.identity()
         fingerprint = make_fingerprint(embedder, collected, env.world_size)
         digests = group.all_gather(fingerprint_digest(fingerprint))
         if len(set(digests)) > 1:
@@ -454,18 +544,32 @@ def run_job(
         group.barrier()
 
         start, end = batch_aligned_slice(len(collected), embedder.batch_size, env.rank, env.world_size)
-        state = plan.state or PartState(fingerprint, start, end, start, 0, 0, _now())
+        if plan.state is None:
+            run_id = group.broadcast_from_main(uuid.uuid4().hex if env.is_main else None)
+            state = PartState(fingerprint, start, end, start, 0, 0, _now(), run_id=run_id)
+        else:
+            state = plan.state
         if (state.start, state.end) != (start, end):
             raise ResumeError(f"the saved progress covers items {state.start}..{state.end}, expected {start}..{end}")
         show = (sys.stderr.isatty() if progress is None else progress) and env.is_main
         label = "embedding" if env.world_size == 1 else f"embedding (process 1 of {env.world_size}, its share)"
-        _embed_slice(embedder, collected, files.part(env.rank, env.world_size), state, show_progress=show, label=label)
+        _embed_slice(
+            embedder,
+            identity,
+            collected,
+            files.part(env.rank, env.world_size),
+            state,
+            show_progress=show,
+            label=label,
+            on_commit=on_commit,
+        )
 
         group.barrier()
         outcome: Any = None
         if env.is_main:
             try:
-                outcome = _finalize(embedder, collected, files, env, fingerprint, recursive=recursive)
+                with _writing(files.npy.parent):
+                    outcome = _finalize(embedder, identity, collected, files, env, fingerprint, recursive=recursive)
             except BaseException as exc:
                 group.broadcast_from_main(str(exc) or type(exc).__name__)
                 raise

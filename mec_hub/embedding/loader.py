@@ -18,25 +18,20 @@ import contextlib
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
-from mec_hub.embedding.images import ImageDecodeError, decode_image, prepare_image
+from mec_hub.data.images import ImageDecodeError, decode_image, prepare_image
 
 Sample = tuple[int, "torch.Tensor | str"]
 Batch = tuple[list[int], torch.Tensor, list[tuple[int, str]]]
 
 DECODE_TIMEOUT_ENV = "MEC_HUB_DECODE_TIMEOUT"
 DEFAULT_DECODE_TIMEOUT = 600.0
-# Test hooks (tests/test_embed_robustness.py): inside a worker process, a file whose path contains
-# this text crashes the worker (SIGSEGV) or hangs it, as a broken decoder would.
-CRASH_ON_ENV = "MEC_HUB_TEST_CRASH_ON"
-HANG_ON_ENV = "MEC_HUB_TEST_HANG_ON"
 
 
 def decode_timeout() -> float:
@@ -81,9 +76,6 @@ class ImageSource(Dataset):
         self.items = items
         self.transform = transform
         self.names = names
-        self._crash_on = os.environ.get(CRASH_ON_ENV) or None
-        self._hang_on = os.environ.get(HANG_ON_ENV) or None
-        self._in_worker = False
         self.threads = 1  # decoding threads per process, for __getitems__
         self._pool: Any = None
         self._pool_pid = -1
@@ -95,8 +87,6 @@ class ImageSource(Dataset):
         item = self.items[index]
         if self.names is not None and ("\n" in self.names[index] or "\r" in self.names[index]):
             return index, "its name contains a line break, which a line of FEATS.paths.txt cannot hold"
-        if (self._crash_on or self._hang_on) and (self._in_worker or get_worker_info() is not None):
-            self._simulate_broken_decoder(str(item))
         try:
             image = prepare_image(item) if isinstance(item, Image.Image) else decode_image(item)
         except ImageDecodeError as exc:
@@ -120,12 +110,6 @@ class ImageSource(Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_pool": None, "_pool_pid": -1}
-
-    def _simulate_broken_decoder(self, path: str) -> None:
-        if self._crash_on and self._crash_on in path:
-            os.kill(os.getpid(), signal.SIGSEGV)
-        if self._hang_on and self._hang_on in path:
-            time.sleep(3600)
 
 
 class Collate:
@@ -214,7 +198,6 @@ def is_worker_failure(exc: BaseException) -> bool:
 
 
 def _decode_in_child(source: ImageSource, connection: Any, max_pixels: int | None) -> None:
-    source._in_worker = True
     torch.set_num_threads(1)
     Image.MAX_IMAGE_PIXELS = max_pixels
     _, value = source[0]
@@ -231,7 +214,6 @@ def decode_one_isolated(source: ImageSource, index: int) -> Sample:
     timeout = decode_timeout()
     names = None if source.names is None else [source.names[index]]
     single = ImageSource([source.items[index]], source.transform, names)
-    single._crash_on, single._hang_on = source._crash_on, source._hang_on
     context = multiprocessing.get_context()
     receiver, sender = context.Pipe(duplex=False)
     process = context.Process(target=_decode_in_child, args=(single, sender, Image.MAX_IMAGE_PIXELS), daemon=True)

@@ -38,9 +38,12 @@ def read_npy_header(path: str | os.PathLike[str]) -> tuple[int, int, np.dtype]:
         head = fh.read(HEADER_SIZE)
     if len(head) < HEADER_SIZE or head[: len(MAGIC)] != MAGIC:
         raise ValueError(f"{path}: not a .npy file written by mec-embed")
-    info = ast.literal_eval(head[_PREFIX:].decode("latin1").strip())
-    rows, dim = info["shape"]
-    return int(rows), int(dim), np.dtype(info["descr"])
+    try:
+        info = ast.literal_eval(head[_PREFIX:].decode("latin1").strip())
+        rows, dim = info["shape"]
+        return int(rows), int(dim), np.dtype(info["descr"])
+    except (ValueError, SyntaxError, TypeError, KeyError, MemoryError, RecursionError) as exc:
+        raise ValueError(f"{path}: its .npy header is damaged ({type(exc).__name__})") from None
 
 
 class NpyRowWriter:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from mec_hub.data.featurefile import META_SUFFIX, PATHS_SUFFIX, sidecar
 from mec_hub.errors import MecHubError
 
 
@@ -47,16 +48,12 @@ class OutputFiles:
         return cls(path)
 
     @property
-    def stem(self) -> str:
-        return self.npy.name[: -len(".npy")]
-
-    @property
     def paths_txt(self) -> Path:
-        return self.npy.with_name(f"{self.stem}.paths.txt")
+        return sidecar(self.npy, PATHS_SUFFIX)
 
     @property
     def meta_json(self) -> Path:
-        return self.npy.with_name(f"{self.stem}.meta.json")
+        return sidecar(self.npy, META_SUFFIX)
 
     @property
     def finals(self) -> tuple[Path, Path, Path]:
@@ -119,7 +116,7 @@ class RunLock:
         except OSError:
             fh.close()
             raise OutputError(
-                f"another mec-embed run is writing {self.path.name[1:-len('.lock')]} (lock {self.path})"
+                f"another mec-embed run is writing {self.path.name[1 : -len('.lock')]} (lock {self.path})"
             ) from None
         self._fh = fh
 

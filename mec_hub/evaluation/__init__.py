@@ -1,7 +1,9 @@
 """Frozen-feature evaluation: weighted kNN (DINO's protocol) and a linear probe.
 
 Features come from any model (``extract_image_folder``) or from ``.npy`` files
-(``load_feature_file``). Importing this package is cheap; each name imports torch when first used.
+(``load_feature_file``). ``EvalSplits`` pairs train and val features with what made them,
+``run_knn``/``run_linear`` evaluate them into an ``EvalReport`` (what ``mec-hub eval --out`` writes).
+Importing this package is cheap; each name imports torch when first used.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ _LAZY = {
     "extract_image_folder": "mec_hub.evaluation.features",
     "load_feature_file": "mec_hub.evaluation.features",
     "InvalidFeaturesError": "mec_hub.evaluation.inputs",
+    "EvalSplits": "mec_hub.evaluation.splits",
+    "load_eval_model": "mec_hub.evaluation.splits",
+    "run_knn": "mec_hub.evaluation.protocols",
+    "run_linear": "mec_hub.evaluation.protocols",
+    "EvalReport": "mec_hub.evaluation.report",
 }
 
 __all__ = list(_LAZY)

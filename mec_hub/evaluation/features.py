@@ -18,7 +18,6 @@ an ``(N, D)`` array, with row-aligned labels from either
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -30,16 +29,14 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+from torchvision.datasets.folder import make_dataset
 
-from mec_hub.embedding.images import ImageDecodeError, decode_image
+from mec_hub.data.featurefile import PATHS_SUFFIX, FeatureFile, read_meta_json, read_paths, sidecar
+from mec_hub.data.images import IMAGE_EXTENSIONS
+from mec_hub.embedding.loader import ImageSource
+from mec_hub.embedding.runner import Batch, BatchRunner
 from mec_hub.errors import MecHubError
 from mec_hub.evaluation.inputs import InvalidFeaturesError, as_feature_matrix, as_label_vector
-from mec_hub.fileio import atomic_write, atomic_write_json, atomic_write_text
-
-PATHS_SUFFIX = ".paths.txt"
-META_SUFFIX = ".meta.json"
 
 
 @dataclass
@@ -59,13 +56,6 @@ class LabelledFeatures:
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
-
-
-def sidecar(features_path: str | os.PathLike[str], suffix: str) -> Path:
-    """``X.npy`` -> ``X<suffix>`` (``X.paths.txt``, ``X.meta.json``)."""
-    path = Path(features_path)
-    stem = path.name[: -len(".npy")] if path.name.endswith(".npy") else path.name
-    return path.with_name(stem + suffix)
 
 
 # --------------------------------------------------------------------------- image folders
@@ -90,37 +80,10 @@ def list_image_folder(
             shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
             raise MecHubError(f"{root}: class folders not among the training classes: {shown}")
     class_to_idx = {name: classes.index(name) for name in own}
-    samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    samples = make_dataset(str(root), class_to_idx, extensions=IMAGE_EXTENSIONS, allow_empty=True)
     if not samples:
-        raise MecHubError(f"{root}: no images ({', '.join(IMG_EXTENSIONS)}) in its class folders")
+        raise MecHubError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
     return samples, list(classes)
-
-
-class _ImageList(Dataset):
-    """``(index, tensor, None)`` per image, or ``(index, None, reason)`` when it cannot be read."""
-
-    def __init__(self, paths: Sequence[str], transform: Callable[[Image.Image], torch.Tensor]) -> None:
-        self.paths, self.transform = list(paths), transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
-        # The decoding of mec-embed (EXIF rotation, alpha over white, 16-bit and LAB handled), so
-        # features measured here equal those of an embedded folder.
-        try:
-            image = decode_image(self.paths[index])
-        except ImageDecodeError as exc:
-            return index, None, str(exc)
-        return index, self.transform(image), None
-
-
-def _collate(batch: list[tuple[int, torch.Tensor | None, str | None]]) -> tuple[Any, ...]:
-    good = [(i, x) for i, x, _ in batch if x is not None]
-    failed = [(i, reason) for i, x, reason in batch if x is None]
-    indices = torch.tensor([i for i, _ in good], dtype=torch.long)
-    images = torch.stack([x for _, x in good]) if good else None
-    return indices, images, failed
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -130,7 +93,7 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def default_transform(model: nn.Module) -> Callable[[Image.Image], torch.Tensor]:
-    from mec_hub.transforms import get_transform
+    from mec_hub.data.transforms import get_transform
 
     try:
         return get_transform(model)
@@ -164,35 +127,51 @@ def extract_features(
     where = model_device(model)
     if where.type != device.type or (None not in (where.index, device.index) and where.index != device.index):
         raise ValueError(f"the model is on {where}, not on device={device}; move it there first")
-    loader = DataLoader(
-        _ImageList(paths, transform),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=_collate,
-        pin_memory=device.type == "cuda",
-    )
-    batches = loader
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(loader, desc="features", unit="batch", leave=False)
-    was_training = model.training
-    model.eval()
+    # The pipeline of mec-embed (decode_image: EXIF rotation, alpha over white, 16-bit and LAB;
+    # decoding in workers; a file that crashes or hangs a worker becomes a failure), so features
+    # measured here equal those of an embedded folder.
+    pre = getattr(model, "pretrained_cfg", None)
+    input_size = tuple(pre["input_size"]) if isinstance(pre, dict) and "input_size" in pre else (3, 1, 1)
     chunks: list[torch.Tensor] = []
     kept: list[int] = []
     failed: list[tuple[int, str]] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(paths), desc="features", unit="img", leave=False)
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        out = model(images.to(device, non_blocking=True))
+        if out.ndim != 2:
+            raise ValueError(f"the model returned shape {tuple(out.shape)}; expected (N, D) features")
+        return out
+
+    def commit(batch: Batch) -> None:
+        failed.extend(batch.failures)
+        if batch.indices:
+            chunks.append(torch.from_numpy(batch.features))
+            kept.extend(batch.indices)
+        if bar is not None:
+            bar.update(len(batch.indices) + len(batch.failures))
+
+    runner = BatchRunner(
+        forward=forward,
+        finish=lambda out: np.empty((0, 0), np.float32) if out is None else out.float().cpu().numpy(),
+        device=device,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        # Only the shape of a batch in which no image could be read; such a batch never reaches the model.
+        input_size=input_size,
+    )
+    was_training = model.training
+    model.eval()
     try:
-        for indices, images, batch_failed in batches:
-            failed.extend(batch_failed)
-            if images is None:
-                continue
-            out = model(images.to(device, non_blocking=True))
-            if out.ndim != 2:
-                raise ValueError(f"the model returned shape {tuple(out.shape)}; expected (N, D) features")
-            chunks.append(out.float().cpu())
-            kept.extend(indices.tolist())
+        runner.run(ImageSource(list(paths), transform), 0, len(paths), commit)
     finally:
         model.train(was_training)
+        if bar is not None:
+            bar.close()
     if not chunks:
         raise MecHubError(f"none of the {len(paths)} images could be read")
     return torch.cat(chunks), kept, failed
@@ -220,8 +199,13 @@ def extract_image_folder(
     root = Path(folder)
     paths = [path for path, _ in samples]
     features, kept, failed = extract_features(
-        model, paths, transform=transform, batch_size=batch_size, num_workers=num_workers,
-        device=device, progress=progress,
+        model,
+        paths,
+        transform=transform,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        progress=progress,
     )
     skipped = [(paths[i], reason) for i, reason in failed]
     if skipped:
@@ -247,34 +231,6 @@ def _load_npy(path: Path, *, what: str) -> np.ndarray:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise InvalidFeaturesError(f"{path}: not a readable .npy array ({exc})") from None
-
-
-def read_paths_file(path: str | os.PathLike[str]) -> list[str]:
-    """Lines of a paths file (``X.paths.txt``), without the line ends; a trailing empty line is ignored."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise MecHubError(f"paths file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MecHubError(f"{path}: unreadable paths file ({exc})") from None
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return lines
-
-
-def read_meta(features_path: str | os.PathLike[str]) -> dict[str, Any]:
-    """``X.meta.json`` beside ``X.npy`` as a dict (empty when there is none)."""
-    path = sidecar(features_path, META_SUFFIX)
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MecHubError(f"{path}: unreadable metadata ({exc})") from None
-    if not isinstance(data, dict):
-        raise MecHubError(f"{path}: metadata must be a JSON object")
-    return data
 
 
 def labels_from_paths(
@@ -323,8 +279,9 @@ def load_feature_file(
     paths = None
     if label_path.suffix == ".npy":
         raw = _load_npy(label_path, what="labels file")
-        label_tensor = as_label_vector(np.array(raw), what=str(label_path), length=tensor.shape[0],
-                                       length_of=str(features_path))
+        label_tensor = as_label_vector(
+            np.array(raw), what=str(label_path), length=tensor.shape[0], length_of=str(features_path)
+        )
         largest = int(label_tensor.max()) if label_tensor.numel() else -1
         if classes is None:
             classes = [str(i) for i in range(largest + 1)]
@@ -333,7 +290,7 @@ def load_feature_file(
                 f"{label_path}: label {largest} is not among the {len(classes)} training classes"
             )
     else:
-        paths = read_paths_file(label_path)
+        paths = read_paths(label_path)
         if len(paths) != tensor.shape[0]:
             raise InvalidFeaturesError(
                 f"{label_path} has {len(paths)} paths but {features_path} has {tensor.shape[0]} rows; "
@@ -346,7 +303,7 @@ def load_feature_file(
         labels=label_tensor,
         classes=list(classes),
         paths=paths,
-        meta=read_meta(features_path),
+        meta=read_meta_json(features_path),
     )
 
 
@@ -357,13 +314,4 @@ def save_feature_file(data: LabelledFeatures, path: str | os.PathLike[str], meta
         raise ValueError(f"{path}: the features file name must end in .npy")
     if data.paths is None:
         raise ValueError("these features have no paths to write")
-    array = data.features.numpy()
-
-    def write_array(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:  # a file object, or np.save would append ".npy" to the temporary name
-            np.save(fh, array)
-
-    atomic_write(path, write_array)
-    atomic_write_text(sidecar(path, PATHS_SUFFIX), "".join(p + "\n" for p in data.paths))
-    atomic_write_json(sidecar(path, META_SUFFIX), meta)
-    return path
+    return FeatureFile.write(path, data.paths, meta, matrix=data.features.numpy())

@@ -1,0 +1,1 @@
+"""Things built on features: exact search (``search``), picture grids (``grid``), training plots (``plots``)."""

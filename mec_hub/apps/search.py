@@ -1,0 +1,176 @@
+"""Exact cosine search of query images against a feature file written by ``mec-embed``.
+
+A feature file (``mec_hub.data.featurefile``) is ``FEATS.npy`` (``(N, D)``) with
+``FEATS.paths.txt`` (row ``i`` = the image of row ``i``) and ``FEATS.meta.json`` (which model,
+weights SHA-256, head and preprocessing made it). Queries are embedded with that same model,
+after checking that the weights loaded now are byte-identical (SHA-256) to those that made the
+file. The file is read through a memory map, one block of rows at a time, so memory stays
+bounded however many rows it holds.
+
+Example::
+
+    >>> index = FeatureFile.open("photos.npy")
+    >>> for hits in search(index, ["query.jpg"], top_k=5):
+    ...     print([(h.rank, round(h.score, 3), h.path) for h in hits])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mec_hub.data.featurefile import META_SUFFIX, FeatureFile, FeatureMeta, sidecar
+from mec_hub.errors import MecHubError
+
+# Elements of one block of feature rows or similarities: 2**23 float32 = 32 MiB.
+_BLOCK_BUDGET = 1 << 23
+
+
+class WeightsMismatchError(MecHubError):
+    """The model that would embed the queries is not the one that made the feature file."""
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """One search result: ``rank`` from 1, ``row`` of the feature file, cosine ``score``.
+
+    ``path`` is the row's path as recorded in ``FEATS.paths.txt``; ``resolved`` is that image
+    on this machine (``None`` when it cannot be found).
+    """
+
+    rank: int
+    row: int
+    score: float
+    path: str
+    resolved: Path | None
+
+
+def _normalise_rows(block: np.ndarray) -> np.ndarray:
+    block = np.asarray(block, dtype=np.float32)
+    norms = np.linalg.norm(block, axis=1, keepdims=True)
+    return np.nan_to_num(block / np.maximum(norms, 1e-12), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def cosine_top_k(
+    matrix: np.ndarray, queries: np.ndarray, k: int, *, chunk_rows: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(scores, rows)``, each ``(Q, min(k, N))``: the ``k`` rows of ``matrix`` most cosine-similar to each query.
+
+    Exact. ``matrix`` (``(N, D)``, e.g. a memory map) is read ``chunk_rows`` rows at a time
+    (default: blocks of about 32 MiB); rows are L2-normalised on the fly, so the file need not be.
+    Results are sorted by decreasing similarity, equal similarities by increasing row.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    num_rows, dim = matrix.shape
+    queries = _normalise_rows(queries)
+    if queries.ndim != 2 or queries.shape[1] != dim:
+        raise MecHubError(f"queries have shape {queries.shape}; the feature file has {dim} dimensions")
+    k = min(k, num_rows)
+    if chunk_rows is None:
+        chunk_rows = max(k, _BLOCK_BUDGET // max(dim, len(queries), 1))
+    best_scores = np.empty((len(queries), 0), dtype=np.float32)
+    best_rows = np.empty((len(queries), 0), dtype=np.int64)
+    for start in range(0, num_rows, chunk_rows):
+        block = _normalise_rows(matrix[start : start + chunk_rows])
+        similarity = queries @ block.T  # (Q, rows in block)
+        scores = np.concatenate([best_scores, similarity], axis=1)
+        block_rows = np.broadcast_to(np.arange(start, start + len(block)), similarity.shape)
+        rows = np.concatenate([best_rows, block_rows], axis=1)
+        # Keep every candidate tied with the k-th best, then order by (score desc, row asc).
+        kept = min(k, scores.shape[1])
+        kth = -np.partition(-scores, kept - 1, axis=1)[:, kept - 1 : kept]
+        next_scores, next_rows = [], []
+        for q in range(len(queries)):
+            keep = np.flatnonzero(scores[q] >= kth[q])
+            order = np.lexsort((rows[q, keep], -scores[q, keep]))[:kept]
+            next_scores.append(scores[q, keep[order]])
+            next_rows.append(rows[q, keep[order]])
+        best_scores, best_rows = np.stack(next_scores), np.stack(next_rows)
+    return best_scores, best_rows
+
+
+def load_query_embedder(meta: FeatureMeta, *, weights: str | None = None, device: str = "cpu") -> Any:
+    """An object with ``.embed(paths) -> (Q, D) array`` and ``.weights_sha256``, rebuilt from ``meta``.
+
+    ``weights`` overrides where the weights are loaded from (they must still be the same bytes).
+    """
+    from mec_hub.embedding.engine import Embedder, ModelMismatchError
+
+    if weights is not None:
+        meta = dataclasses.replace(meta, weights=weights)
+    try:
+        return Embedder.from_meta(meta, device=device)
+    except ModelMismatchError as exc:
+        raise WeightsMismatchError(
+            f"{exc}; pass --weights pointing to the original weights, or embed the images again"
+        ) from None
+    except (ValueError, TypeError) as exc:  # a meta file whose fields the embedder does not accept
+        raise MecHubError(f"cannot rebuild the model recorded in the metadata: {exc}") from None
+
+
+def check_same_weights(meta: FeatureMeta, actual: str | None, *, origin: str) -> None:
+    expected = meta.weights_sha256
+    where = meta.weights or meta.model
+    if expected is None:
+        if meta.state_dict_sha256:
+            return  # weights without a file digest: the embedder compared the state_dict digest
+        warnings.warn(
+            f"{origin} records no weights SHA-256, so the query model cannot be checked against the one "
+            "that made the file",
+            stacklevel=2,
+        )
+        return
+    if actual != expected:
+        raise WeightsMismatchError(
+            f"{origin} was made with weights sha256 {expected}, but {where!r} now loads "
+            f"{actual or 'weights with no known digest'}; query features would not be comparable. "
+            "Pass --weights pointing to the original weights, or embed the images again."
+        )
+
+
+def search(
+    index: FeatureFile,
+    queries: Sequence[str | os.PathLike[str]],
+    *,
+    top_k: int = 5,
+    weights: str | None = None,
+    device: str = "cpu",
+    chunk_rows: int | None = None,
+) -> list[list[Neighbour]]:
+    """For each query image, its ``top_k`` nearest rows of ``index`` by cosine similarity."""
+    missing = [str(q) for q in queries if not Path(q).is_file()]
+    if missing:
+        raise MecHubError(f"query image not found: {', '.join(missing)}")
+    meta_file = sidecar(index.path, META_SUFFIX)
+    if index.meta is None:
+        raise MecHubError(f"{index.path}: no {meta_file.name} beside it, so the model that made it is unknown")
+    embedder = load_query_embedder(index.meta, weights=weights, device=device)
+    check_same_weights(index.meta, embedder.weights_sha256, origin=str(meta_file))
+    query_features = np.asarray(embedder.embed([str(q) for q in queries]), dtype=np.float32)
+    if query_features.shape != (len(queries), index.matrix.shape[1]):
+        raise MecHubError(
+            f"the query model gives {query_features.shape[-1]}-d features, but {index.path} has "
+            f"{index.matrix.shape[1]} dimensions (different head?)"
+        )
+    scores, rows = cosine_top_k(index.matrix, query_features, top_k, chunk_rows=chunk_rows)
+    return [
+        [
+            Neighbour(
+                rank=r + 1,
+                row=int(row),
+                score=float(score),
+                path=index.paths[int(row)],
+                resolved=index.resolve(int(row)),
+            )
+            for r, (score, row) in enumerate(zip(scores[q], rows[q], strict=True))
+        ]
+        for q in range(len(queries))
+    ]

@@ -1,0 +1,1 @@
+"""Where code runs: devices and precisions (``devices``), torchrun process groups (``distributed``)."""

@@ -1,0 +1,552 @@
+"""The pretraining options as one typed record: ``TrainConfig``, its YAML files and its command line.
+
+Every option of ``training/pretrain.py`` is a field of :class:`TrainConfig`; its default is the
+paper's recipe and its metadata holds the help text, the option names (``--wd`` and
+``--weight-decay`` for ``weight_decay``) and whether resuming compares it (``recipe``). The
+argparse parser is generated from the fields, and so are the keys a resume compares
+(``recipe_keys``, read by ``training.checkpoint``), so no list of options is kept by hand.
+
+``--config FILE`` reads a YAML mapping of field names to values (the shipped recipes are in
+``training/configs/``); options given on the command line override the file, and the file
+overrides the defaults. Paths in a file are taken relative to the current directory, as on the
+command line (``~`` is expanded). A key that is no field, or a value of the wrong type, is an
+error naming the key. A run writes its resolved options to ``OUT/config.yaml``, which
+``--config`` reads back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import math
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from mec_hub.fileio import atomic_write_text
+from mec_hub.models.encoder import STEMS
+from mec_hub.runtime.devices import PRECISIONS
+from training.data import AUGMENTATIONS
+from training.optim import OPTIMIZERS
+
+PROG = "training/pretrain.py"
+# The paper's global batch: its eps^2 of 64 is kept there and above, and scaled up below (see --eps2).
+PAPER_BATCH = 1024
+CONFIG_FILE = "config.yaml"
+YAML_ADVICE = "pip install 'mec-hub[train]' (or: pip install pyyaml)"
+
+
+class ConfigError(ValueError):
+    """An option or a config file's key that cannot make a run; the message names it, on one line."""
+
+
+def default_eps2(batch_size: int) -> float:
+    """The paper's eps^2 (64) at its global batch of 1024 and above, ``64 * 1024 / batch`` below.
+
+    Below 1024 this keeps ``lamda = d / (m * eps^2)`` at its value for a batch of 1024. The order-4
+    series needs ``||C|| < 1``, ``C = lamda * z1 z2^T``; once the two views agree (what training
+    drives them to), ``z z^T`` has trace m (unit rows) and so ``||C|| >= lamda`` for m <= d, and
+    more generally ``||C||`` is about ``lamda * m * s``, s the share of the batch along its top
+    direction. At eps^2 64 and d 2048, lamda is 1/32 at m = 1024, but 1/2 at m = 64 and 1 at
+    m = 32: small batches diverge however well spread their embeddings. With lamda held, a batch
+    of m is never closer to divergence than a batch of 1024 with the same spread.
+    """
+    return 64.0 * max(1.0, PAPER_BATCH / batch_size)
+
+
+# --------------------------------------------------------------------------------------------
+# values that are not plain numbers or strings (each parses the command line's text and a file's string)
+
+
+def parse_order(value: str) -> int | None:
+    if value.lower() in ("exact", "none", "logdet"):
+        return None
+    try:
+        order = int(value)
+    except ValueError:
+        raise ValueError(f"expected an integer >= 1 or 'exact', got {value!r}") from None
+    if order < 1:
+        raise ValueError("must be >= 1, or 'exact'")
+    return order
+
+
+def dump_order(value: int | None) -> int | str:
+    return "exact" if value is None else value
+
+
+def parse_eps2(value: str) -> float | str:
+    if value.lower() == "auto":
+        return "auto"
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"expected a number or 'auto', got {value!r}") from None
+
+
+def parse_model_args(value: str) -> dict[str, Any]:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
+    if not isinstance(parsed, dict):
+        raise ValueError("must be a JSON object, e.g. '{\"drop_path_rate\": 0.1}'")
+    return parsed
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    group: str | None = None,
+    flags: Sequence[str] = (),
+    choices: Sequence[Any] | None = None,
+    parse: Callable[[str], Any] | None = None,
+    dump: Callable[[Any], Any] | None = None,
+    metavar: str | None = None,
+    expected: str | None = None,
+    recipe: bool = False,
+) -> Any:
+    """A :class:`TrainConfig` field: its default, help text and command-line spelling.
+
+    ``flags``: the option names (default ``--field-name``); ``parse``: text (command line, or a
+    string in a file) to value; ``dump``: value to what ``config.yaml`` writes; ``expected``: what
+    a wrong value's error says the field takes (default: from its type); ``recipe``: a
+    resumed run must have the same value (see ``training.checkpoint.check_resumable``).
+    """
+    metadata = {
+        "help": help,
+        "group": group,
+        "flags": tuple(flags),
+        "choices": tuple(choices) if choices is not None else None,
+        "parse": parse,
+        "dump": dump,
+        "metavar": metavar,
+        "expected": expected,
+        "recipe": recipe,
+    }
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class TrainConfig:
+    """The options of ``training/pretrain.py``, defaults the paper's recipe (Liu et al., NeurIPS 2022)."""
+
+    # option() returns a dataclasses.field (RUF009 only sees a call in a default).
+
+    data: Path | None = option(None, "folder of training images (recursive; labels ignored)")  # noqa: RUF009
+    output_dir: Path | None = option(  # noqa: RUF009
+        None, "where the run writes checkpoints, metrics.jsonl, config.yaml, export/; required"
+    )
+    init_from: str | None = option(
+        None,
+        "start the student's backbone (and projector, when the weights have one) from these weights, the "
+        "teacher as a copy: anything mec_hub.load accepts (a registry name, an exported folder, a .safetensors "
+        "file, hf-hub:org/name) or a checkpoint (a training/pretrain.py checkpoint_*.pt, the authors' "
+        "checkpoint). Read at the start of a run only; a resumed run continues from its own checkpoint",
+        metavar="WEIGHTS",
+    )
+    extend_epochs: int | None = option(
+        None,
+        "continue the run in --output-dir (finished or not) to N epochs in all, N > --epochs: from the "
+        "checkpoint's step on, lr and teacher momentum follow the schedules of an N-epoch run (the "
+        "cosines recomputed for the new length, as if --epochs had been N from the start; 1/lamda's warm-up "
+        "does not depend on the length and is unchanged). Keep passing it to resume the extended run",
+        metavar="N",
+    )
+
+    # ---- model
+    arch: str = option("resnet50", "any timm architecture name", group="model", recipe=True)
+    model_args: dict[str, Any] = option(  # noqa: RUF009
+        {},
+        "JSON keyword arguments for timm.create_model (a mapping in a config file)",
+        group="model",
+        parse=parse_model_args,
+        metavar="JSON",
+        expected="a mapping",
+        recipe=True,
+    )
+    stem: str = option(
+        "default", "'small': 3x3/1 ResNet stem for 32-64 px images", group="model", choices=STEMS, recipe=True
+    )
+    image_size: int = option(224, "training crop size", group="model", recipe=True)
+    augmentation: str = option(
+        "mocov3",
+        "view augmentations; 'mocov3-noblur' drops the Gaussian blur, for 32-64 px images",
+        group="model",
+        choices=AUGMENTATIONS,
+        recipe=True,
+    )
+    dim: int = option(2048, "projector output size d", group="model", recipe=True)
+    hidden_dim: int | None = option(
+        None, "projector hidden size (default: the backbone's features)", group="model", recipe=True
+    )
+    pred_dim: int = option(512, "predictor hidden size", group="model", recipe=True)
+
+    # ---- recipe
+    epochs: int = option(100, "epochs of the schedule", group="recipe", recipe=True)
+    batch_size: int = option(1024, "global batch m, over all processes", group="recipe", recipe=True)
+    lr: float = option(0.5, "base lr; the peak lr is lr * batch_size / 256", group="recipe", recipe=True)
+    weight_decay: float = option(1e-5, "weight decay", group="recipe", flags=("--wd", "--weight-decay"), recipe=True)
+    momentum: float = option(0.9, "optimizer momentum", group="recipe", recipe=True)
+    optimizer: str = option("sgd", "optimizer", group="recipe", choices=OPTIMIZERS, recipe=True)
+    eps2: float | str = option(
+        "auto",
+        "squared distortion eps^2; lamda = d / (m * eps2). auto: the paper's 64 at a global batch m >= 1024, "
+        "64 * 1024 / m below. ||C|| >= lamda once the two views agree, so at 64 a small batch leaves the order-4 "
+        "series' convergence region (lamda = d / (64 m) is 1/2 at m = 64 and 1 at m = 32 for d = 2048); keeping "
+        "lamda at its m = 1024 value keeps the series converging",
+        group="recipe",
+        parse=parse_eps2,
+        metavar="EPS2|auto",
+        expected="a number or 'auto'",
+        recipe=True,
+    )
+    order: int | None = option(
+        4,
+        "Taylor order, or 'exact' for the log-determinant",
+        group="recipe",
+        parse=parse_order,
+        dump=dump_order,
+        metavar="N|exact",
+        expected="an integer >= 1 or 'exact'",
+        recipe=True,
+    )
+    teacher_momentum: float = option(0.996, "EMA momentum at step 0 (cosine to 1)", group="recipe", recipe=True)
+    warmup_epochs: int = option(10, "linear lr warm-up", group="recipe", recipe=True)
+    lamda_warmup_epochs: int = option(10, "1/lamda goes from factor/lamda to 1/lamda", group="recipe", recipe=True)
+    lamda_warmup_factor: float = option(8.0, "1/lamda at step 0, in units of 1/lamda", group="recipe", recipe=True)
+    seed: int = option(0, "seed of the data order, augmentations and initial weights", group="recipe", recipe=True)
+
+    # ---- run
+    workers: int = option(8, "data-loading processes per training process", group="run")
+    device: str = option("auto", "where to train", group="run", choices=("auto", "cuda", "cpu"))
+    precision: str = option("fp32", "autocast dtype (fp16: scaled)", group="run", choices=tuple(PRECISIONS))
+    channels_last: bool = option(False, "NHWC memory format (faster convolutions on GPUs)", group="run")
+    compile: bool = option(False, "torch.compile the model", group="run")
+    max_steps: int | None = option(None, "stop after this many steps in total (smoke runs)", group="run")
+    log_every: int = option(50, "steps between log lines", group="run")
+    save_every_steps: int = option(0, "also checkpoint every N steps (0: epoch ends only)", group="run")
+    snapshot_every: int = option(10, "keep checkpoint_epochNNNN.pt every N epochs (0: no)", group="run")
+    keep_snapshots: int = option(0, "keep only the newest N snapshots (0: all)", group="run")
+    tensorboard: bool = option(True, "write TensorBoard logs when tensorboard is installed", group="run")
+    wandb: str | None = option(
+        None,
+        "also log the scalars to this Weights & Biases project (needs: pip install wandb)",
+        group="run",
+        metavar="PROJECT",
+    )
+    fidelity_every: int | None = option(
+        None,
+        "every N steps, measure the order-k series against the exact float64 log-determinant of the step's "
+        "matrices (taylor_rel_error, spectral_norm_exact in metrics.jsonl); default: on the logged steps; 0: never",
+        group="run",
+        metavar="N",
+    )
+    dist_timeout_minutes: float = option(30.0, "collective timeout (kNN runs on rank 0)", group="run")
+
+    # ---- export
+    export_from: str = option("student", "which encoder to export", group="export", choices=("student", "teacher"))
+    export_name: str | None = option(None, "model name in the exported config (default: mec_ARCH_DATA)", group="export")
+    export_only: bool = option(False, "export OUT/checkpoint_last.pt to OUT/export and exit", group="export")
+
+    # ---- kNN monitor
+    knn_train: Path | None = option(None, "labelled ImageFolder for the kNN bank", group="kNN monitor")  # noqa: RUF009
+    knn_val: Path | None = option(None, "labelled ImageFolder to classify", group="kNN monitor")  # noqa: RUF009
+    knn_every: int = option(1, "epochs between kNN measurements (and at the end)", group="kNN monitor")
+    knn_k: int = option(20, "neighbours", group="kNN monitor")
+    knn_temperature: float = option(0.07, "temperature of the neighbours' weights", group="kNN monitor")
+
+    @property
+    def no_tensorboard(self) -> bool:
+        return not self.tensorboard
+
+    @property
+    def total_epochs(self) -> int:
+        """The schedule's length: ``--extend-epochs`` when given, else ``--epochs``."""
+        return self.extend_epochs if self.extend_epochs is not None else self.epochs
+
+    # ---- checks
+
+    def check(self, world_size: int = 1) -> TrainConfig:
+        """The config with ``eps2: auto`` resolved, or :class:`ConfigError` naming the first bad option."""
+        if not self.export_only and self.data is None:
+            raise ConfigError("--data is required (unless --export-only)")
+        if self.output_dir is None:
+            raise ConfigError("--output-dir is required (on the command line or as output_dir in the config file)")
+        for name in ("epochs", "batch_size", "image_size", "dim", "pred_dim", "log_every", "knn_every", "knn_k"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{flag(name)} must be >= 1")
+        for name in ("warmup_epochs", "lamda_warmup_epochs", "workers", "save_every_steps", "snapshot_every", "seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{flag(name)} must be >= 0")
+        for name in ("hidden_dim", "max_steps", "extend_epochs"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{flag(name)} must be >= 1")
+        if self.fidelity_every is not None and self.fidelity_every < 0:
+            raise ConfigError(f"{flag('fidelity_every')} must be >= 0 (0: never)")
+        if self.order is not None and self.order < 1:
+            raise ConfigError("--order must be >= 1, or 'exact'")
+        if self.extend_epochs is not None and self.extend_epochs <= self.epochs:
+            raise ConfigError(
+                f"--extend-epochs {self.extend_epochs} must be more than --epochs {self.epochs}: it is the new "
+                "length of the run, in epochs"
+            )
+        eps2 = default_eps2(self.batch_size) if self.eps2 == "auto" else self.eps2
+        if not (self.lr > 0 and eps2 > 0 and self.lamda_warmup_factor > 0 and self.weight_decay >= 0):
+            raise ConfigError("--lr, --eps2 and --lamda-warmup-factor must be > 0, --wd >= 0")
+        if not 0 <= self.teacher_momentum <= 1:
+            raise ConfigError("--teacher-momentum must be in [0, 1]")
+        if self.batch_size % world_size:
+            raise ConfigError(f"--batch-size {self.batch_size} is not divisible by the {world_size} processes")
+        if (self.knn_train is None) != (self.knn_val is None):
+            raise ConfigError("--knn-train and --knn-val go together")
+        return dataclasses.replace(self, eps2=float(eps2))
+
+    # ---- files
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any], *, source: str = "config") -> TrainConfig:
+        """A config from a file's mapping; unknown keys and mistyped values are :class:`ConfigError`."""
+        return cls(**checked_values(mapping, source=source))
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Field name -> plain value (str, int, float, bool, None, dict): what ``config.yaml`` holds."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["dump"] is not None:
+                value = f.metadata["dump"](value)
+            elif isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, dict):
+                value = json.loads(json.dumps(value))  # a plain copy
+            out[f.name] = value
+        return out
+
+    def to_yaml(self, header: str = "") -> str:
+        yaml = import_yaml("writing config.yaml")
+        comments = "".join(f"# {line}".rstrip() + "\n" for line in header.splitlines())
+        return comments + yaml.safe_dump(self.to_mapping(), sort_keys=False, default_flow_style=False)
+
+
+def flag(name: str) -> str:
+    """The option of field ``name`` as a user writes it (its first flag)."""
+    for f in fields(TrainConfig):
+        if f.name == name:
+            return _flags(f)[0]
+    raise KeyError(name)
+
+
+def recipe_keys() -> tuple[str, ...]:
+    """The fields a resumed run must share with its checkpoint, in declaration order."""
+    return tuple(f.name for f in fields(TrainConfig) if f.metadata["recipe"])
+
+
+def _flags(f: dataclasses.Field) -> tuple[str, ...]:
+    return f.metadata["flags"] or ("--" + f.name.replace("_", "-"),)
+
+
+# --------------------------------------------------------------------------------------------
+# types: one check for values from a file, argparse converters for the command line
+
+_HINTS: dict[str, Any] | None = None
+
+
+def _hints() -> dict[str, Any]:
+    global _HINTS
+    if _HINTS is None:
+        _HINTS = typing.get_type_hints(TrainConfig)
+    return _HINTS
+
+
+def _members(hint: Any) -> tuple[Any, ...]:
+    """``int | None`` -> ``(int, NoneType)``; ``dict[str, Any]`` -> ``(dict,)``."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return tuple(typing.get_origin(m) or m for m in typing.get_args(hint))
+    return (typing.get_origin(hint) or hint,)
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path"}
+
+
+def _expected(f: dataclasses.Field) -> str:
+    members = _members(_hints()[f.name])
+    if f.metadata["choices"] is not None:
+        return "one of " + ", ".join(map(str, f.metadata["choices"]))
+    if f.metadata["expected"] is not None:
+        return f.metadata["expected"]
+    names = [_TYPE_NAMES.get(m, "a mapping" if m is dict else "null") for m in members if m is not type(None)]
+    return " or ".join(names) + (" or null" if type(None) in members else "")
+
+
+def _check_value(f: dataclasses.Field, value: Any, source: str) -> Any:
+    members = _members(_hints()[f.name])
+    where = f"{source}: {f.name}"
+
+    def wrong() -> ConfigError:
+        return ConfigError(f"{where}: expected {_expected(f)}, got {value!r}")
+
+    if value is None:
+        if type(None) in members:
+            return None
+        raise wrong()
+    if isinstance(value, str) and f.metadata["parse"] is not None:
+        try:
+            value = f.metadata["parse"](value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    elif isinstance(value, bool):
+        if bool not in members:
+            raise wrong()
+    elif isinstance(value, int) and int in members:
+        pass
+    elif isinstance(value, int | float) and float in members:
+        value = float(value)
+    elif isinstance(value, str) and float in members and str not in members:
+        try:  # YAML 1.1 (PyYAML) reads 1e-5 (no dot) as a string
+            value = float(value)
+        except ValueError:
+            raise wrong() from None
+        if not math.isfinite(value):
+            raise wrong()
+    elif isinstance(value, str) and Path in members:
+        value = Path(value).expanduser()  # a shell expands ~ on the command line; do it for files too
+    elif isinstance(value, Mapping) and dict in members:
+        value = dict(value)
+    elif not (isinstance(value, str) and str in members):
+        raise wrong()
+    choices = f.metadata["choices"]
+    if choices is not None and value not in choices:
+        raise wrong()
+    return value
+
+
+def checked_values(mapping: Mapping[str, Any], *, source: str) -> dict[str, Any]:
+    """Field name -> typed value, for a mapping read from ``source`` (a file name, for messages)."""
+    if not isinstance(mapping, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of option names to values, got {type(mapping).__name__}")
+    by_name = {f.name: f for f in fields(TrainConfig)}
+    out = {}
+    for key, value in mapping.items():
+        if key not in by_name:
+            close = difflib.get_close_matches(str(key).replace("-", "_"), list(by_name), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{source}: unknown key {key!r}{hint}; the keys are the options' names, e.g. batch_size")
+        out[key] = _check_value(by_name[key], value, source)
+    return out
+
+
+def import_yaml(purpose: str) -> types.ModuleType:
+    try:
+        import yaml
+    except ImportError:
+        raise ConfigError(f"{purpose} needs PyYAML, which is not installed: {YAML_ADVICE}") from None
+    return yaml
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The options in a YAML file, checked (:class:`ConfigError` names the file and the key)."""
+    yaml = import_yaml(f"--config {path}")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        mapping = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where} ({problem})") from None
+    return checked_values(mapping if mapping is not None else {}, source=str(path))
+
+
+def _converter(f: dataclasses.Field) -> Callable[[str], Any] | None:
+    parse = f.metadata["parse"]
+    if parse is not None:
+
+        def convert(text: str) -> Any:
+            try:
+                return parse(text)
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+
+        return convert
+    for kind in (int, float, Path):
+        if kind in _members(_hints()[f.name]):
+            return kind
+    return None
+
+
+def _shown_default(f: dataclasses.Field) -> str:
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    if f.metadata["dump"] is not None:
+        default = f.metadata["dump"](default)
+    if isinstance(default, dict):
+        return json.dumps(default)
+    if isinstance(default, bool):
+        return "yes" if default else "no"
+    return "none" if default is None else str(default)
+
+
+def build_parser(description: str | None = None, epilog: str | None = None) -> argparse.ArgumentParser:
+    """The command line of ``training/pretrain.py``: ``--config FILE`` and one option per field.
+
+    Options left out are absent from the namespace (``argparse.SUPPRESS``), so that
+    :func:`parse_args` can tell them from a config file's values; ``--help`` shows each default.
+    """
+    parser = argparse.ArgumentParser(prog=PROG, description=description, epilog=epilog)
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=argparse.SUPPRESS,
+        metavar="FILE",
+        help="YAML file of options (keys: the option names with underscores, e.g. batch_size); options on the "
+        "command line override it. Recipes: training/configs/",
+    )
+    groups: dict[str | None, Any] = {None: parser}
+    for f in fields(TrainConfig):
+        group = f.metadata["group"]
+        if group not in groups:
+            groups[group] = parser.add_argument_group(group)
+        help_text = f"{f.metadata['help']} (default: {_shown_default(f)})".replace("%", "%%")
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if _members(_hints()[f.name]) == (bool,):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = _converter(f)
+            if f.metadata["choices"] is not None:
+                kwargs["choices"] = f.metadata["choices"]
+            if f.metadata["metavar"] is not None:
+                kwargs["metavar"] = f.metadata["metavar"]
+        groups[group].add_argument(*_flags(f), **kwargs)
+    return parser
+
+
+def parse_args(argv: Sequence[str], parser: argparse.ArgumentParser | None = None) -> TrainConfig:
+    """Defaults, then ``--config FILE``, then the command line's options; exits 2 on a bad file (one line)."""
+    parser = parser or build_parser()
+    given = vars(parser.parse_args(list(argv)))
+    path = given.pop("config", None)
+    try:
+        values = read_yaml(path) if path is not None else {}
+    except ConfigError as exc:
+        fail(parser, str(exc))
+    return TrainConfig(**{**values, **given})
+
+
+def fail(parser: argparse.ArgumentParser, message: str) -> typing.NoReturn:
+    """Print ``PROG: error: message`` (one line, no usage or traceback) and exit 2, as argparse does."""
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
+def write_config(path: str | Path, config: TrainConfig, header: str = "") -> Path:
+    """``config`` as YAML, written atomically (``--config path`` reads it back to the same config)."""
+    return atomic_write_text(path, config.to_yaml(header))
