@@ -268,3 +268,128 @@ def test_mec_loss_checks_shapes():
     p, z = views(4, 6)
     with pytest.raises(ValueError, match="z2 must be"):
         MECLoss()(p, z, p, z[:, :5])
+
+
+# --------------------------------------------------------------------------------------------
+# MECLoss settings (mutants that survived the first mutation pass, TESTING.md)
+
+
+def test_mec_loss_refuses_bad_settings_and_accepts_the_edges():
+    p, z = views(6, 8)
+    for eps2 in (-1.0, 0.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="eps2 must be positive"):
+            MECLoss(eps2=eps2)
+    assert MECLoss(eps2=0.5).lamda(6, 8) == 8 / (6 * 0.5)  # lamda = d / (m eps^2), any eps^2 > 0
+    for order in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="order must be a positive int"):
+            MECLoss(order=order)
+    out = MECLoss(order=1, warn_on_divergence=False)(p, z, p, z, lamda_inv=3.0)  # order 1: tr(C)
+    torch.testing.assert_close(out.loss, official_loss(p, z, p, z, 3.0, order=1)[0])
+    criterion = MECLoss(warn_on_divergence=False)
+    for lamda_inv in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="lamda_inv must be positive"):
+            criterion(p, z, p, z, lamda_inv=lamda_inv)
+    out = criterion(p, z, p, z, lamda_inv=0.5)
+    assert out.loss.isfinite() or out.loss.isnan()  # accepted; the value is outside the series' region
+
+
+def test_mec_loss_passes_order_and_check_finite_to_both_pairs():
+    p1, z1 = views(8, 10, seed=20)
+    p2, z2 = views(8, 10, seed=21)
+    lamda_inv = 1 / lamda_for(z2, p1, 0.7)  # ||C|| inside (0, 1), where orders 2 and 4 differ visibly
+    out = MECLoss(order=2, warn_on_divergence=False)(p1, z1, p2, z2, lamda_inv=lamda_inv)
+    loss2, loss4 = official_loss(p1, z1, p2, z2, lamda_inv, order=2)[0], official_loss(p1, z1, p2, z2, lamda_inv)[0]
+    assert abs(float(loss2 - loss4)) > 1e-3 * abs(float(loss4))
+    torch.testing.assert_close(out.loss, loss2, rtol=1e-12, atol=1e-15)
+    nan = torch.full_like(p1, math.nan)
+    for bad in ((nan, z1, p2, z2), (p1, z1, nan, z2)):  # a NaN in the first pair, then in the second
+        with pytest.raises(ValueError, match="non-finite"):
+            MECLoss(warn_on_divergence=False)(*bad)  # checked by default
+        assert MECLoss(check_finite=False, power_iterations=0)(*bad).loss.isnan()
+
+
+def test_power_iterations_zero_disables_the_estimate_and_one_runs_it():
+    p1, z1 = views(16, 8, seed=22)
+    p2, z2 = views(16, 8, seed=23)
+    assert MECLoss(power_iterations=0)(p1, z1, p2, z2).spectral_norm.isnan()
+    true = max(float(torch.linalg.matrix_norm(unit(a) @ unit(b).T, ord=2)) for a, b in ((z2, p1), (z1, p2)))
+    estimate = float(MECLoss(power_iterations=1, warn_on_divergence=False)(p1, z1, p2, z2, lamda_inv=1.0).spectral_norm)
+    assert 0.5 * true < estimate <= true * (1 + 1e-9)
+
+
+def test_the_norm_estimate_continues_from_call_to_call():
+    """With one iteration per pair and call, the estimate reaches the true norm only by carrying the vector over."""
+    g = torch.Generator().manual_seed(24)
+    z = torch.randn(64, 64, generator=g, dtype=torch.float64)  # iid rows: a flat spectrum, slow convergence
+    p = z + 0.3 * torch.randn(64, 64, generator=g, dtype=torch.float64)
+    true = float(torch.linalg.matrix_norm(unit(z) @ unit(p).T, ord=2))
+    criterion = MECLoss(power_iterations=1, warn_on_divergence=False)
+    first = float(criterion(p, z, p, z, lamda_inv=1.0).spectral_norm)  # both pairs (z, p): 2 iterations
+    assert first < 0.995 * true
+    for _ in range(60):
+        last = float(criterion(p, z, p, z, lamda_inv=1.0).spectral_norm)
+    assert abs(last / true - 1) < 1e-3
+
+
+def test_no_divergence_warning_when_disabled_skipped_or_exact(monkeypatch):
+    p1, z1 = views(16, 8, seed=10, noise=0.1)
+    p2, z2 = views(16, 8, seed=11, noise=0.1)  # lamda_inv=4: ||C|| ~ 4, the order-4 series diverges
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for criterion, kwargs in (
+            (MECLoss(warn_on_divergence=False), {}),
+            (MECLoss(), {"estimate_norm": False}),
+            (MECLoss(order=None), {}),  # the log-determinant has no convergence region
+        ):
+            monkeypatch.setattr(loss_module, "_divergence_warned", False)
+            criterion(p1, z1, p2, z2, lamda_inv=4.0, **kwargs)
+
+
+def test_a_norm_of_exactly_one_is_divergent(monkeypatch):
+    monkeypatch.setattr(loss_module, "_divergence_warned", False)
+    with pytest.warns(RuntimeWarning, match=">= 1"):
+        assert loss_module.warn_if_not_converging(1.0) is True
+    assert loss_module.warn_if_not_converging(0.999) is False
+    assert loss_module.warn_if_not_converging(5.0, order=None) is False
+
+
+def test_refusals_name_the_input_and_the_empty_case():
+    z, lst = views(4, 6)[0], [[0.0] * 6] * 4
+    with pytest.raises(TypeError, match=r"z1 must be a torch\.Tensor, not list"):
+        coding_length(lst, z, 0.1)
+    with pytest.raises(TypeError, match=r"z2 must be a torch\.Tensor, not list"):
+        coding_length(z, lst, 0.1)
+    with pytest.raises(ValueError, match=r"empty inputs of shape \(0, 6\)"):
+        coding_length(z[:0], z[:0], 0.1)
+    one = torch.ones(1, 1, dtype=torch.float64)  # a single 1-D embedding: C = [lamda]
+    want = torch.tensor(math.log(1.5), dtype=torch.float64)
+    torch.testing.assert_close(coding_length(one, one, 0.5, order=None), want)
+    with pytest.raises(ValueError, match=r"z1 is on cpu and z2 on meta"):
+        coding_length(z, torch.empty(4, 6, dtype=torch.float64, device="meta"), 0.1)
+    for order in (True, 2.5):
+        with pytest.raises(ValueError, match="order must be a positive int or None"):
+            coding_length(z, z, 0.1, order=order)
+    for name in ("p1", "z1", "p2"):
+        tensors = dict(zip(("p1", "z1", "p2", "z2"), views(4, 6) + views(4, 6, seed=1), strict=True))
+        tensors[name] = tensors[name][0]  # 1-D
+        with pytest.raises(ValueError, match=f"{name} must be"):
+            MECLoss()(**tensors)
+
+
+def test_exact_form_is_nan_below_zero_determinant_while_a_series_overflow_raises():
+    z = torch.ones(1, 3, dtype=torch.float64)
+    # C = -2 (1x1): det(I + C) = -1 has no real log; documented NaN, not an error
+    assert coding_length(z, -z, 2.0, order=None).isnan()
+    with pytest.raises(ValueError, match=r"the series overflowed to (inf|-inf|nan); lamda is far too large"):
+        coding_length(z, z, 1e100, order=4)  # C^4 = 1e400 overflows float64
+
+
+@pytest.mark.parametrize(
+    ("m", "d", "gram", "side"),
+    [(6, 9, "auto", 6), (9, 6, "auto", 6), (9, 6, "samples", 9), (6, 9, "features", 9), (6, 6, "auto", 6)],
+)
+def test_auto_picks_the_smaller_gram_matrix(m, d, gram, side):
+    """The series' saved powers (what backward keeps in memory) are side x side."""
+    z1, z2 = views(m, d, seed=3)
+    value = coding_length(z1.requires_grad_(), z2, 0.05, gram=gram)
+    assert [tuple(t.shape) for t in value.grad_fn.saved_tensors[4:]] == [(side, side), (side, side)]

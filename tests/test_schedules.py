@@ -86,3 +86,39 @@ def test_out_of_range_steps_and_bad_settings_are_refused(schedules):
         Schedules(total_steps=0, lr=1.0, lr_warmup_steps=0, lamda_inv=1.0, lamda_warmup_steps=0)
     with pytest.raises(ValueError, match="momentum"):
         Schedules(total_steps=5, lr=1.0, lr_warmup_steps=0, lamda_inv=1.0, lamda_warmup_steps=0, teacher_momentum=1.5)
+
+
+@pytest.mark.parametrize("warmup", [1, 2])
+def test_one_and_two_step_warmups_match_numpy(warmup):
+    """``np.linspace(start, stop, 1)`` is ``[start]``, ``np.linspace(start, stop, 2)`` is ``[start, stop]``."""
+    s = Schedules(total_steps=6, lr=2.0, lr_warmup_steps=warmup, lamda_inv=4.0, lamda_warmup_steps=warmup)
+    lr = official_cosine(2.0, 0.0, 6, 1, warmup)
+    lamda = np.concatenate((np.linspace(32.0, 4.0, warmup), np.full(6 - warmup, 4.0)))
+    for step in range(6):
+        assert s.at(step).lr == pytest.approx(lr[step], rel=1e-12, abs=1e-15)
+        assert s.at(step).lamda_inv == pytest.approx(lamda[step], rel=1e-12)
+
+
+def test_final_lr_is_where_the_cosine_ends():
+    s = Schedules(total_steps=40, lr=1.0, lr_warmup_steps=10, lamda_inv=1.0, lamda_warmup_steps=0, final_lr=0.25)
+    lr = official_cosine(1.0, 0.25, 4, 10, 1)
+    assert [s.at(step).lr for step in range(40)] == pytest.approx(lr.tolist(), rel=1e-12)
+    assert 0.25 < s.at(39).lr < 0.26
+
+
+def test_one_step_run_and_boundary_momenta_are_accepted():
+    one = Schedules(total_steps=1, lr=1.0, lr_warmup_steps=0, lamda_inv=2.0, lamda_warmup_steps=0)
+    assert (one.at(0).lr, one.at(0).lamda_inv, one.at(0).teacher_momentum) == (1.0, 2.0, pytest.approx(0.996))
+    for momentum in (0.0, 1.0):  # [0, 1] closed: a teacher copied every step, a frozen teacher
+        s = Schedules(total_steps=4, lr=1.0, lr_warmup_steps=0, lamda_inv=1.0, lamda_warmup_steps=0,
+                      teacher_momentum=momentum)
+        assert s.at(0).teacher_momentum == momentum
+
+
+@pytest.mark.parametrize("name", ["lr_warmup_steps", "lamda_warmup_steps"])
+def test_negative_warmups_are_refused_by_name(name, schedules):
+    with pytest.raises(ValueError, match=f"{name} must be >= 0, got -1"):
+        Schedules(**{"total_steps": 5, "lr": 1.0, "lr_warmup_steps": 0, "lamda_inv": 1.0, "lamda_warmup_steps": 0,
+                     name: -1})
+    with pytest.raises(IndexError, match="step -1 outside the run's 200 steps"):
+        schedules.at(-1)
