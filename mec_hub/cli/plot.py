@@ -9,11 +9,21 @@ from mec_hub.cli.common import UserError, friendly_errors
 
 @click.command("plot")
 @click.argument("metrics", type=click.Path(dir_okay=False))
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
-              help="Picture to write (.png, .pdf, .svg, ...).")
+@click.option(
+    "--out",
+    "out_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Picture to write (.png, .pdf, .svg, ...).",
+)
 @click.option("--title", default=None, help="Title above the panels [default: the metrics file].")
-@click.option("--dpi", type=click.IntRange(min=20, max=600), default=100, show_default=True,
-              help="Resolution; the picture is 15 x 8 inches.")
+@click.option(
+    "--dpi",
+    type=click.IntRange(min=20, max=600),
+    default=100,
+    show_default=True,
+    help="Resolution; the picture is 15 x 8 inches.",
+)
 @friendly_errors
 def plot_cmd(metrics: str, out_path: str, title: str | None, dpi: int) -> None:
     """Plot loss, coding length, kNN top-1, ||C||, the Taylor error, lr, 1/lamda, teacher momentum and images/s.
