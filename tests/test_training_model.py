@@ -156,7 +156,8 @@ def test_metrics_log_drops_lines_after_the_resumed_step(tmp_path):
     log.write({"kind": "step", "step": 3, "loss": math.nan})
     log.close()
     records = read_metrics(path)
-    assert [r["step"] for r in records] == [1, 2, 3]
+    # Lines after the checkpoint's step go; a resume line marks where the run picked up (for plots).
+    assert [(r["kind"], r["step"]) for r in records] == [("step", 1), ("step", 2), ("resume", 2), ("step", 3)]
     assert records[-1]["loss"] is None  # NaN is not JSON
     MetricsLog(tmp_path, resume_step=0, tensorboard=False)
     assert path.read_text() == ""
