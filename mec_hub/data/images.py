@@ -28,6 +28,7 @@ What every file goes through, in order:
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import stat
@@ -165,8 +166,9 @@ def _load_failure_reason(exc: BaseException) -> str:
     return f"corrupt image data ({message or type(exc).__name__})"
 
 
-def _open_and_load(path: str | os.PathLike[str]) -> Image.Image:
-    """Open, enforce the pixel limit, decode fully; every failure becomes an ``ImageDecodeError``."""
+def _open_and_load(source: str | os.PathLike[str] | bytes) -> Image.Image:
+    """Open (a path, or the bytes of a file), enforce the pixel limit, decode fully; every failure
+    becomes an ``ImageDecodeError``."""
     try:
         with warnings.catch_warnings():
             # Pillow warns about odd metadata in many real files; none of it matters here, except
@@ -175,7 +177,7 @@ def _open_and_load(path: str | os.PathLike[str]) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             # Our own file object: Pillow leaves it to us, so it is closed even when decoding fails,
             # and the decoded pixels stay valid after it is.
-            with open_regular_file(path) as fh:
+            with io.BytesIO(source) if isinstance(source, bytes) else open_regular_file(source) as fh:
                 try:
                     image = Image.open(fh)
                 except UnidentifiedImageError:
@@ -295,7 +297,17 @@ def prepare_image(image: Image.Image) -> Image.Image:
 
 def decode_image(path: str | os.PathLike[str]) -> Image.Image:
     """Read ``path`` into an RGB image, or raise ``ImageDecodeError`` whose reason says why not."""
-    image = _open_and_load(path)
+    return _decode(path)
+
+
+def decode_image_bytes(data: bytes) -> Image.Image:
+    """The bytes of an image file (e.g. a tar member) as an RGB image, by the same rules as
+    ``decode_image`` (steps 1 to 4); ``ImageDecodeError`` says why not."""
+    return _decode(bytes(data))
+
+
+def _decode(source: str | os.PathLike[str] | bytes) -> Image.Image:
+    image = _open_and_load(source)
     try:
         return prepare_image(image)
     except ImageDecodeError:

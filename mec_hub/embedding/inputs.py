@@ -15,6 +15,13 @@ explicitly (an INPUT or a line of ``--files-from``) is always taken, whatever it
 listed file that does not exist becomes a failed row ("file not found"); an INPUT that does not
 exist is an error before any work. Relative paths in a list file are relative to the current
 folder (as with ``tar -T``), not to the list file.
+
+A ``.tar`` file named as an INPUT (or a list line) is a WebDataset shard: each regular member with
+an image extension is an item, named ``SHARD.tar/MEMBER`` (the shard's file name; the shard as
+named, if two shards share a file name), in the shard's order; other members are counted as
+skipped. Only the member headers are read when listing; the item's ``path`` is a reference
+(``TarMember``) to the member's bytes, read with one seek when the image is decoded. An INPUT may
+hold brace ranges as webdataset writes them: ``shards/{000000..000099}.tar``, ``{a,b}``.
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import re
 import sys
+import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +40,10 @@ from mec_hub.data.images import IMAGE_EXTENSIONS
 from mec_hub.errors import MecHubError
 
 _GLOB_CHARS = frozenset("*?[")
+_BRACE = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+# Starts an item path that refers to a tar member; no file path holds a NUL character.
+_MEMBER_PREFIX = "\0tar\0"
 
 
 class InputError(MecHubError, FileNotFoundError):
@@ -62,6 +75,88 @@ class CollectedInputs:
         for item in self.items:
             sha.update(os.fsencode(item.name) + b"\0" + os.fsencode(item.path) + b"\n")
         return sha.hexdigest()
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """Where a member's bytes lie in a tar shard: ``size`` bytes from ``offset`` in ``shard``."""
+
+    shard: str  # absolute path
+    offset: int
+    size: int
+
+    def encode(self) -> str:
+        """The member as an item path (what ``ImageItem.path`` holds)."""
+        return f"{_MEMBER_PREFIX}{self.offset}:{self.size}:{self.shard}"
+
+    @classmethod
+    def parse(cls, path: str) -> TarMember | None:
+        """The member an item path refers to, or None for the path of a plain file."""
+        if not path.startswith(_MEMBER_PREFIX):
+            return None
+        offset, size, shard = path[len(_MEMBER_PREFIX) :].split(":", 2)
+        return cls(shard, int(offset), int(size))
+
+    def read(self) -> bytes:
+        """The member's bytes (one seek and one read; the shard must be a regular file)."""
+        from mec_hub.data.images import ImageDecodeError, open_regular_file
+
+        try:
+            with open_regular_file(self.shard) as fh:
+                fh.seek(self.offset)
+                data = fh.read(self.size)
+        except FileNotFoundError:
+            raise ImageDecodeError("tar shard not found") from None
+        except OSError as exc:
+            raise ImageDecodeError(f"cannot read the tar shard ({exc.strerror or exc})") from None
+        if len(data) != self.size:
+            raise ImageDecodeError("truncated tar member (the shard ends early)")
+        return data
+
+
+def expand_braces(text: str) -> list[str]:
+    """``text`` with its brace ranges expanded, as webdataset and the shell do: ``{000..002}`` ->
+    000, 001, 002 (the width of the first bound kept), ``{a,b}`` -> a, b; in order, left to right."""
+    found = _BRACE.search(text)
+    if found is None:
+        return [text]
+    head, body, tail = text[: found.start()], found.group(1), text[found.end() :]
+    numbers = _RANGE.match(body)
+    if numbers:
+        lo, hi = int(numbers.group(1)), int(numbers.group(2))
+        width = len(numbers.group(1)) if numbers.group(1).startswith("0") else 0
+        step = 1 if hi >= lo else -1
+        choices = [str(n).zfill(width) for n in range(lo, hi + step, step)]
+    elif "," in body:
+        choices = body.split(",")
+    else:  # not a brace expression: kept as written
+        return [head + "{" + body + "}" + rest for rest in expand_braces(tail)]
+    return [head + choice + rest for choice in choices for rest in expand_braces(tail)]
+
+
+def is_tar_shard(path: str) -> bool:
+    return path.lower().endswith(".tar") and os.path.isfile(path)
+
+
+def list_tar_members(shard: str) -> tuple[list[tuple[str, TarMember]], int]:
+    """(member name, where its bytes are) of the image members of ``shard``, in its order, and how
+    many other regular members it has. Reads the headers only (a stream: no member is extracted)."""
+    path = os.path.abspath(shard)
+    members: list[tuple[str, TarMember]] = []
+    skipped = 0
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                if is_image_file_name(info.name):
+                    members.append((info.name, TarMember(path, info.offset_data, info.size)))
+                else:
+                    skipped += 1
+    except (tarfile.TarError, OSError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise InputError(f"cannot read the tar shard {shard}: {reason}") from None
+    return members, skipped
 
 
 def is_image_file_name(name: str) -> bool:
@@ -142,9 +237,20 @@ class _Collector:
                 self._seen.add(path)
                 self.items.append(ImageItem(rel if relative_names else os.path.join(folder, rel), path))
 
-    def add(self, name: str, *, relative_names: bool = False) -> None:
+    def add_shard(self, shard: str, label: str) -> None:
+        members, skipped = list_tar_members(shard)
+        self.skipped += skipped
+        for member_name, member in members:
+            path = member.encode()
+            if path not in self._seen:
+                self._seen.add(path)
+                self.items.append(ImageItem(f"{label}/{member_name}", path))
+
+    def add(self, name: str, *, relative_names: bool = False, shard_label: str | None = None) -> None:
         if os.path.isdir(name):
             self.add_folder(name, relative_names=relative_names)
+        elif is_tar_shard(name):
+            self.add_shard(name, shard_label or name)
         else:
             self.add_file(name)
 
@@ -153,7 +259,13 @@ def _expand(inputs: Iterable[str]) -> Iterator[tuple[str, list[str]]]:
     """(input, the existing paths it stands for); raises for inputs that stand for nothing."""
     missing = []
     for text in inputs:
-        if os.path.exists(text):
+        if not os.path.exists(text) and _BRACE.search(text):
+            expanded = expand_braces(text)
+            absent = [p for p in expanded if not os.path.exists(p)]
+            if absent:
+                missing.append(f"{len(absent)} of the {len(expanded)} files of {text!r} not found, e.g. {absent[0]!r}")
+            yield text, [p for p in expanded if os.path.exists(p)]
+        elif os.path.exists(text):
             yield text, [text]
         elif _has_glob(text):
             matches = sorted(glob.glob(text, recursive=True))
@@ -164,6 +276,16 @@ def _expand(inputs: Iterable[str]) -> Iterator[tuple[str, list[str]]]:
             missing.append(f"input not found: {text!r}" + (" (a broken symbolic link)" if os.path.islink(text) else ""))
     if missing:
         raise InputError("; ".join(missing))
+
+
+def _shard_labels(paths: Sequence[str]) -> dict[str, str]:
+    """How each tar shard is named in the rows' names: its file name, or the path as given when
+    another shard has the same file name."""
+    shards = [p for p in paths if p.lower().endswith(".tar")]
+    counts: dict[str, int] = {}
+    for shard in shards:
+        counts[os.path.basename(shard)] = counts.get(os.path.basename(shard), 0) + 1
+    return {s: os.path.basename(s) if counts[os.path.basename(s)] == 1 else s for s in shards}
 
 
 def check_inputs_exist(inputs: Sequence[str], files_from: str | None = None) -> None:
@@ -190,11 +312,12 @@ def collect_inputs(
     expanded = list(_expand(texts))
     single_folder = len(texts) == 1 and files_from is None and os.path.isdir(texts[0])
     collector = _Collector(recursive)
+    labels = _shard_labels([p for _, paths in expanded for p in paths] + list_entries)
     for _, paths in expanded:
         for path in paths:
-            collector.add(path, relative_names=single_folder)
+            collector.add(path, relative_names=single_folder, shard_label=labels.get(path))
     for entry in list_entries:
-        collector.add(entry)
+        collector.add(entry, shard_label=labels.get(entry))
     base_dir = os.path.abspath(texts[0]) if single_folder else os.path.abspath(os.curdir)
     listed = os.fspath(files_from) if files_from is not None else None
     return CollectedInputs(collector.items, collector.skipped, base_dir, texts, listed)

@@ -33,7 +33,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from mec_hub.data.featurefile import path_name_problem
-from mec_hub.data.images import ImageDecodeError, decode_image, prepare_image
+from mec_hub.data.images import ImageDecodeError, decode_image, decode_image_bytes, prepare_image
+from mec_hub.embedding.inputs import TarMember
 
 Sample = tuple[int, "torch.Tensor | str"]
 Batch = tuple[list[int], torch.Tensor, list[tuple[int, str]]]
@@ -131,7 +132,7 @@ class ImageSource(Dataset):
         if problem:
             return index, problem
         try:
-            image = prepare_image(item) if isinstance(item, Image.Image) else decode_image(item)
+            image = prepare_image(item) if isinstance(item, Image.Image) else _decode_item(item)
         except ImageDecodeError as exc:
             return index, exc.reason
         except Exception as exc:  # never let one file stop the run
@@ -153,6 +154,12 @@ class ImageSource(Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_pool": None, "_pool_pid": -1}
+
+
+def _decode_item(item: str | os.PathLike[str]) -> Image.Image:
+    """A file path, or a reference to a tar member (``TarMember``), decoded."""
+    member = TarMember.parse(item) if isinstance(item, str) else None
+    return decode_image(item) if member is None else decode_image_bytes(member.read())
 
 
 class Collate:
