@@ -40,6 +40,7 @@ Examples:
   mec-embed photos/ --out feats.npy
   mec-embed 'data/**/*.jpg' extra.png --out feats.npy --precision bf16 --normalize
   mec-embed --files-from list.txt --out feats.npy --weights hf-hub:org/model
+  mec-embed 'shards/{000000..000099}.tar' --out feats.npy
   torchrun --nproc_per_node 4 -m mec_hub.cli.embed images/ --out feats.npy
 """
 
@@ -111,9 +112,11 @@ def main(
     max_pixels: int | None,
     quiet: bool,
 ) -> None:
-    """Embed the images in INPUT (folders, files or glob patterns) with an MEC model.
+    """Embed the images in INPUT (folders, files, glob patterns or WebDataset .tar shards) with an MEC model.
 
-    Rows follow a sorted walk of each folder, inputs in the order given. Files that cannot be
+    Rows follow a sorted walk of each folder, inputs in the order given. Each image member of a
+    .tar shard is a row, named SHARD.tar/MEMBER, in the shard's order (other members are skipped);
+    brace ranges such as 'shards/{000000..000099}.tar' name many shards. Files that cannot be
     read (truncated, empty, not images, decompression bombs) are skipped and listed with the
     reason in OUT.meta.json; the run goes on.
     """
