@@ -31,6 +31,7 @@ _LAZY = {
     "knn_classify": "mec_hub.evaluation.knn",
     "linear_probe": "mec_hub.evaluation.linear",
     "extract_image_folder": "mec_hub.evaluation.features",
+    "FeatureIndex": "mec_hub.apps.index",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -8,6 +8,7 @@ from mec_hub import __version__
 from mec_hub.cli.common import show_warnings_briefly
 from mec_hub.cli.evaluate import eval_group
 from mec_hub.cli.export import export_cmd
+from mec_hub.cli.index import index_cmd
 from mec_hub.cli.models import convert_cmd, download_cmd, info_cmd, list_cmd, push_cmd
 from mec_hub.cli.plot import plot_cmd
 from mec_hub.cli.search import search_cmd
@@ -22,6 +23,7 @@ def main() -> None:
 
 for command in (list_cmd, info_cmd, download_cmd, convert_cmd, export_cmd, push_cmd, eval_group, search_cmd, plot_cmd):
     main.add_command(command)
+main.add_command(index_cmd)
 
 if __name__ == "__main__":
     main()

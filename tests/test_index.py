@@ -1,0 +1,123 @@
+"""mec_hub.apps.index (FeatureIndex) and ``mec-hub index``, checked against brute-force NumPy search."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mec_hub.apps.index import FaissMissingError, FeatureIndex, StaleIndexError
+from mec_hub.cli.hub import main
+
+
+def clustered(n: int, dim: int = 32, clusters: int = 64, seed: int = 0) -> np.ndarray:
+    """``n`` points around the same ``clusters`` centres whatever ``seed`` (which draws the points)."""
+    centres = np.random.default_rng(12345).normal(size=(clusters, dim)).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    return (centres[rng.integers(clusters, size=n)] + 0.6 * rng.normal(size=(n, dim))).astype(np.float32)
+
+
+def brute_force(matrix: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine similarities of every row, sorted: written here, independent of the package."""
+    m = matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    sims = q.astype(np.float64) @ m.T.astype(np.float64)
+    rows = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, rows, axis=1), rows
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(
+        np.mean([len(set(f.tolist()) & set(t.tolist())) / truth.shape[1] for f, t in zip(found, truth, strict=True)])
+    )
+
+
+@pytest.fixture(scope="module")
+def feats(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("index") / "feats.npy"
+    np.save(path, clustered(20_000))
+    return path
+
+
+@pytest.fixture(scope="module")
+def built(feats: Path) -> FeatureIndex:
+    return FeatureIndex.build(feats, kind="auto", recall=0.9, exact_below=5_000)
+
+
+def test_auto_index_reaches_the_requested_recall_on_unseen_queries(feats: Path, built: FeatureIndex):
+    matrix = np.load(feats)
+    assert built.kind == "ivf"  # large enough for the approximate index
+    queries = clustered(300, seed=1)  # same clusters, not rows of the file
+    _, truth = brute_force(matrix, queries, 10)
+    scores, rows = built.search(queries, 10)
+    assert rows.shape == (300, 10) and rows.dtype == np.int64
+    assert recall(rows, truth) >= 0.9
+    # The scores are the cosine similarities of the rows returned, best first.
+    m = matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    expected = np.einsum("qd,qkd->qk", q, m[rows])
+    np.testing.assert_allclose(scores, expected, atol=1e-5)
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)
+
+
+def test_flat_index_is_exact(feats: Path):
+    matrix = np.load(feats)[:3000]
+    index = FeatureIndex.build(matrix * 7.0, kind="auto")  # small: exact; scale does not matter for cosine
+    assert index.kind == "flat"
+    queries = clustered(50, seed=2)
+    want_scores, want_rows = brute_force(matrix, queries, 5)
+    scores, rows = index.search(queries, 5)
+    np.testing.assert_array_equal(rows, want_rows)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+
+
+def test_save_load_round_trip_gives_identical_results(feats: Path, built: FeatureIndex, tmp_path: Path):
+    written = built.save(tmp_path / "feats.index")
+    record = json.loads((tmp_path / "feats.index.json").read_text())
+    assert record["kind"] == "ivf" and record["rows"] == 20_000 and record["params"]["nprobe"] >= 1
+    assert 0.9 <= record["recall_at_10"] <= 1.0
+    import hashlib
+
+    assert record["source_sha256"] == hashlib.sha256(feats.read_bytes()).hexdigest()
+    loaded = FeatureIndex.load(written, features=feats)
+    queries = clustered(100, seed=3)
+    a, b = built.search(queries, 10), loaded.search(queries, 10)
+    np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_a_stale_index_is_refused(feats: Path, built: FeatureIndex, tmp_path: Path):
+    written = built.save(tmp_path / "feats.index")
+    other = tmp_path / "other.npy"
+    matrix = np.load(feats).copy()
+    matrix[123, 0] += 1.0  # same shape, one value changed
+    np.save(other, matrix)
+    with pytest.raises(StaleIndexError, match=r"rebuild it: mec-hub index .*other\.npy --out .*feats\.index"):
+        FeatureIndex.load(written, features=other)
+
+
+def test_without_faiss_one_line_says_how_to_install(feats: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` now raises ImportError
+    with pytest.raises(FaissMissingError, match=r"pip install 'mec-hub\[index\]'"):
+        FeatureIndex.build(feats)
+    result = CliRunner().invoke(main, ["index", str(feats), "--out", str(tmp_path / "x.index")])
+    assert result.exit_code == 1
+    assert result.output.strip() == "Error: the index needs FAISS, which is not installed: pip install 'mec-hub[index]'"
+
+
+def test_index_cli_writes_index_and_record(feats: Path, tmp_path: Path):
+    out = tmp_path / "cli.index"
+    result = CliRunner().invoke(
+        main, ["index", str(feats), "--out", str(out), "--exact-below", "1000", "--recall", "0.9"]
+    )
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "cli.index.json").read_text())
+    assert record["kind"] == "ivf" and record["recall_at_10"] >= 0.9
+    matrix = np.load(feats)
+    queries = clustered(100, seed=4)
+    _, truth = brute_force(matrix, queries, 10)
+    assert recall(FeatureIndex.load(out, features=feats).search(queries, 10)[1], truth) >= 0.9
