@@ -12,6 +12,7 @@ from mec_hub.cli.index import index_cmd
 from mec_hub.cli.models import convert_cmd, download_cmd, info_cmd, list_cmd, push_cmd
 from mec_hub.cli.plot import plot_cmd
 from mec_hub.cli.search import search_cmd
+from mec_hub.cli.serve import serve_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,6 +25,7 @@ def main() -> None:
 for command in (list_cmd, info_cmd, download_cmd, convert_cmd, export_cmd, push_cmd, eval_group, search_cmd, plot_cmd):
     main.add_command(command)
 main.add_command(index_cmd)
+main.add_command(serve_cmd)
 
 if __name__ == "__main__":
     main()
