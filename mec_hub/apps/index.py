@@ -41,7 +41,8 @@ INDEX_SUFFIX = ".index"
 INFO_SUFFIX = ".json"  # FEATS.index -> FEATS.index.json
 FORMAT = "mec-hub-index"
 RECALL_K = 10  # recall@10 is what --recall asks for
-_BLOCK_ROWS = 1 << 16
+_BLOCK_BUDGET = 1 << 23  # elements of one block of rows read from the file: 32 MiB of float32
+_SIMILARITY_BUDGET = 1 << 22  # elements of one (queries, rows) block of similarities: 16 MiB
 
 
 class FaissMissingError(MecHubError, ImportError):
@@ -103,22 +104,28 @@ def normalise(block: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def exact_top_k(matrix: np.ndarray, queries: np.ndarray, k: int, *, block_rows: int = _BLOCK_ROWS) -> np.ndarray:
-    """Row numbers ``(Q, k)`` of the exact cosine top ``k`` (unordered within the ``k``), in blocks."""
+def exact_top_k(matrix: np.ndarray, queries: np.ndarray, k: int, *, block_rows: int | None = None) -> np.ndarray:
+    """Row numbers ``(Q, k)`` of the exact cosine top ``k`` (unordered within the ``k``), in blocks.
+
+    Memory: one ``(Q, block)`` matrix of similarities, about 16 MiB, whatever the file's size.
+    """
     queries = normalise(queries)
     k = min(k, len(matrix))
-    best_scores = np.full((len(queries), 0), -np.inf, dtype=np.float32)
+    block_rows = block_rows or max(k, _SIMILARITY_BUDGET // max(len(queries), 1), 1)
+    best_scores = np.empty((len(queries), 0), dtype=np.float32)
     best_rows = np.empty((len(queries), 0), dtype=np.int64)
     for start in range(0, len(matrix), block_rows):
-        block = normalise(matrix[start : start + block_rows])
-        scores = np.concatenate([best_scores, queries @ block.T], axis=1)
-        rows = np.concatenate(
-            [best_rows, np.broadcast_to(np.arange(start, start + len(block)), (len(queries), len(block)))], axis=1
-        )
-        keep = np.argpartition(-scores, k - 1, axis=1)[:, :k] if scores.shape[1] > k else np.indices(scores.shape)[1]
-        best_scores = np.take_along_axis(scores, keep, axis=1)
-        best_rows = np.take_along_axis(rows, keep, axis=1)
+        similarity = queries @ normalise(matrix[start : start + block_rows]).T
+        rows = _top(similarity, k) if similarity.shape[1] > k else np.indices(similarity.shape)[1]
+        scores = np.concatenate([best_scores, np.take_along_axis(similarity, rows, axis=1)], axis=1)
+        rows = np.concatenate([best_rows, rows + start], axis=1)
+        keep = _top(scores, k) if scores.shape[1] > k else np.indices(scores.shape)[1]
+        best_scores, best_rows = np.take_along_axis(scores, keep, axis=1), np.take_along_axis(rows, keep, axis=1)
     return best_rows
+
+
+def _top(scores: np.ndarray, k: int) -> np.ndarray:
+    return np.argpartition(-scores, k - 1, axis=1)[:, :k]
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
@@ -154,7 +161,7 @@ class FeatureIndex:
         exact_below: int = 50_000,
         nlist: int | None = None,
         sample_queries: int = 1000,
-        block_rows: int = _BLOCK_ROWS,
+        block_rows: int | None = None,
         seed: int = 0,
     ) -> FeatureIndex:
         """Index ``features`` (a ``.npy`` path or an ``(N, D)`` array); see the module docstring."""
@@ -172,6 +179,7 @@ class FeatureIndex:
             matrix = np.asarray(features) if not isinstance(features, np.memmap) else features
             _check_matrix(matrix, "features")
         num_rows, dim = matrix.shape
+        block_rows = block_rows or max(1, _BLOCK_BUDGET // dim)
         if kind == "auto":
             kind = "flat" if num_rows < exact_below else "ivf"
         rng = np.random.default_rng(seed)
@@ -182,7 +190,7 @@ class FeatureIndex:
             _add_in_blocks(index, matrix, block_rows)
         else:
             query_rows = np.sort(rng.choice(num_rows, size=min(sample_queries, num_rows), replace=False))
-            sample = _RecallSample(matrix, query_rows, block_rows)
+            sample = _RecallSample(matrix, query_rows)
             if kind == "ivf":
                 index, params, measured = _build_ivf(faiss, matrix, sample, recall, nlist, rng, block_rows)
             else:
@@ -301,11 +309,11 @@ class _RecallSample:
     as a query from outside the file sees them.
     """
 
-    def __init__(self, matrix: np.ndarray, query_rows: np.ndarray, block_rows: int) -> None:
+    def __init__(self, matrix: np.ndarray, query_rows: np.ndarray) -> None:
         self.rows = query_rows
         self.queries = normalise(matrix[query_rows])
         self.k = min(RECALL_K, len(matrix) - 1)
-        self.truth = self._drop_self(exact_top_k(matrix, self.queries, self.k + 1, block_rows=block_rows))
+        self.truth = self._drop_self(exact_top_k(matrix, self.queries, self.k + 1))
 
     def _drop_self(self, found: np.ndarray) -> np.ndarray:
         return np.stack([row[row != own][: self.k] for row, own in zip(found, self.rows, strict=True)])
