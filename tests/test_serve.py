@@ -259,3 +259,33 @@ def test_a_missing_feature_file_is_one_line(tmp_path: Path):
     result = CliRunner().invoke(main, ["serve", str(tmp_path / "none.npy")])
     assert result.exit_code == 1
     assert "none.npy" in result.output and "Traceback" not in result.output
+
+
+def test_an_index_beside_the_file_answers_and_a_stale_one_is_refused(feats: Path, tmp_path: Path):
+    index_module = pytest.importorskip("mec_hub.apps.index", reason="no mec_hub.apps.index")
+    pytest.importorskip("faiss", reason="the index extra (faiss-cpu) is not installed")
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for suffix in (".npy", ".paths.txt", ".meta.json"):
+        shutil.copy(feats.with_name("feats" + suffix), folder / ("feats" + suffix))
+    copy = folder / "feats.npy"
+    index_module.FeatureIndex.build(copy, kind="hnsw").save(folder / "feats.index")
+    opened = FeatureFile.open(copy)
+    index = serve.load_index(opened, None)  # FEATS.index beside FEATS.npy is picked up
+    assert index is not None
+    browser = serve.NeighbourBrowser(opened, index=index, device="cpu")
+    matrix = np.load(copy)
+    with TestClient(serve.create_app(browser), raise_server_exceptions=False) as client:
+        assert client.get("/api/info").json()["search"] == "index"
+        for row in (2, 13):
+            hits = client.get("/api/neighbours", params={"row": row, "k": K}).json()["neighbours"]
+            want_scores, want_rows = brute_force(matrix, matrix[row], K)
+            assert [h["row"] for h in hits] == want_rows.tolist()
+            np.testing.assert_allclose([h["score"] for h in hits], want_scores, atol=1e-5)
+    # An index of another file given with --index: one line, nothing served.
+    other = tmp_path / "other.npy"
+    np.save(other, matrix[::-1].copy())
+    index_module.FeatureIndex.build(other, kind="flat").save(tmp_path / "other.index")
+    result = CliRunner().invoke(main, ["serve", str(copy), "--index", str(tmp_path / "other.index"), "--port", "1"])
+    assert result.exit_code == 1, result.output
+    assert "other.index" in result.output and "Traceback" not in result.output
