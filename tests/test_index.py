@@ -121,3 +121,61 @@ def test_index_cli_writes_index_and_record(feats: Path, tmp_path: Path):
     queries = clustered(100, seed=4)
     _, truth = brute_force(matrix, queries, 10)
     assert recall(FeatureIndex.load(out, features=feats).search(queries, 10)[1], truth) >= 0.9
+
+
+def write_feature_file(path: Path, matrix: np.ndarray) -> Path:
+    """A feature file as mec-embed lays it out, without the meta (not needed to query by row)."""
+    np.save(path, matrix)
+    path.with_name(path.stem + ".paths.txt").write_text("".join(f"img{i:05d}.png\n" for i in range(len(matrix))))
+    return path
+
+
+def search_json(*args: object) -> list[dict]:
+    result = CliRunner().invoke(main, ["search", *map(str, args), "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_search_by_row_exact_with_and_without_self(tmp_path: Path):
+    matrix = clustered(2000)
+    feats = write_feature_file(tmp_path / "small.npy", matrix)
+    scores, rows = brute_force(matrix, matrix[[5, 1234]], 6)
+    out = search_json(feats, "--row", 5, "--row", 1234, "-k", 5)
+    assert [h["row"] for h in out[0]["neighbours"]] == rows[0, :5].tolist()
+    assert out[0]["neighbours"][0]["row"] == 5 and out[1]["neighbours"][0]["row"] == 1234
+    np.testing.assert_allclose([h["score"] for h in out[1]["neighbours"]], scores[1, :5], atol=1e-5)
+    assert out[1]["neighbours"][2]["path"] == f"img{rows[1, 2]:05d}.png"
+    out = search_json(feats, "--row", 5, "--row", 1234, "-k", 5, "--exclude-self")
+    for q, hits in enumerate(out):
+        assert [h["row"] for h in hits["neighbours"]] == rows[q, 1:6].tolist()
+        assert [h["rank"] for h in hits["neighbours"]] == [1, 2, 3, 4, 5]
+
+
+def test_search_uses_the_index_beside_the_file_and_refuses_it_when_stale(feats: Path, tmp_path: Path):
+    matrix = np.load(feats)
+    local = write_feature_file(tmp_path / "feats.npy", matrix)
+    built = CliRunner().invoke(main, ["index", str(local), "--exact-below", "1000", "--recall", "0.9"])
+    assert built.exit_code == 0, built.output
+    assert (tmp_path / "feats.index").is_file()
+    query_rows = list(range(0, 20_000, 400))  # 50 rows
+    args = [x for r in query_rows for x in ("--row", r)]
+    out = search_json(local, *args, "-k", 10, "--exclude-self")
+    _, truth = brute_force(matrix, matrix[query_rows], 11)
+    found = np.array([[h["row"] for h in hits["neighbours"]] for hits in out])
+    assert found.shape == (50, 10) and not np.any(found == np.array(query_rows)[:, None])
+    assert recall(found, truth[:, 1:]) >= 0.9
+    # The same file with one value changed: the index beside it no longer describes it.
+    matrix[7, 3] += 0.5
+    np.save(local, matrix)
+    result = CliRunner().invoke(main, ["search", str(local), "--row", "0"])
+    assert result.exit_code == 1
+    assert "rebuild it: mec-hub index" in result.output and "Traceback" not in result.output
+    # An explicit --index is checked the same way: fine for a file with the very bytes it was built from.
+    copy = write_feature_file(tmp_path / "copy.npy", np.load(feats))
+    index = tmp_path / "feats.index"
+    assert search_json(copy, "--index", index, "--row", 0)[0]["neighbours"][0]["row"] == 0
+    result = CliRunner().invoke(main, ["search", str(local), "--index", str(index), "--row", "0"])
+    assert result.exit_code == 1 and "rebuild it: mec-hub index" in result.output
+    # A bad row is one clear line.
+    result = CliRunner().invoke(main, ["search", str(copy), "--row", "20000"])
+    assert result.exit_code == 1 and "has rows 0 to 19999" in result.output

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -401,3 +402,24 @@ def _build_hnsw(
     ef, reached = _tune(measure, 16, max(16, min(4096, num_rows)), recall)
     index.hnsw.efSearch = ef
     return index, {"m": m, "ef_search": ef}, reached
+
+
+def index_for(
+    features: str | os.PathLike[str], index_path: str | os.PathLike[str] | None = None
+) -> FeatureIndex | None:
+    """The index to search ``features`` with: ``index_path``, else ``FEATS.index`` when it exists, else ``None``.
+
+    Either is refused when built from another file than ``features``. A ``FEATS.index`` found
+    beside the file while FAISS is missing is skipped with a warning (exact search still works).
+    """
+    if index_path is not None:
+        return FeatureIndex.load(index_path, features=features)
+    default = default_index_path(features)
+    if not default.is_file():
+        return None
+    try:
+        import_faiss()
+    except FaissMissingError as exc:
+        warnings.warn(f"{default} not used, exact search instead: {exc}", stacklevel=2)
+        return None
+    return FeatureIndex.load(default, features=features)

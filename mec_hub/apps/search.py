@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,8 +144,15 @@ def search(
     weights: str | None = None,
     device: str = "cpu",
     chunk_rows: int | None = None,
+    feature_index: Any = None,
+    exclude_self: bool = False,
 ) -> list[list[Neighbour]]:
-    """For each query image, its ``top_k`` nearest rows of ``index`` by cosine similarity."""
+    """For each query image, its ``top_k`` nearest rows of ``index`` by cosine similarity.
+
+    With ``feature_index`` (a ``mec_hub.apps.index.FeatureIndex`` of the same file) the search
+    goes through it; otherwise it is exact. ``exclude_self`` leaves out the row of the query
+    image itself when the file holds it.
+    """
     missing = [str(q) for q in queries if not Path(q).is_file()]
     if missing:
         raise MecHubError(f"query image not found: {', '.join(missing)}")
@@ -160,17 +167,73 @@ def search(
             f"the query model gives {query_features.shape[-1]}-d features, but {index.path} has "
             f"{index.matrix.shape[1]} dimensions (different head?)"
         )
-    scores, rows = cosine_top_k(index.matrix, query_features, top_k, chunk_rows=chunk_rows)
-    return [
-        [
-            Neighbour(
-                rank=r + 1,
+    excluded = None
+    if exclude_self:
+        excluded = [lambda n, q=Path(q): n.resolved is not None and _same_file(n.resolved, q) for q in queries]
+    return nearest(
+        index, query_features, top_k=top_k, feature_index=feature_index, chunk_rows=chunk_rows, excluded=excluded
+    )
+
+
+def search_rows(
+    index: FeatureFile,
+    rows: Sequence[int],
+    *,
+    top_k: int = 5,
+    feature_index: Any = None,
+    exclude_self: bool = False,
+    chunk_rows: int | None = None,
+) -> list[list[Neighbour]]:
+    """For each row of ``index`` given, its ``top_k`` nearest rows (``exclude_self``: other than itself)."""
+    bad = [r for r in rows if not 0 <= r < len(index.matrix)]
+    if bad:
+        raise MecHubError(f"--row {bad[0]}: {index.path} has rows 0 to {len(index.matrix) - 1}")
+    query_features = np.asarray(index.matrix[list(rows)], dtype=np.float32)
+    excluded = [lambda n, r=r: n.row == r for r in rows] if exclude_self else None
+    return nearest(
+        index, query_features, top_k=top_k, feature_index=feature_index, chunk_rows=chunk_rows, excluded=excluded
+    )
+
+
+def nearest(
+    index: FeatureFile,
+    query_features: np.ndarray,
+    *,
+    top_k: int,
+    feature_index: Any = None,
+    chunk_rows: int | None = None,
+    excluded: Sequence[Callable[[Neighbour], bool]] | None = None,
+) -> list[list[Neighbour]]:
+    """The ``top_k`` rows nearest each query: by ``feature_index`` (a ``FeatureIndex``) if given, else exactly.
+
+    ``excluded[q]`` tells the neighbours of query ``q`` to leave out (one more is fetched for it).
+    """
+    k = top_k + (1 if excluded else 0)
+    if feature_index is not None:
+        scores, rows = feature_index.search(query_features, k)
+    else:
+        scores, rows = cosine_top_k(index.matrix, query_features, k, chunk_rows=chunk_rows)
+    results = []
+    for q in range(len(query_features)):
+        hits: list[Neighbour] = []
+        for score, row in zip(scores[q], rows[q], strict=True):
+            if row < 0 or len(hits) == top_k:
+                continue
+            hit = Neighbour(
+                rank=len(hits) + 1,
                 row=int(row),
                 score=float(score),
                 path=index.paths[int(row)],
                 resolved=index.resolve(int(row)),
             )
-            for r, (score, row) in enumerate(zip(scores[q], rows[q], strict=True))
-        ]
-        for q in range(len(queries))
-    ]
+            if excluded is None or not excluded[q](hit):
+                hits.append(hit)
+        results.append(hits)
+    return results
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False

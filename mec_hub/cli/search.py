@@ -11,7 +11,13 @@ from mec_hub.cli.common import UserError, friendly_errors
 
 @click.command("search")
 @click.argument("features", type=click.Path(dir_okay=False))
-@click.argument("queries", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("queries", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--row", "rows", type=click.IntRange(min=0), multiple=True,
+              help="Query by row I of FEATURES instead of an image (repeatable).")
+@click.option("--index", "index_path", type=click.Path(dir_okay=False), default=None,
+              help="Search through this index (mec-hub index); default: FEATS.index when it exists, else exact.")
+@click.option("--exclude-self", is_flag=True,
+              help="Leave out the query's own row (a --row, or a query image that is a row of FEATURES).")
 @click.option("--top-k", "-k", type=click.IntRange(min=1), default=5, show_default=True,
               help="Neighbours per query.")
 @click.option("--grid", "grid_path", type=click.Path(dir_okay=False),
@@ -23,20 +29,32 @@ from mec_hub.cli.common import UserError, friendly_errors
 @click.option("--device", default="auto", show_default=True, help="Where to embed the queries (auto: cuda if present).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @friendly_errors
-def search_cmd(features: str, queries: tuple[str, ...], top_k: int, grid_path: str | None, tile: int,
+def search_cmd(features: str, queries: tuple[str, ...], rows: tuple[int, ...], index_path: str | None,
+               exclude_self: bool, top_k: int, grid_path: str | None, tile: int,
                weights: str | None, device: str, as_json: bool) -> None:
     """Find the rows of FEATURES (a .npy written by mec-embed) most similar to each QUERY image.
 
     The queries are embedded with the model recorded in FEATURES' .meta.json, after checking
     that its weights are the very ones (SHA-256) that made the file; the search is an exact
-    cosine search, read from disk in blocks. With --grid, each query gets a row of 1 + K tiles
+    cosine search, read from disk in blocks, unless an index built by mec-hub index is found
+    (FEATS.index, or --index), refused if FEATURES changed since. With --grid, each query gets a row of 1 + K tiles
     of --tile pixels, 8 px apart with a 16 px caption: (1 + K) * (T + 8) + 8 pixels wide and
     Q * (T + 24) + 8 tall.
     """
-    from mec_hub.apps.search import FeatureFile, search
+    from mec_hub.apps.index import index_for
+    from mec_hub.apps.search import FeatureFile, search, search_rows
 
+    if not queries and not rows:
+        raise UserError("give at least one QUERY image or --row I")
     index = FeatureFile.open(features)
-    results = search(index, list(queries), top_k=top_k, weights=weights, device=device)
+    feature_index = index_for(features, index_path)
+    results = []
+    if rows:
+        results += search_rows(index, list(rows), top_k=top_k, feature_index=feature_index, exclude_self=exclude_self)
+    if queries:
+        results += search(index, list(queries), top_k=top_k, weights=weights, device=device,
+                          feature_index=feature_index, exclude_self=exclude_self)
+    queries = tuple(f"row {r}" for r in rows) + queries
     if as_json:
         click.echo(json.dumps([
             {"query": query, "neighbours": [
