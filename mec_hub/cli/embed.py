@@ -29,6 +29,8 @@ Outputs, for --out feats.npy:
   feats.paths.txt   line i = the image of row i
   feats.meta.json   model, options, counts, and every failed file with its reason
 They appear only when the run is complete. A killed run continues with --resume.
+With --out feats.parquet: one Parquet file (columns path, embedding; the meta in
+its key-value metadata), or feats-00000.parquet ... with --shard-rows N.
 
 \b
 Exit status: 0 done (files that cannot be read are skipped and listed in the meta
@@ -41,6 +43,7 @@ Examples:
   mec-embed 'data/**/*.jpg' extra.png --out feats.npy --precision bf16 --normalize
   mec-embed --files-from list.txt --out feats.npy --weights hf-hub:org/model
   mec-embed 'shards/{000000..000099}.tar' --out feats.npy
+  mec-embed photos/ --out feats.parquet --shard-rows 1000000
   torchrun --nproc_per_node 4 -m mec_hub.cli.embed images/ --out feats.npy
 """
 
@@ -48,7 +51,7 @@ Examples:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.argument("inputs", nargs=-1, metavar="INPUT...")
 @click.option("--out", "-o", required=True, metavar="OUT.npy",
-              help="Features file to write (N x D .npy); a file name, not a folder.")
+              help="Features file to write (N x D .npy, or .parquet); a file name, not a folder.")
 @click.option("--model", "-m", default=None, metavar="NAME",
               help="Registry model (see `mec-hub list`).  [default: the package's default model]")
 @click.option("--weights", default=None, metavar="SRC",
@@ -83,6 +86,8 @@ Examples:
 @click.option("--strict", is_flag=True, help=f"Exit with status {EXIT_STRICT} if any image failed.")
 @click.option("--max-pixels", type=click.IntRange(min=0), default=None, metavar="N",
               help="Images over N pixels fail as decompression bombs (0: no limit).  [default: Pillow's]")
+@click.option("--shard-rows", type=click.IntRange(min=1), default=None, metavar="N",
+              help="With --out X.parquet: files X-00000.parquet ... of at most N rows each.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary; errors only.")
 @click.version_option(__version__, prog_name="mec-embed")
 @friendly_errors
@@ -110,6 +115,7 @@ def main(
     overwrite: bool,
     strict: bool,
     max_pixels: int | None,
+    shard_rows: int | None,
     quiet: bool,
 ) -> None:
     """Embed the images in INPUT (folders, files, glob patterns or WebDataset .tar shards) with an MEC model.
@@ -127,10 +133,15 @@ def main(
 
     from mec_hub.embedding.inputs import check_inputs_exist, collect_inputs
     from mec_hub.embedding.job import preflight
-    from mec_hub.embedding.outputs import OutputFiles
+    from mec_hub.embedding.outputs import OutputFiles, ParquetTarget
 
     # Everything that can be checked without the model, before loading it.
-    files = OutputFiles.for_out(out)
+    parquet = ParquetTarget.for_out(out, shard_rows)
+    if shard_rows is not None and parquet is None:
+        raise click.UsageError("--shard-rows applies to Parquet output: --out FEATS.parquet")
+    files = OutputFiles.for_out(out) if parquet is None else parquet.staging
+    if parquet is not None:
+        parquet.refuse_clobbering(resume=resume, overwrite=overwrite)
     preflight(files, resume=resume, overwrite=overwrite)
     check_inputs_exist(inputs, files_from)
     if max_pixels is not None:
@@ -158,6 +169,8 @@ def main(
     except EmbeddingInterrupted as exc:
         click.echo(f"mec-embed: {exc}", err=True)
         raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+    if parquet is not None and dist_env().is_main and result.num_embedded:
+        parquet.publish()
 
     talk = not quiet and dist_env().is_main
     if talk:

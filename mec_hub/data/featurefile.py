@@ -24,6 +24,14 @@ files of two runs.
 The record is versioned by ``"format_version"`` (``FORMAT_VERSION``); a record without it
 (written by ``mec-hub eval --save-features``, or by hand) reads as version 1, the layout
 described here. This module is the only place that names, reads or writes these files.
+
+The same rows may be published as Parquet (``write_parquet``; needs ``pyarrow``, the ``parquet``
+extra): ``X.parquet``, or ``X-00000.parquet``, ``X-00001.parquet`` ... of at most ``shard_rows``
+rows each, with the columns ``path`` (string) and ``embedding`` (fixed-size list of float32 or
+float16), and the meta record, as JSON, under the key ``mec_hub.meta`` of each file's key-value
+metadata (its ``shape`` that file's, ``row_offset`` where its first row is in the whole set).
+``FeatureFile.open`` reads both; for ``X.parquet`` absent, it reads the ``X-NNNNN.parquet`` shards
+in order, as one set.
 """
 
 from __future__ import annotations
@@ -52,6 +60,9 @@ PATHS_SUFFIX = ".paths.txt"
 META_SUFFIX = ".meta.json"
 PATHS_ENCODING = "utf-8"  # strictly: a name that is not valid UTF-8 is not written (see the docstring)
 ENDS_BYTES = 1 << 20  # how much of each end of X.npy ``features_ends_sha256`` covers
+PARQUET_SUFFIX = ".parquet"
+PARQUET_META_KEY = b"mec_hub.meta"
+PARQUET_BLOCK_ROWS = 65536  # rows converted at a time (a row group): memory stays bounded
 
 
 class PathNameError(MecHubError, ValueError):
@@ -333,8 +344,11 @@ class FeatureFile:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> FeatureFile:
-        """Open ``X.npy`` and read its side-cars; the rows and paths must match one to one."""
+        """Open ``X.npy`` and read its side-cars, or ``X.parquet`` (or its shards); the rows and
+        paths must match one to one."""
         path = Path(path)
+        if path.suffix == PARQUET_SUFFIX:
+            return _open_parquet(path)
         if not path.is_file():
             raise MecHubError(f"feature file not found: {path}")
         try:
@@ -435,3 +449,104 @@ class FeatureFile:
             if (root / recorded).is_file():
                 return root / recorded
         return None
+
+
+# --------------------------------------------------------------------------- Parquet
+
+
+def _pyarrow() -> Any:
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise MecHubError("Parquet files need pyarrow: pip install 'mec-hub[parquet]'") from None
+    return pyarrow
+
+
+def parquet_shards(path: str | os.PathLike[str]) -> list[Path]:
+    """The existing ``X-NNNNN.parquet`` shards of ``X.parquet``, in order."""
+    path = Path(path)
+    stem = path.name[: -len(PARQUET_SUFFIX)]
+    found = [p for p in path.parent.glob(f"{stem}-*{PARQUET_SUFFIX}") if p.name[len(stem) + 1 : -8].isdigit()]
+    return sorted(found)
+
+
+def write_parquet(source: FeatureFile, target: str | os.PathLike[str], *, shard_rows: int | None = None) -> list[Path]:
+    """Publish the rows of ``source`` as ``target`` (``X.parquet``), or with ``shard_rows`` as
+    ``X-00000.parquet`` ... of at most that many rows; each file atomically, old shards beyond the
+    new ones removed last. Returns the files written."""
+    pa = _pyarrow()
+    import pyarrow.parquet as pq
+
+    target = Path(target)
+    if target.suffix != PARQUET_SUFFIX:
+        raise ValueError(f"{target}: a Parquet file name must end in {PARQUET_SUFFIX}")
+    rows, dim = source.matrix.shape
+    kind = {np.dtype(np.float16): pa.float16(), np.dtype(np.float32): pa.float32()}.get(source.matrix.dtype)
+    if kind is None:
+        raise MecHubError(f"{source.path}: Parquet output holds float32 or float16 rows, not {source.matrix.dtype}")
+    schema = pa.schema([("path", pa.string()), ("embedding", pa.list_(kind, dim))])
+    meta = source.meta or FeatureMeta(format=None)
+    per_file = shard_rows or rows
+    bounds = [(start, min(start + per_file, rows)) for start in range(0, rows, per_file)]
+    stem = target.name[: -len(PARQUET_SUFFIX)]
+    names = (
+        [target]
+        if shard_rows is None
+        else [target.with_name(f"{stem}-{i:05d}{PARQUET_SUFFIX}") for i in range(len(bounds))]
+    )
+    for name, (start, end) in zip(names, bounds, strict=True):
+        record = dataclasses.replace(
+            meta, features=name.name, paths=None, shape=(end - start, dim), paths_sha256=None, features_ends_sha256=None
+        ).to_json()
+        record["row_offset"] = start
+        file_schema = schema.with_metadata({PARQUET_META_KEY: json.dumps(record).encode()})
+
+        def write(tmp: Path, start: int = start, end: int = end, file_schema: Any = file_schema) -> None:
+            with pq.ParquetWriter(tmp, file_schema) as writer:
+                for first in range(start, end, PARQUET_BLOCK_ROWS):
+                    last = min(first + PARQUET_BLOCK_ROWS, end)
+                    block = np.ascontiguousarray(source.matrix[first:last]).reshape(-1)
+                    embedding = pa.FixedSizeListArray.from_arrays(pa.array(block, type=kind), dim)
+                    paths = pa.array(source.paths[first:last], type=pa.string())
+                    writer.write_table(pa.Table.from_arrays([paths, embedding], schema=file_schema))
+
+        atomic_write(name, write)
+    if shard_rows is not None:
+        for stale in parquet_shards(target)[len(names) :]:
+            stale.unlink(missing_ok=True)
+    return names
+
+
+def _open_parquet(path: Path) -> FeatureFile:
+    files = [path] if path.is_file() else parquet_shards(path)
+    if not files:
+        raise MecHubError(f"feature file not found: {path} (nor its shards {path.stem}-NNNNN{PARQUET_SUFFIX})")
+    _pyarrow()
+    import pyarrow.parquet as pq
+
+    blocks, paths, meta = [], [], None
+    for file in files:
+        try:
+            table = pq.read_table(file)
+        except Exception as exc:  # pyarrow raises its own ArrowInvalid, OSError ...
+            raise MecHubError(f"{file}: not a readable Parquet file ({exc})") from None
+        if "path" not in table.column_names or "embedding" not in table.column_names:
+            raise MecHubError(f"{file}: expected the columns 'path' and 'embedding', found {table.column_names}")
+        column = table.column("embedding").combine_chunks()
+        dim = getattr(column.type, "list_size", None)
+        if dim is None:
+            raise MecHubError(f"{file}: 'embedding' must be a fixed-size list, not {column.type}")
+        matrix = column.flatten().to_numpy(zero_copy_only=False).reshape(len(table), dim)
+        blocks.append(matrix)
+        paths += [str(p) for p in table.column("path").to_pylist()]
+        raw = (table.schema.metadata or {}).get(PARQUET_META_KEY)
+        if raw is not None and meta is None:
+            meta = FeatureMeta.from_json(json.loads(raw), origin=f"{file} ({PARQUET_META_KEY.decode()})")
+    matrix = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+    if matrix.shape[0] == 0:
+        raise MecHubError(f"{path}: no rows")
+    if meta is not None and len(files) > 1:
+        meta = dataclasses.replace(meta, features=path.name, shape=matrix.shape)
+        meta.extra.pop("row_offset", None)
+    return FeatureFile(path=path, matrix=matrix, paths=paths, meta=meta)

@@ -6,6 +6,11 @@ each process writes hidden files beside them (``.FEATS.npy.part-R-of-W`` for row
 appear, by rename, when everything is done, ``FEATS.meta.json`` last (``mec_hub.data.featurefile``).
 
 ``RunLock`` keeps two runs from writing the same outputs at once.
+
+For ``--out FEATS.parquet`` (``ParquetTarget``) the run writes the same set under hidden names
+(``.FEATS.parquet.npy`` ...), resumable as always; when it is complete, it is converted to the
+Parquet file(s), each published by rename, and only then removed: a run stopped during the
+conversion is finished by ``--resume``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from mec_hub.data.featurefile import META_SUFFIX, PATHS_SUFFIX, sidecar
+from mec_hub.data.featurefile import META_SUFFIX, PARQUET_SUFFIX, PATHS_SUFFIX, sidecar
 from mec_hub.errors import MecHubError
 
 
@@ -93,6 +98,55 @@ class OutputFiles:
 
     def existing_finals(self) -> list[Path]:
         return [p for p in self.finals if p.exists()]
+
+
+@dataclass(frozen=True)
+class ParquetTarget:
+    """``--out FEATS.parquet`` (``shard_rows``: ``FEATS-00000.parquet`` ...), and the hidden
+    ``.npy`` set the run writes first (``staging``)."""
+
+    path: Path
+    shard_rows: int | None = None
+
+    @classmethod
+    def for_out(cls, out: str | os.PathLike[str], shard_rows: int | None = None) -> ParquetTarget | None:
+        """The target ``out`` names, or None when it is not a ``.parquet`` name."""
+        text = os.path.expanduser(os.fspath(out))
+        if not text.endswith(PARQUET_SUFFIX) or os.path.isdir(text):
+            return None
+        return cls(Path(os.path.abspath(text)), shard_rows)
+
+    @property
+    def staging(self) -> OutputFiles:
+        return OutputFiles(self.path.with_name(f".{self.path.name}.npy"))
+
+    def existing(self) -> list[Path]:
+        from mec_hub.data.featurefile import parquet_shards
+
+        return ([self.path] if self.path.exists() else []) + parquet_shards(self.path)
+
+    def refuse_clobbering(self, *, resume: bool, overwrite: bool) -> None:
+        """Finished Parquet output is replaced only with ``overwrite`` (``resume`` of a run whose
+        conversion was stopped may replace the files it had already written)."""
+        existing = self.existing()
+        if existing and not overwrite and not (resume and self.staging.existing_finals()):
+            names = ", ".join(p.name for p in existing[:3]) + (" ..." if len(existing) > 3 else "")
+            raise OutputError(f"{names} already exist in {self.path.parent}; pass --overwrite to replace them")
+
+    def publish(self) -> list[Path]:
+        """Convert the finished hidden set to Parquet, then remove it."""
+        from mec_hub.data.featurefile import FeatureFile, write_parquet
+
+        staged = self.staging
+        written = write_parquet(FeatureFile.open(staged.npy), self.path, shard_rows=self.shard_rows)
+        if self.shard_rows is not None:
+            self.path.unlink(missing_ok=True)
+        else:
+            for shard in self.existing()[1:]:
+                shard.unlink(missing_ok=True)
+        for path in reversed(staged.finals):  # the meta first: the set no longer counts as finished
+            path.unlink(missing_ok=True)
+        return written
 
 
 def check_output_location(files: OutputFiles) -> None:

@@ -1,0 +1,108 @@
+"""mec-embed --out X.parquet: the rows, paths and meta of the .npy output, read back with pyarrow."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from embed_support import run_cli_subprocess
+
+from mec_hub.cli.embed import main
+from mec_hub.data.featurefile import FeatureFile
+
+pq = pytest.importorskip("pyarrow.parquet")
+
+PHOTOS = Path(__file__).parent / "data" / "photos"
+BATCH = 4
+
+
+def args(out: Path, weights: Path, *extra: object) -> list[str]:
+    base = [PHOTOS, "--out", out, "--weights", weights, "--device", "cpu", "-b", BATCH, "-j", 0, "-q", *extra]
+    return [str(a) for a in base]
+
+
+def embed(out: Path, weights: Path, *extra: object) -> None:
+    result = CliRunner().invoke(main, args(out, weights, *extra))
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("npy") / "f.npy"
+    embed(out, tiny_weights_dir, "--out-dtype", "float16")
+    return out
+
+
+def read_with_pyarrow(files: list[Path]) -> tuple[np.ndarray, list[str], list[dict]]:
+    matrices, paths, metas = [], [], []
+    for file in files:
+        table = pq.read_table(file)
+        assert table.column_names == ["path", "embedding"]
+        embedding = table.column("embedding").combine_chunks()
+        assert embedding.type.list_size == 512
+        matrices.append(np.array(embedding.to_pylist(), dtype=np.float16))
+        paths += table.column("path").to_pylist()
+        metas.append(json.loads(pq.read_schema(file).metadata[b"mec_hub.meta"]))
+    return np.concatenate(matrices), paths, metas
+
+
+def test_parquet_equals_the_npy_output(reference: Path, tiny_weights_dir: Path, tmp_path: Path):
+    out = tmp_path / "f.parquet"
+    embed(out, tiny_weights_dir, "--out-dtype", "float16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.parquet"]  # the hidden .npy set is gone
+
+    matrix, paths, (meta,) = read_with_pyarrow([out])
+    assert str(pq.read_schema(out).field("embedding").type.value_type) == "halffloat"
+    np.testing.assert_array_equal(matrix, np.load(reference))
+    assert paths == reference.with_name("f.paths.txt").read_text().splitlines()
+    npy_meta = json.loads(reference.with_name("f.meta.json").read_text())
+    assert meta["shape"] == npy_meta["shape"] and meta["row_offset"] == 0 and meta["features"] == "f.parquet"
+    for key in ("weights_sha256", "model", "num_failed", "failed", "fingerprint", "out_dtype"):
+        assert meta[key] == npy_meta[key], key
+
+    opened = FeatureFile.open(out)
+    np.testing.assert_array_equal(opened.matrix, np.load(reference))
+    assert opened.paths == paths and opened.meta.weights_sha256 == npy_meta["weights_sha256"]
+
+    refused = CliRunner().invoke(main, args(out, tiny_weights_dir, "--out-dtype", "float16"))
+    assert refused.exit_code == 1 and "--overwrite" in refused.output
+
+
+def test_shard_rows(reference: Path, tiny_weights_dir: Path, tmp_path: Path):
+    out = tmp_path / "f.parquet"
+    embed(out, tiny_weights_dir, "--out-dtype", "float16", "--shard-rows", 7)
+    rows = len(np.load(reference))
+    files = sorted(tmp_path.iterdir())
+    expected_files = -(-rows // 7)
+    assert [p.name for p in files] == [f"f-{i:05d}.parquet" for i in range(expected_files)]
+    matrix, paths, metas = read_with_pyarrow(files)
+    assert [m["shape"][0] for m in metas] == [min(7, rows - 7 * i) for i in range(expected_files)]
+    assert [m["row_offset"] for m in metas] == [7 * i for i in range(expected_files)]
+    np.testing.assert_array_equal(matrix, np.load(reference))
+    assert paths == reference.with_name("f.paths.txt").read_text().splitlines()
+    opened = FeatureFile.open(out)  # the shards, as one set
+    np.testing.assert_array_equal(opened.matrix, np.load(reference))
+
+
+def test_shard_rows_needs_parquet(tiny_weights_dir: Path, tmp_path: Path):
+    result = CliRunner().invoke(main, args(tmp_path / "f.npy", tiny_weights_dir, "--shard-rows", 5))
+    assert result.exit_code == 2 and "--shard-rows" in result.output
+
+
+def test_kill_and_resume(reference: Path, tiny_weights_dir: Path, tmp_path: Path):
+    out = tmp_path / "f.parquet"
+    run = [PHOTOS, "--out", out, "--weights", tiny_weights_dir, "--device", "cpu", "-b", BATCH, "-j", 1, "-q"]
+    run += ["--out-dtype", "float16"]
+    killed = run_cli_subprocess(*run, faults={"kill_after_batches": 2})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not out.exists()
+    resumed = run_cli_subprocess(*run, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    matrix, paths, _ = read_with_pyarrow([out])
+    assert matrix.tobytes() == np.load(reference).tobytes()
+    assert paths == reference.with_name("f.paths.txt").read_text().splitlines()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.parquet"]
