@@ -179,3 +179,16 @@ def test_search_uses_the_index_beside_the_file_and_refuses_it_when_stale(feats: 
     # A bad row is one clear line.
     result = CliRunner().invoke(main, ["search", str(copy), "--row", "20000"])
     assert result.exit_code == 1 and "has rows 0 to 19999" in result.output
+
+
+def test_hnsw_reaches_the_recall_and_keeps_its_setting_through_save_and_load(tmp_path: Path):
+    data = clustered(5300, seed=5)
+    matrix, queries = data[:5000], data[5000:]
+    index = FeatureIndex.build(matrix, kind="hnsw", recall=0.95)
+    assert index.kind == "hnsw"
+    _, truth = brute_force(matrix, queries, 10)
+    found = index.search(queries, 10)[1]
+    assert recall(found, truth) >= 0.95
+    loaded = FeatureIndex.load(index.save(tmp_path / "h.index"))
+    assert loaded.params["ef_search"] == index.params["ef_search"]
+    np.testing.assert_array_equal(loaded.search(queries, 10)[1], found)
