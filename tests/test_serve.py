@@ -289,3 +289,53 @@ def test_an_index_beside_the_file_answers_and_a_stale_one_is_refused(feats: Path
     result = CliRunner().invoke(main, ["serve", str(copy), "--index", str(tmp_path / "other.index"), "--port", "1"])
     assert result.exit_code == 1, result.output
     assert "other.index" in result.output and "Traceback" not in result.output
+
+
+def test_the_command_serves_on_127_0_0_1(feats: Path, tmp_path: Path):
+    import json
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:  # a free port (released just before the server binds it)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = (tmp_path / "serve.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mec_hub.cli.hub", "serve", str(feats), "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline, answer = time.monotonic() + 30, None
+        while answer is None and time.monotonic() < deadline and process.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/rows?limit=2", timeout=5) as response:
+                    answer = json.load(response)
+            except OSError:
+                time.sleep(0.1)
+        assert answer is not None, (tmp_path / "serve.log").read_text()
+        assert answer["total"] == 18 and len(answer["rows"]) == 2
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+            assert b"/static/app.js" in response.read()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/static/app.js", timeout=5) as response:
+            assert b"/api/neighbours" in response.read()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+    assert f"127.0.0.1:{port}" in (tmp_path / "serve.log").read_text()
+
+
+def test_an_upload_is_refused_when_the_weights_are_not_those_that_made_the_file(
+    feats: Path, tmp_path: Path, photos_dir: Path
+):
+    original = FeatureFile.open(feats)
+    out = tmp_path / "wrong.npy"
+    meta = dataclasses.replace(original.meta, weights_sha256="0" * 64, run_id=None)
+    FeatureFile.write(out, original.paths, meta, matrix=np.asarray(original.matrix))
+    browser = serve.NeighbourBrowser(FeatureFile.open(out), device="cpu")
+    with TestClient(serve.create_app(browser), raise_server_exceptions=False) as client:
+        answer = client.post("/api/search", params={"k": 3}, content=(photos_dir / "skimage-coins.png").read_bytes())
+        assert answer.status_code == 409, answer.text
+        assert "SHA-256" in answer.json()["error"] and "000000000000" in answer.json()["error"]
+        assert client.get("/api/neighbours", params={"row": 0, "k": 3}).status_code == 200  # rows still answer
