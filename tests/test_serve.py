@@ -339,3 +339,33 @@ def test_an_upload_is_refused_when_the_weights_are_not_those_that_made_the_file(
         assert answer.status_code == 409, answer.text
         assert "SHA-256" in answer.json()["error"] and "000000000000" in answer.json()["error"]
         assert client.get("/api/neighbours", params={"row": 0, "k": 3}).status_code == 200  # rows still answer
+
+
+def test_thumbnails_are_cached_and_the_cache_is_bounded(feats: Path, tmp_path: Path):
+    folder = tmp_path / "photos"
+    shutil.copytree(feats.parent / "photos", folder)
+    original = FeatureFile.open(feats)
+    out = tmp_path / "copy.npy"
+    meta = dataclasses.replace(original.meta, base_dir=str(folder), inputs=[str(folder)], run_id=None)
+    FeatureFile.write(out, original.paths, meta, matrix=np.asarray(original.matrix))
+    browser = serve.NeighbourBrowser(FeatureFile.open(out), device="cpu", cache_entries=3)
+    with TestClient(serve.create_app(browser), raise_server_exceptions=False) as client:
+        first = {row: client.get(f"/thumb/{row}").content for row in range(5)}
+        for row in range(5):
+            (folder / original.paths[row]).unlink()
+        # The three most recent stay in memory; the two before were dropped, so their files are needed.
+        assert [client.get(f"/thumb/{row}").status_code for row in range(5)] == [404, 404, 200, 200, 200]
+        assert [client.get(f"/thumb/{row}").content for row in (2, 3, 4)] == [first[2], first[3], first[4]]
+
+
+def test_an_unexpected_failure_is_a_json_500_without_a_traceback(feats: Path, monkeypatch):
+    browser = serve.NeighbourBrowser(FeatureFile.open(feats), device="cpu")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret internals /home/user")
+
+    monkeypatch.setattr(browser, "rows", broken)
+    with TestClient(serve.create_app(browser), raise_server_exceptions=False) as client:
+        answer = client.get("/api/rows")
+    assert answer.status_code == 500
+    assert answer.json() == {"error": "internal error (RuntimeError)"}
