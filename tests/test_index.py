@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from test_search import indexed  # noqa: F401  (the model-made feature file: fixture shared with test_search)
 
 from mec_hub.apps.index import FaissMissingError, FeatureIndex, StaleIndexError
 from mec_hub.cli.hub import main
@@ -192,3 +193,18 @@ def test_hnsw_reaches_the_recall_and_keeps_its_setting_through_save_and_load(tmp
     loaded = FeatureIndex.load(index.save(tmp_path / "h.index"))
     assert loaded.params["ef_search"] == index.params["ef_search"]
     np.testing.assert_array_equal(loaded.search(queries, 10)[1], found)
+
+
+def test_image_query_exclude_self_and_through_an_index(indexed: Path, tmp_path: Path):  # noqa: F811
+    root = indexed
+    feats, query = root / "FEATS.npy", root / "images" / "cat" / "0001.png"
+    plain = search_json(feats, query, "-k", 4)[0]["neighbours"]
+    assert Path(plain[0]["resolved"]).resolve() == query.resolve()
+    excluded = search_json(feats, query, "-k", 3, "--exclude-self")[0]["neighbours"]
+    assert [h["row"] for h in excluded] == [h["row"] for h in plain[1:]]
+    assert [h["rank"] for h in excluded] == [1, 2, 3]
+    # Through an exact index written elsewhere: the same answer.
+    index = tmp_path / "FEATS.index"
+    assert CliRunner().invoke(main, ["index", str(feats), "--out", str(index)]).exit_code == 0
+    via_index = search_json(feats, query, "-k", 4, "--index", index)[0]["neighbours"]
+    assert [h["row"] for h in via_index] == [h["row"] for h in plain]
