@@ -106,3 +106,40 @@ def test_kill_and_resume(reference: Path, tiny_weights_dir: Path, tmp_path: Path
     assert matrix.tobytes() == np.load(reference).tobytes()
     assert paths == reference.with_name("f.paths.txt").read_text().splitlines()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.parquet"]
+
+
+def test_a_stopped_conversion_is_finished_by_resume(
+    reference: Path, tiny_weights_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import mec_hub.data.featurefile as featurefile
+
+    out = tmp_path / "f.parquet"
+    real_atomic_write = featurefile.atomic_write
+    published = []
+
+    def full_after_first_file(path: Path, write) -> Path:  # type: ignore[no-untyped-def]
+        if Path(path).suffix == ".parquet":
+            if published:
+                raise OSError(28, "No space left on device", str(path))
+            published.append(Path(path))
+        return real_atomic_write(path, write)
+
+    monkeypatch.setattr(featurefile, "atomic_write", full_after_first_file)
+    stopped = CliRunner().invoke(main, args(out, tiny_weights_dir, "--out-dtype", "float16", "--shard-rows", 7))
+    assert stopped.exit_code == 1 and "No space left on device" in stopped.output
+    assert "--resume" in stopped.output and "Traceback" not in stopped.output
+    assert [p.name for p in published] == ["f-00000.parquet"]
+    assert (tmp_path / ".f.parquet.npy").exists()  # the finished set is kept until the conversion is done
+
+    monkeypatch.setattr(featurefile, "atomic_write", real_atomic_write)
+    refused = CliRunner().invoke(main, args(out, tiny_weights_dir, "--out-dtype", "float16", "--shard-rows", 7))
+    assert refused.exit_code == 1 and "--overwrite" in refused.output
+    resumed = CliRunner().invoke(
+        main, args(out, tiny_weights_dir, "--out-dtype", "float16", "--shard-rows", 7, "--resume")
+    )
+    assert resumed.exit_code == 0, resumed.output
+    files = sorted(tmp_path.iterdir())
+    assert all(p.name.startswith("f-") for p in files)
+    matrix, paths, _ = read_with_pyarrow(files)
+    np.testing.assert_array_equal(matrix, np.load(reference))
+    assert paths == reference.with_name("f.paths.txt").read_text().splitlines()

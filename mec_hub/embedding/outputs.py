@@ -138,7 +138,13 @@ class ParquetTarget:
         from mec_hub.data.featurefile import FeatureFile, write_parquet
 
         staged = self.staging
-        written = write_parquet(FeatureFile.open(staged.npy), self.path, shard_rows=self.shard_rows)
+        try:
+            written = write_parquet(FeatureFile.open(staged.npy), self.path, shard_rows=self.shard_rows)
+        except OSError as exc:
+            raise OutputError(
+                f"cannot write {self.path.name} ({exc.strerror or exc}); the embedded rows are kept: "
+                "run the same command with --resume to finish"
+            ) from None
         if self.shard_rows is not None:
             self.path.unlink(missing_ok=True)
         else:
