@@ -90,7 +90,7 @@ def _neighbour_rows(browser) -> list[int]:
     return [int(e.get_attribute("data-row")) for e in browser.find_elements(By.CSS_SELECTOR, "#neighbours .cell")]
 
 
-def test_grid_click_and_upload_in_headless_chromium(server, driver, photos_dir: Path, tmp_path: Path):
+def test_grid_click_and_upload_in_headless_chromium(driver, server, photos_dir: Path, tmp_path: Path):
     url, paths = server
     wait = WebDriverWait(driver, WAIT_S)
     driver.get(url + "/")
