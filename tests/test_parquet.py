@@ -143,3 +143,18 @@ def test_a_stopped_conversion_is_finished_by_resume(
     matrix, paths, _ = read_with_pyarrow(files)
     np.testing.assert_array_equal(matrix, np.load(reference))
     assert paths == reference.with_name("f.paths.txt").read_text().splitlines()
+
+
+def test_search_reads_parquet(reference: Path, tiny_weights_dir: Path, tmp_path: Path):
+    from mec_hub.cli.hub import main as hub
+
+    out = tmp_path / "f.parquet"
+    embed(out, tiny_weights_dir, "--out-dtype", "float16")
+    query = str(PHOTOS / "skimage-camera.png")
+    answers = []
+    for features in (reference, out):
+        result = CliRunner().invoke(hub, ["search", str(features), query, "-k", "3", "--device", "cpu", "--json"])
+        assert result.exit_code == 0, result.output
+        answers.append(json.loads(result.output))
+    assert answers[0] == answers[1]
+    assert "skimage-camera.png" in json.dumps(answers[1])
