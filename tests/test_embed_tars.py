@@ -6,13 +6,14 @@ import io
 import json
 import shutil
 import signal
+import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from embed_support import meta_without_times, run_cli_subprocess
+from embed_support import meta_without_times, run_cli_subprocess, run_in_own_group, subprocess_env
 
 from mec_hub.cli.embed import main
 from mec_hub.embedding.inputs import InputError, collect_inputs, expand_braces
@@ -156,3 +157,24 @@ def test_kill_and_resume_in_the_middle_of_a_shard(dataset: tuple[Path, Path], ti
         m.pop("features"), m.pop("paths")
     assert meta_without_times(meta) == meta_without_times(reference_meta)
     assert meta["num_failed"] == 1
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo on Windows is not tested")
+def test_two_processes_split_the_shards(dataset: tuple[Path, Path], tiny_weights_dir: Path, tmp_path: Path):
+    shards, _ = dataset
+    pattern = str(shards / "{000000..000001}.tar")
+    single = tmp_path / "one" / "f.npy"
+    single.parent.mkdir()
+    embed([pattern], single, tiny_weights_dir)
+
+    double = tmp_path / "two" / "f.npy"
+    common = ["--weights", str(tiny_weights_dir), "--device", "cpu", "-b", str(BATCH), "-j", "0", "-q"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "mec_hub.cli.embed", pattern, "--out", str(double), *common]  # fmt: skip
+    done = run_in_own_group(command, timeout=240, env=subprocess_env(OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    np.testing.assert_allclose(np.load(double), np.load(single), rtol=1e-6, atol=1e-6)
+    assert paths_of(double) == paths_of(single)
+    meta_two = json.loads((double.parent / "f.meta.json").read_text())
+    meta_one = json.loads((single.parent / "f.meta.json").read_text())
+    assert meta_without_times(meta_two) == meta_without_times(meta_one)
