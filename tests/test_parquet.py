@@ -158,3 +158,12 @@ def test_search_reads_parquet(reference: Path, tiny_weights_dir: Path, tmp_path:
         answers.append(json.loads(result.output))
     assert answers[0] == answers[1]
     assert "skimage-camera.png" in json.dumps(answers[1])
+
+
+def test_summary_names_the_parquet_files(tiny_weights_dir: Path, tmp_path: Path):
+    out = tmp_path / "f.parquet"
+    quiet = args(out, tiny_weights_dir, "--shard-rows", 10)
+    result = CliRunner().invoke(main, [a for a in quiet if a != "-q"])
+    assert result.exit_code == 0, result.output
+    assert "-> " + str(tmp_path / "f-00000.parquet ... f-00001.parquet") in result.output
+    assert ".npy" not in result.output

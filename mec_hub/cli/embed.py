@@ -170,7 +170,11 @@ def main(
         click.echo(f"mec-embed: {exc}", err=True)
         raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
     if parquet is not None and dist_env().is_main and result.num_embedded:
-        parquet.publish()
+        import dataclasses
+
+        written = parquet.publish()
+        shown = written[0] if len(written) == 1 else written[0].with_name(f"{written[0].name} ... {written[-1].name}")
+        result = dataclasses.replace(result, features=shown, paths=written[0], meta_path=written[0])
 
     talk = not quiet and dist_env().is_main
     if talk:
