@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from embed_support import meta_without_times, run_cli_subprocess, run_in_own_group, subprocess_env
 
 from mec_hub.cli.embed import main
-from mec_hub.embedding.inputs import InputError, collect_inputs, expand_braces
+from mec_hub.embedding.inputs import InputError, TarMember, collect_inputs, expand_braces
 
 PHOTOS = Path(__file__).parent / "data" / "photos"
 BATCH = 4
@@ -178,3 +178,19 @@ def test_two_processes_split_the_shards(dataset: tuple[Path, Path], tiny_weights
     meta_two = json.loads((double.parent / "f.meta.json").read_text())
     meta_one = json.loads((single.parent / "f.meta.json").read_text())
     assert meta_without_times(meta_two) == meta_without_times(meta_one)
+
+
+def test_member_names_as_tar_writes_them(tmp_path: Path):
+    shard = tmp_path / "s.tar"
+    photo = (PHOTOS / "skimage-camera.png").read_bytes()
+    with tarfile.open(shard, "w", format=tarfile.PAX_FORMAT) as tar:
+        add_member(tar, "./a.png", photo)
+        add_member(tar, "/abs/b.PNG", photo)
+        add_member(tar, "dir/" + "long" * 40 + ".png", photo)  # a pax header before it
+    collected = collect_inputs([str(shard)])
+    assert [item.name for item in collected.items] == [
+        "s.tar/a.png",
+        "s.tar/abs/b.PNG",
+        "s.tar/dir/" + "long" * 40 + ".png",
+    ]
+    assert all(TarMember.parse(item.path).read() == photo for item in collected.items)

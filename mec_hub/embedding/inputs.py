@@ -150,7 +150,8 @@ def list_tar_members(shard: str) -> tuple[list[tuple[str, TarMember]], int]:
                 if not info.isfile():
                     continue
                 if is_image_file_name(info.name):
-                    members.append((info.name, TarMember(path, info.offset_data, info.size)))
+                    name = info.name.removeprefix("./").lstrip("/")  # as `tar -cf s.tar .` writes them
+                    members.append((name, TarMember(path, info.offset_data, info.size)))
                 else:
                     skipped += 1
     except (tarfile.TarError, OSError) as exc:
