@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -167,3 +168,46 @@ def test_summary_names_the_parquet_files(tiny_weights_dir: Path, tmp_path: Path)
     assert result.exit_code == 0, result.output
     assert "-> " + str(tmp_path / "f-00000.parquet ... f-00001.parquet") in result.output
     assert ".npy" not in result.output
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_write_parquet_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: type):
+    import mec_hub.data.featurefile as featurefile
+
+    monkeypatch.setattr(featurefile, "PARQUET_BLOCK_ROWS", 4)  # several row groups per file
+    rng = np.random.default_rng(0)
+    matrix = rng.standard_normal((11, 6)).astype(dtype)
+    names = [f"dir/ü{i}.jpg" for i in range(11)]
+    featurefile.FeatureFile.write(tmp_path / "x.npy", names, {"model": "m"}, matrix=matrix)
+    written = featurefile.write_parquet(featurefile.FeatureFile.open(tmp_path / "x.npy"), tmp_path / "x.parquet")
+    assert written == [tmp_path / "x.parquet"]
+    table = pq.read_table(tmp_path / "x.parquet")
+    assert pq.ParquetFile(tmp_path / "x.parquet").num_row_groups == 3
+    assert table.column("path").to_pylist() == names
+    np.testing.assert_array_equal(np.array(table.column("embedding").to_pylist(), dtype=dtype), matrix)
+    meta = json.loads(table.schema.metadata[b"mec_hub.meta"])
+    assert meta["model"] == "m" and meta["shape"] == [11, 6]
+    opened = featurefile.FeatureFile.open(tmp_path / "x.parquet")
+    assert opened.matrix.dtype == dtype and opened.paths == names
+    np.testing.assert_array_equal(opened.matrix, matrix)
+
+
+def test_parquet_errors_name_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import pyarrow as pa
+
+    from mec_hub.errors import MecHubError
+
+    other = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"path": ["a.jpg"], "vector": [[1.0, 2.0]]}), other)
+    with pytest.raises(MecHubError, match=r"other\.parquet: expected the columns 'path' and 'embedding'"):
+        FeatureFile.open(other)
+    lists = tmp_path / "lists.parquet"
+    pq.write_table(pa.table({"path": ["a.jpg"], "embedding": [[1.0, 2.0]]}), lists)
+    with pytest.raises(MecHubError, match=r"lists\.parquet: 'embedding' must be a fixed-size list"):
+        FeatureFile.open(lists)
+    with pytest.raises(MecHubError, match=r"feature file not found: .*none\.parquet"):
+        FeatureFile.open(tmp_path / "none.parquet")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if it were not installed
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(MecHubError, match=r"pip install 'mec-hub\[parquet\]'"):
+        FeatureFile.open(other)
