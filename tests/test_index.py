@@ -208,3 +208,17 @@ def test_image_query_exclude_self_and_through_an_index(indexed: Path, tmp_path: 
     assert CliRunner().invoke(main, ["index", str(feats), "--out", str(index)]).exit_code == 0
     via_index = search_json(feats, query, "-k", 4, "--index", index)[0]["neighbours"]
     assert [h["row"] for h in via_index] == [h["row"] for h in plain]
+
+
+def test_without_faiss_search_warns_and_searches_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    matrix = clustered(500)
+    feats = write_feature_file(tmp_path / "f.npy", matrix)
+    assert CliRunner().invoke(main, ["index", str(feats)]).exit_code == 0
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    result = CliRunner().invoke(main, ["search", str(feats), "--row", "3", "-k", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "f.index not used, exact search instead: the index needs FAISS" in result.stderr
+    out = json.loads(result.stdout)
+    assert [h["row"] for h in out[0]["neighbours"]] == brute_force(matrix, matrix[[3]], 4)[1][0].tolist()
+    result = CliRunner().invoke(main, ["search", str(feats), "--index", str(tmp_path / "f.index"), "--row", "3"])
+    assert result.exit_code == 1 and "pip install 'mec-hub[index]'" in result.output
