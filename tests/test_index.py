@@ -222,3 +222,28 @@ def test_without_faiss_search_warns_and_searches_exactly(tmp_path: Path, monkeyp
     assert [h["row"] for h in out[0]["neighbours"]] == brute_force(matrix, matrix[[3]], 4)[1][0].tolist()
     result = CliRunner().invoke(main, ["search", str(feats), "--index", str(tmp_path / "f.index"), "--row", "3"])
     assert result.exit_code == 1 and "pip install 'mec-hub[index]'" in result.output
+
+
+def test_index_and_search_read_parquet_shards(tmp_path: Path):
+    pytest.importorskip("pyarrow")
+    from mec_hub.data.featurefile import FeatureFile, write_parquet
+
+    matrix = clustered(3000)
+    npy = write_feature_file(tmp_path / "src.npy", matrix)
+    shards = write_parquet(FeatureFile.open(npy), tmp_path / "feats.parquet", shard_rows=1000)
+    assert len(shards) == 3 and not (tmp_path / "feats.parquet").exists()
+    result = CliRunner().invoke(main, ["index", str(tmp_path / "feats.parquet"), "--exact-below", "1000"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "feats.index").is_file()
+    out = search_json(tmp_path / "feats.parquet", "--row", 2500, "-k", 10, "--exclude-self")
+    _, truth = brute_force(matrix, matrix[[2500]], 11)
+    found = np.array([[h["row"] for h in out[0]["neighbours"]]])
+    assert recall(found, truth[:, 1:]) >= 0.9
+    # Rewrite one shard with other rows: the index no longer matches.
+    changed = matrix.copy()
+    changed[1500] *= -1
+    write_parquet(
+        FeatureFile.open(write_feature_file(tmp_path / "src.npy", changed)), tmp_path / "feats.parquet", shard_rows=1000
+    )
+    result = CliRunner().invoke(main, ["search", str(tmp_path / "feats.parquet"), "--row", "0"])
+    assert result.exit_code == 1 and "rebuild it: mec-hub index" in result.output

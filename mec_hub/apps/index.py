@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -63,10 +64,29 @@ def import_faiss() -> Any:
 
 
 def default_index_path(features: str | os.PathLike[str]) -> Path:
-    """``X.npy`` -> ``X.index`` (a name without ``.npy`` gets ``.index`` appended)."""
+    """``X.npy`` or ``X.parquet`` -> ``X.index`` (another name gets ``.index`` appended)."""
     path = Path(features)
-    stem = path.name[: -len(".npy")] if path.name.endswith(".npy") else path.name
+    stem = path.name
+    for suffix in (".npy", ".parquet"):
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
     return path.with_name(stem + INDEX_SUFFIX)
+
+
+def source_sha256(features: str | os.PathLike[str]) -> str:
+    """SHA-256 of the feature file; for Parquet shards ``X-NNNNN.parquet``, of their names and digests in order."""
+    path = Path(features)
+    if path.is_file():
+        return sha256_file(path)
+    from mec_hub.data.featurefile import parquet_shards
+
+    shards = parquet_shards(path) if path.suffix == ".parquet" else []
+    if not shards:
+        raise MecHubError(f"feature file not found: {path}")
+    digest = hashlib.sha256()
+    for shard in shards:
+        digest.update(f"{shard.name} {sha256_file(shard)}\n".encode())
+    return digest.hexdigest()
 
 
 def info_path(index_path: str | os.PathLike[str]) -> Path:
@@ -77,9 +97,9 @@ def info_path(index_path: str | os.PathLike[str]) -> Path:
 def open_features(features: str | os.PathLike[str]) -> np.ndarray:
     """The ``(N, D)`` matrix of a feature file: a plain ``.npy`` memory-mapped, anything else via ``FeatureFile``."""
     path = Path(features)
-    if not path.is_file():
-        raise MecHubError(f"feature file not found: {path}")
     if path.suffix == ".npy":
+        if not path.is_file():
+            raise MecHubError(f"feature file not found: {path}")
         try:
             matrix = np.load(path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
@@ -172,10 +192,10 @@ class FeatureIndex:
             raise InvalidArgumentError(f"recall must be in (0, 1], got {recall}")
         faiss = import_faiss()
         started = time.perf_counter()
-        source_sha256 = source = None
+        digest = source = None
         if isinstance(features, (str, os.PathLike)):
             matrix = open_features(features)
-            source, source_sha256 = str(features), sha256_file(features)
+            source, digest = str(features), source_sha256(features)
         else:
             matrix = np.asarray(features) if not isinstance(features, np.memmap) else features
             _check_matrix(matrix, "features")
@@ -207,7 +227,7 @@ class FeatureIndex:
             recall=measured,
             rows=num_rows,
             dim=dim,
-            source_sha256=source_sha256,
+            source_sha256=digest,
             source=source,
             build_seconds=time.perf_counter() - started,
         )
@@ -269,7 +289,7 @@ class FeatureIndex:
         if sha256_file(path) != record.get("index_sha256"):
             raise StaleIndexError(f"{path} is not the file its record {record_file.name} describes; rebuild it")
         if features is not None:
-            actual = sha256_file(features)
+            actual = source_sha256(features)
             if actual != record.get("source_sha256"):
                 raise StaleIndexError(
                     f"{path} was built from a file with SHA-256 {record.get('source_sha256')}, but {features} has "
