@@ -247,3 +247,13 @@ def test_index_and_search_read_parquet_shards(tmp_path: Path):
     )
     result = CliRunner().invoke(main, ["search", str(tmp_path / "feats.parquet"), "--row", "0"])
     assert result.exit_code == 1 and "rebuild it: mec-hub index" in result.output
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw", "auto"])
+def test_a_tiny_file_gets_an_exact_index_whatever_the_kind(kind: str):
+    matrix = clustered(12, seed=6)
+    index = FeatureIndex.build(matrix, kind=kind)
+    assert index.kind == "flat"
+    _, rows = index.search(matrix[:2], 50)
+    assert rows.shape == (2, 12)
+    np.testing.assert_array_equal(rows, brute_force(matrix, matrix[:2], 12)[1])

@@ -206,6 +206,8 @@ class FeatureIndex:
         rng = np.random.default_rng(seed)
         params: dict[str, Any] = {}
         measured: float | None = 1.0
+        if kind != "flat" and num_rows <= 4 * RECALL_K:  # too few rows to train or to measure a recall on
+            kind, params = "flat", {"fallback_from": kind}
         if kind == "flat":
             index = faiss.IndexFlatIP(dim)
             _add_in_blocks(index, matrix, block_rows)
