@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from mec_hub.data.featurefile import FeatureFile, open_matrix, parquet_shards
 from mec_hub.errors import InvalidArgumentError, MecHubError
 from mec_hub.fileio import atomic_write, atomic_write_json
 from mec_hub.weights.integrity import sha256_file
@@ -78,8 +79,6 @@ def source_sha256(features: str | os.PathLike[str]) -> str:
     path = Path(features)
     if path.is_file():
         return sha256_file(path)
-    from mec_hub.data.featurefile import parquet_shards
-
     shards = parquet_shards(path) if path.suffix == ".parquet" else []
     if not shards:
         raise MecHubError(f"feature file not found: {path}")
@@ -97,17 +96,8 @@ def info_path(index_path: str | os.PathLike[str]) -> Path:
 def open_features(features: str | os.PathLike[str]) -> np.ndarray:
     """The ``(N, D)`` matrix of a feature file: a plain ``.npy`` memory-mapped, anything else via ``FeatureFile``."""
     path = Path(features)
-    if path.suffix == ".npy":
-        if not path.is_file():
-            raise MecHubError(f"feature file not found: {path}")
-        try:
-            matrix = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise MecHubError(f"{path}: not a readable .npy array ({exc})") from None
-    else:
-        from mec_hub.data.featurefile import FeatureFile
-
-        matrix = FeatureFile.open(path).matrix
+    # A plain N x D .npy needs no side-cars here (the paths and meta matter only to image queries).
+    matrix = open_matrix(path) if path.suffix == ".npy" else FeatureFile.open(path).matrix
     _check_matrix(matrix, str(path))
     return matrix
 

@@ -327,6 +327,17 @@ def _check_one_set(path: Path, shape: tuple[int, ...], paths_sha256: str, meta: 
         )
 
 
+def open_matrix(path: str | os.PathLike[str]) -> np.ndarray:
+    """A ``.npy`` array memory-mapped (never unpickled), or one clear error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MecHubError(f"feature file not found: {path}")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise MecHubError(f"{path}: not a readable .npy array ({exc})") from None
+
+
 @dataclass(frozen=True)
 class FeatureFile:
     """An opened ``X.npy`` (memory-mapped), its row ``paths`` and its ``meta`` (``None`` if it has none).
@@ -349,12 +360,7 @@ class FeatureFile:
         path = Path(path)
         if path.suffix == PARQUET_SUFFIX:
             return _open_parquet(path)
-        if not path.is_file():
-            raise MecHubError(f"feature file not found: {path}")
-        try:
-            matrix = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise MecHubError(f"{path}: not a readable .npy array ({exc})") from None
+        matrix = open_matrix(path)
         if matrix.ndim != 2 or matrix.shape[0] == 0 or not np.issubdtype(matrix.dtype, np.number):
             raise MecHubError(
                 f"{path}: expected a non-empty (N, D) array of numbers, got shape {matrix.shape} {matrix.dtype}"
