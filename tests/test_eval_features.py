@@ -130,3 +130,25 @@ def test_feature_files_of_two_runs_are_refused(tmp_path: Path):
     (tmp_path / "x.paths.txt").write_text("b/1.png\na/2.png\nb/3.png\n", encoding="utf-8")  # another run's paths
     with pytest.raises(InvalidFeaturesError, match=r"do not belong together"):
         load_feature_file(tmp_path / "x.npy")
+
+
+def test_eval_reads_parquet_output_like_the_npy_it_came_from(tmp_path: Path):
+    """``mec-hub eval`` takes a Parquet output of mec-embed: features, paths (labels) and meta as from the .npy set."""
+    pytest.importorskip("pyarrow")
+    from mec_hub.data.featurefile import FeatureFile, write_parquet
+
+    rng = np.random.default_rng(1)
+    data = LabelledFeatures(
+        features=torch.from_numpy(rng.standard_normal((5, 3)).astype(np.float32)),
+        labels=torch.tensor([0, 1, 0, 2, 1]),
+        classes=["a", "b", "c"],
+        paths=["a/1.png", "b/2.png", "a/3.png", "c/4.png", "b/5.png"],
+    )
+    save_feature_file(data, tmp_path / "x.npy", {"model": "m"})
+    write_parquet(FeatureFile.open(tmp_path / "x.npy"), tmp_path / "x.parquet", shard_rows=2)
+    from_npy = load_feature_file(tmp_path / "x.npy")
+    from_parquet = load_feature_file(tmp_path / "x.parquet")
+    assert torch.equal(from_parquet.features, data.features)
+    assert from_parquet.labels.tolist() == from_npy.labels.tolist() == [0, 1, 0, 2, 1]
+    assert from_parquet.classes == ["a", "b", "c"] and from_parquet.paths == data.paths
+    assert from_parquet.meta["model"] == "m"

@@ -54,14 +54,22 @@ def _input_options(func: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("--train", "train_dir", type=click.Path(), help="Training ImageFolder (DIR/CLASS/IMAGE)."),
         click.option("--val", "val_dir", type=click.Path(), help="Validation ImageFolder."),
-        click.option("--train-features", type=click.Path(), help="Training features, an (N, D) .npy file."),
+        click.option(
+            "--train-features",
+            type=click.Path(),
+            help="Training features: an (N, D) .npy file, or a Parquet output of mec-embed (X.parquet or its shards).",
+        ),
         click.option(
             "--train-labels",
             type=click.Path(),
             help="Labels of --train-features: an integer .npy, or a text file of CLASS/IMAGE paths "
             "[default: X.paths.txt beside X.npy].",
         ),
-        click.option("--val-features", type=click.Path(), help="Validation features, a .npy file."),
+        click.option(
+            "--val-features",
+            type=click.Path(),
+            help="Validation features: a .npy file or a Parquet output of mec-embed.",
+        ),
         click.option("--val-labels", type=click.Path(), help="Labels of --val-features (as --train-labels)."),
         click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True),
         click.option(

@@ -31,7 +31,7 @@ from PIL import Image
 from torch import nn
 from torchvision.datasets.folder import make_dataset
 
-from mec_hub.data.featurefile import PATHS_SUFFIX, FeatureFile, read_meta_json, read_paths, sidecar
+from mec_hub.data.featurefile import PARQUET_SUFFIX, PATHS_SUFFIX, FeatureFile, read_meta_json, read_paths, sidecar
 from mec_hub.data.images import IMAGE_EXTENSIONS
 from mec_hub.embedding.loader import ImageSource
 from mec_hub.embedding.runner import Batch, BatchRunner
@@ -268,6 +268,21 @@ def load_feature_file(
     list (give the training set's when reading a validation set).
     """
     features_path = Path(features)
+    if features_path.suffix == PARQUET_SUFFIX and labels is None:
+        # A Parquet output of mec-embed carries its paths (the labels) and its meta in the file itself.
+        try:
+            opened = FeatureFile.open(features_path)
+        except MecHubError as exc:
+            raise InvalidFeaturesError(str(exc)) from None
+        tensor = as_feature_matrix(np.array(opened.matrix, dtype=np.float32), what=str(features_path))
+        values, classes = labels_from_paths(opened.paths, origin=str(features_path), classes=classes)
+        return LabelledFeatures(
+            features=tensor,
+            labels=torch.from_numpy(values),
+            classes=list(classes),
+            paths=list(opened.paths),
+            meta=opened.meta.to_json() if opened.meta is not None else {},
+        )
     array = _load_npy(features_path, what="features file")
     tensor = as_feature_matrix(np.array(array, dtype=np.float32), what=str(features_path))  # a copy, in memory
     label_path = Path(labels) if labels is not None else sidecar(features_path, PATHS_SUFFIX)
