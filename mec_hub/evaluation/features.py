@@ -31,7 +31,15 @@ from PIL import Image
 from torch import nn
 from torchvision.datasets.folder import make_dataset
 
-from mec_hub.data.featurefile import PARQUET_SUFFIX, PATHS_SUFFIX, FeatureFile, read_meta_json, read_paths, sidecar
+from mec_hub.data.featurefile import (
+    PARQUET_SUFFIX,
+    PATHS_SUFFIX,
+    FeatureFile,
+    open_matrix,
+    read_meta_json,
+    read_paths,
+    sidecar,
+)
 from mec_hub.data.images import IMAGE_EXTENSIONS
 from mec_hub.embedding.loader import ImageSource
 from mec_hub.embedding.runner import Batch, BatchRunner
@@ -228,9 +236,9 @@ def _load_npy(path: Path, *, what: str) -> np.ndarray:
     if not path.is_file():
         raise MecHubError(f"{what} not found: {path}")
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise InvalidFeaturesError(f"{path}: not a readable .npy array ({exc})") from None
+        return open_matrix(path)  # the feature-file module's one reader of a .npy (memory-mapped, no pickles)
+    except MecHubError as exc:
+        raise InvalidFeaturesError(str(exc)) from None
 
 
 def labels_from_paths(
