@@ -100,3 +100,14 @@ def make_tiny_hub_folder(out: Path, *, seed: int = 0, input_size: int = 32, name
 def tiny_weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Session-wide read-only folder; copy it before changing anything in it."""
     return make_tiny_hub_folder(tmp_path_factory.mktemp("weights") / "tiny")
+
+
+def write_noise_images(root: Path, count: int = 16, size: int = 32) -> Path:
+    """``count`` PNGs of uniform noise, ``size`` px (seed 0): enough for a tiny pretraining run."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")).save(root / f"{i:02d}.png")
+    return root

@@ -16,11 +16,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
+from conftest import write_noise_images
 from safetensors.torch import load_file
 
 import training.pretrain as pretrain
@@ -35,11 +34,7 @@ STEPS_PER_EPOCH = 2
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(16):
-        Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8")).save(root / f"{i}.png")
-    return root
+    return write_noise_images(tmp_path_factory.mktemp("images"))
 
 
 def arguments(images: Path, out: Path, *extra: str) -> list[str]:

@@ -9,12 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from PIL import Image
+from conftest import write_noise_images
 from torch import nn
 
 import training.pretrain as pretrain
@@ -177,11 +176,7 @@ def _pretrain_worker(rank: int, port: int, images: str, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(16):
-        Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8")).save(root / f"{i:02d}.png")
-    return root
+    return write_noise_images(tmp_path_factory.mktemp("images"))
 
 
 def test_pretraining_on_two_processes_reaches_the_one_process_weights(images, tmp_path, monkeypatch):

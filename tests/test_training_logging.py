@@ -17,11 +17,10 @@ import time
 import types
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from conftest import write_noise_images
 from torch import Tensor, nn
 
 import training.pretrain as pretrain
@@ -194,11 +193,7 @@ def test_a_bar_per_epoch_when_asked(tmp_path):
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(16):
-        Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8")).save(root / f"{i}.png")
-    return root
+    return write_noise_images(tmp_path_factory.mktemp("images"))
 
 
 def arguments(images: Path, out: Path, *extra: str) -> list[str]:
