@@ -85,7 +85,7 @@ def test_a_config_file_with_overrides_resolves_like_the_same_options_on_the_comm
         "lr: 0.25\n"
         "weight_decay: 1e-4  # PyYAML reads this one as a string\n"
         "order: exact\n"
-        "eps2: auto\n"
+        "eps2: scaled\n"
         "hidden_dim: null\n"
         "tensorboard: false\n"
         "channels_last: true\n"
@@ -99,7 +99,7 @@ def test_a_config_file_with_overrides_resolves_like_the_same_options_on_the_comm
             "--output-dir", "o", "--arch", "resnet18",
             "--model-args", '{"channels": [32, 64, 128, 224], "drop_path_rate": 0.1}',
             "--image-size", "48", "--epochs", "7", "--lr", "0.25", "--weight-decay", "1e-4", "--order", "exact",
-            "--eps2", "auto", "--no-tensorboard", "--channels-last",
+            "--eps2", "scaled", "--no-tensorboard", "--channels-last",
             "--knn-train", "some/folder", "--knn-val", "other/folder", *overrides,
         ]
     )  # fmt: skip
@@ -111,7 +111,7 @@ def test_a_config_file_with_overrides_resolves_like_the_same_options_on_the_comm
     assert from_file.model_args == {"channels": [32, 64, 128, 224], "drop_path_rate": 0.1}
     assert from_file.knn_train == Path("some/folder") and from_file.data == Path("imgs")
     assert from_file.batch_size == 1024 and from_file.momentum == 0.9 and from_file.seed == 0
-    assert from_file.check().eps2 == 64.0  # auto at the paper's batch
+    assert from_file.check().eps2 == 64.0  # scaled to the paper's batch: the paper's value
 
 
 def test_the_recipe_keys_and_the_options_come_from_the_dataclass():
@@ -122,9 +122,11 @@ def test_the_recipe_keys_and_the_options_come_from_the_dataclass():
     defaults = TrainConfig(data=Path("d"), output_dir=Path("o"))  # the paper's recipe
     paper = (defaults.arch, defaults.epochs, defaults.batch_size, defaults.lr, defaults.weight_decay, defaults.order)
     assert paper == ("resnet50", 100, 1024, 0.5, 1e-5, 4)
-    assert (defaults.eps2, defaults.teacher_momentum, defaults.warmup_epochs) == ("auto", 0.996, 10)
-    assert defaults.check(world_size=1).eps2 == 64.0
-    assert dataclasses.replace(defaults, batch_size=256).check().eps2 == 256.0
+    assert (defaults.teacher_momentum, defaults.warmup_epochs) == (0.996, 10)
+    # eps^2 is the authors' 64 at every batch size (their main_pretrain.py: --eps 64, lamda = d / (m * eps)).
+    for batch in (4096, 1024, 256, 65):
+        assert dataclasses.replace(defaults, batch_size=batch).check(world_size=1).eps2 == 64.0
+    assert dataclasses.replace(defaults, batch_size=256, eps2="scaled").check().eps2 == 64.0 * 1024 / 256
 
 
 @pytest.mark.parametrize(
@@ -140,7 +142,8 @@ def test_the_recipe_keys_and_the_options_come_from_the_dataclass():
         ("tensorboard: maybe\n", "recipe.yaml: tensorboard: expected true or false, got 'maybe'"),
         ("model_args: [1, 2]\n", "recipe.yaml: model_args: expected a mapping, got [1, 2]"),
         ("order: [4]\n", "recipe.yaml: order: expected an integer >= 1 or 'exact', got [4]"),
-        ("eps2: big\n", "recipe.yaml: eps2: expected a number or 'auto', got 'big'"),
+        ("eps2: big\n", "recipe.yaml: eps2: expected a number or 'scaled', got 'big'"),
+        ("eps2: auto\n", "recipe.yaml: eps2: 'auto' is no more: it meant 64 x 1024 / batch below a batch of 1024"),
         ("data: 3\n", "recipe.yaml: data: expected a path or null, got 3"),
         ("- lr\n- 0.1\n", "recipe.yaml: expected a mapping of option names to values, got list"),
         ("lr: [\n", "recipe.yaml: not valid YAML"),

@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import write_noise_images
 from PIL import Image
 
 import mec_hub
 import training.pretrain as pretrain
 from mec_hub.models.losses import MECLossOutput
 from training import checkpoint as ckpt
+from training import distributed
 from training.config import parse_args
 from training.metrics import read_metrics
 
@@ -50,7 +52,7 @@ def arguments(images: Path, out: Path, *extra: str) -> list[str]:
         "--data", str(images), "--output-dir", str(out),
         "--arch", "resnet10t", "--image-size", "32", "--dim", "32", "--hidden-dim", "64", "--pred-dim", "16",
         "--batch-size", "8", "--epochs", "3", "--warmup-epochs", "1", "--lamda-warmup-epochs", "1",
-        "--eps2", "64",  # the paper's value, which the default would scale up for a batch of 8
+        "--eps2", "64",  # the paper's value (the default), stated as the recipes do
         "--workers", "0", "--log-every", "1", "--device", "cpu", "--no-tensorboard",
         "--knn-train", str(images), "--knn-val", str(images), "--knn-every", "2", "--knn-k", "5",
         *extra,
@@ -238,22 +240,134 @@ def test_exports_name_the_data_set_not_just_its_split_folder(data, expected):
     assert pretrain.dataset_name(data) == expected
 
 
-@pytest.mark.parametrize(
-    ("batch", "eps2"),
-    [(1024, 64.0), (4096, 64.0), (256, 256.0), (128, 512.0), (64, 1024.0), (8, 8192.0)],
-)
-def test_default_eps2_is_the_papers_at_its_batch_and_keeps_lamda_below(batch, eps2):
+def authors_lamda_schedule(lamda: float, epochs: int, steps_per_epoch: int, warmup_epochs: int = 10) -> np.ndarray:
+    """1/lamda per step as the authors' main_pretrain.py makes it (``lamda_scheduler``), re-typed."""
+    warmup = np.linspace(8 / lamda, 1 / lamda, warmup_epochs * steps_per_epoch)
+    return np.concatenate((warmup, np.ones(epochs * steps_per_epoch - len(warmup)) / lamda))
+
+
+def authors_loss(p1, z1, p2, z2, lamda_inv, order=4):
+    """The authors' training loss (main_pretrain.py ``loss_func`` and its use), re-typed; one process."""
+
+    def loss_func(p, z):
+        p, z = torch.nn.functional.normalize(p), torch.nn.functional.normalize(z)
+        c = p @ z.T / lamda_inv
+        power, total = c, torch.zeros_like(c)
+        for k in range(1, order + 1):
+            if k > 1:
+                power = power @ c
+            total = total + power / k if (k + 1) % 2 == 0 else total - power / k
+        return torch.trace(total)
+
+    m = p1.shape[0]
+    return -((loss_func(p1, z2) + loss_func(p2, z1)) * 0.5 / m) * lamda_inv
+
+
+def structured_views(m: int, d: int, rank: int, seed: int = 0):
+    """Float64 teacher embeddings z1, z2 and student predictions p1, p2 of m images lying near a rank-``rank``
+    subspace, as trained embeddings do (a spread the series notices, unlike isotropic noise)."""
+    g = torch.Generator().manual_seed(seed)
+    f64 = torch.float64
+    base = torch.randn(m, rank, generator=g, dtype=f64) @ torch.randn(rank, d, generator=g, dtype=f64)
+    scale = base.norm(dim=1, keepdim=True).mean() / d**0.5
+
+    def near(x, amount):
+        return x + amount * scale * torch.randn(m, d, generator=g, dtype=f64)
+
+    z1, z2 = near(base, 0.5), near(base, 0.5)
+    return near(z1, 0.3).requires_grad_(), z1, near(z2, 0.3).requires_grad_(), z2
+
+
+def test_without_eps2_a_run_at_batch_256_trains_the_authors_objective(tmp_path):
+    """The run's own schedules and loss, built from the command line with no --eps2, against the authors' code."""
+    m, d, epochs = 256, 2048, 12
+    (tmp_path / "images").mkdir()
+    data = write_noise_images(tmp_path / "images", count=m, size=8)
     parser = pretrain.build_parser()
-    args = parse_args(["--data", "d", "--output-dir", "o", "--batch-size", str(batch)], parser)
-    args = pretrain.check_args(args, parser, world_size=1)
-    assert args.eps2 == eps2
-    d = args.dim
-    assert d / (batch * args.eps2) == min(d / (batch * 64.0), d / (1024 * 64.0))  # lamda never above the paper's
-    explicit = parse_args(["--data", "d", "--output-dir", "o", "--batch-size", str(batch), "--eps2", "64"], parser)
-    explicit = pretrain.check_args(explicit, parser, world_size=1)
-    assert explicit.eps2 == 64.0
-    config = pretrain.recipe_config(args, hidden_dim=512, num_images=5000)
-    assert config["eps2"] == eps2 and config["batch_size"] == batch
+    argv = ["--data", str(data), "--output-dir", str(tmp_path / "out"), "--arch", "resnet10t", "--image-size", "8",
+            "--batch-size", str(m), "--epochs", str(epochs), "--workers", "0", "--device", "cpu"]  # fmt: skip
+    args = pretrain.check_args(parse_args(argv, parser), parser, world_size=1)
+    run = pretrain.Run(args, distributed.setup("cpu"), command="test")
+    assert run.args.dim == d and run.steps_per_epoch == 1 and run.criterion.eps2 == 64.0
+    theirs = authors_lamda_schedule(d / (m * 64.0), epochs, 1)  # their lamda = d / (m * eps), eps = 64
+    ours = [run.schedules.at(step).lamda_inv for step in range(epochs)]
+    np.testing.assert_allclose(ours, theirs, rtol=1e-13)
+
+    p1, z1, p2, z2 = structured_views(m, d, rank=128)
+    lamda_inv = run.schedules.at(epochs - 1).lamda_inv
+    out = run.criterion(p1, z1, p2, z2, lamda_inv=lamda_inv)
+    assert 0.2 < float(out.spectral_norm) < 1  # inside the series' region, where the objectives can differ
+    expected = authors_loss(p1, z1, p2, z2, theirs[-1])
+    torch.testing.assert_close(out.loss, expected, rtol=1e-12, atol=0)
+    got, want = (torch.cat([g.flatten() for g in torch.autograd.grad(x, (p1, p2))]) for x in (out.loss, expected))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-15)
+    # What the default was before (64 x 1024 / m, lamda as at batch 1024) is another objective, not a rescaling.
+    scaled = pretrain.MECLoss(64.0 * 1024 / m, warn_on_divergence=False)(p1, z1, p2, z2, lamda_inv=m * 256.0 / d)
+    other = torch.cat([g.flatten() for g in torch.autograd.grad(scaled.loss, (p1, p2))])
+    assert torch.nn.functional.cosine_similarity(other, want, dim=0) < 0.99
+
+
+@pytest.mark.parametrize("batch", [4096, 1024, 256, 128, 65])
+def test_the_default_eps2_is_the_papers_at_every_batch_and_scaled_is_asked_for(batch):
+    parser = pretrain.build_parser()
+    base = ["--data", "d", "--output-dir", "o", "--batch-size", str(batch)]
+    assert pretrain.check_args(parse_args(base, parser), parser, world_size=1).eps2 == 64.0
+    scaled = pretrain.check_args(parse_args([*base, "--eps2", "scaled"], parser), parser, world_size=1)
+    assert scaled.eps2 == 64.0 * 1024 / batch
+    assert 2048 / (batch * scaled.eps2) == 2048 / (1024 * 64.0)  # lamda as at the paper's batch
+    config = pretrain.recipe_config(scaled, hidden_dim=512, num_images=5000)
+    assert config["eps2"] == 64.0 * 1024 / batch  # the checkpoint records the number, as resolved
+
+
+@pytest.mark.parametrize(("batch", "dim"), [(64, 2048), (8, 2048), (16, 512)])
+def test_a_tiny_batch_without_eps2_stops_and_names_both_ways_out(batch, dim, capsys):
+    parser = pretrain.build_parser()
+    argv = ["--data", "d", "--output-dir", "o", "--batch-size", str(batch), "--dim", str(dim)]
+    with pytest.raises(SystemExit) as stopped:
+        pretrain.check_args(parse_args(argv, parser), parser, world_size=1)
+    assert stopped.value.code == 2
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and line.startswith("training/pretrain.py: error: --batch-size")
+    assert f"= {dim / (batch * 64):.3g} at or above 0.5" in line
+    assert f"a global batch of at least {dim // 32 + 1}" in line and "--eps2 scaled" in line
+    # Given explicitly, any eps^2 is the user's choice: no refusal.
+    for eps2 in ("64", "scaled"):
+        pretrain.check_args(parse_args([*argv, "--eps2", eps2], parser), parser, world_size=1)
+
+
+def test_a_run_whose_eps2_is_not_the_papers_says_so_at_its_start_and_in_its_config(tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    data = write_noise_images(tmp_path / "images", count=8, size=16)
+    out = tmp_path / "run"
+    argv = ["--data", str(data), "--output-dir", str(out), "--arch", "resnet10t", "--image-size", "16",
+            "--dim", "32", "--hidden-dim", "32", "--pred-dim", "8", "--batch-size", "8", "--epochs", "1",
+            "--warmup-epochs", "0", "--lamda-warmup-epochs", "0",
+            "--eps2", "scaled", "--workers", "0", "--device", "cpu", "--no-tensorboard"]  # fmt: skip
+    assert pretrain.main(argv) == 0
+    printed = capsys.readouterr().out
+    note = "eps^2 is 8192, not the paper's 64 (--eps2 scaled: 64 x 1024 / 8, lamda as at the paper's batch of 1024)"
+    assert f"note: {note}" in printed
+    config = (out / "config.yaml").read_text()
+    assert f"# {note}" in config and yaml_value(config, "eps2") == 8192.0
+    meta = load(out)["export"]["meta"]
+    assert meta["eps2"] == 8192.0 and "eps^2 8192 (--eps2 scaled" in meta["recipe"]
+    # The paper's value says nothing of the kind.
+    assert pretrain.train_config.eps2_note(64.0, 8) is None
+
+
+def yaml_value(text: str, key: str):
+    import yaml
+
+    return yaml.safe_load(text)[key]
+
+
+def test_resuming_a_run_of_the_old_default_names_the_option_that_continues_it():
+    saved = {"eps2": 256.0, "batch_size": 256}
+    current = {"eps2": 64.0, "batch_size": 256}
+    (line,) = [d for d in ckpt.recipe_differences(saved, current) if d.startswith("--eps2")]
+    assert line.startswith("--eps2: checkpoint 256.0, command 64.0") and "pass --eps2 scaled" in line
+    explicit = ckpt.recipe_differences({"eps2": 100.0, "batch_size": 256}, current)
+    assert not any("scaled" in d for d in explicit)  # only the old default's value gets the hint
 
 
 def test_the_recipe_config_holds_every_option_the_resume_check_compares():

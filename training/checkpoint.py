@@ -21,7 +21,8 @@ import torch
 from mec_hub.export.convert import TRAIN_FORMAT, extract_weights, read_checkpoint
 from mec_hub.fileio import atomic_write
 from mec_hub.models.loading import load as load_encoder
-from training.config import recipe_keys
+from mec_hub.models.losses import PAPER_EPS2
+from training.config import recipe_keys, scaled_eps2
 
 LAST = "checkpoint_last.pt"
 SNAPSHOT_PATTERN = re.compile(r"^checkpoint_epoch(\d{4,})\.pt$")
@@ -99,6 +100,11 @@ def recipe_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
             if key == "epochs" and current[key] > saved[key]:
                 longer = f"keep --epochs {saved[key]} and add --extend-epochs {current[key]}"
                 out[-1] += f" (to make this run longer, {longer})"
+            if key == "eps2" and saved[key] == scaled_eps2(saved["batch_size"]) != PAPER_EPS2:
+                out[-1] += (
+                    " (runs that did not pass --eps2 used 64 x 1024 / batch below a batch of 1024 before the "
+                    "default became the paper's 64: pass --eps2 scaled to continue this one)"
+                )
     if not out and total_epochs(current) < total_epochs(saved):
         out.append(
             f"--extend-epochs: checkpoint {saved.get('extend_epochs')!r}, command {current.get('extend_epochs')!r} "

@@ -30,13 +30,18 @@ from typing import Any
 
 from mec_hub.fileio import atomic_write_text
 from mec_hub.models.encoder import STEMS
+from mec_hub.models.losses import PAPER_EPS2
 from mec_hub.runtime.devices import PRECISIONS
 from training.data import AUGMENTATIONS
 from training.optim import OPTIMIZERS
 
 PROG = "training/pretrain.py"
-# The paper's global batch: its eps^2 of 64 is kept there and above, and scaled up below (see --eps2).
+# The paper's global batch: ``--eps2 scaled`` keeps lamda at its value there.
 PAPER_BATCH = 1024
+# Without an explicit --eps2, a run whose lamda = d / (m * 64) reaches this stops before training:
+# ||C|| >= lamda once the two views agree, and at ||C|| = 1/2 the order-4 series of log(1 + x) is
+# already 1.5% off on that direction (x^5 / 5 against log 1.5), at 1 it diverges.
+MAX_DEFAULT_LAMDA = 0.5
 CONFIG_FILE = "config.yaml"
 YAML_ADVICE = "pip install 'mec-hub[train]' (or: pip install pyyaml)"
 
@@ -45,18 +50,33 @@ class ConfigError(ValueError):
     """An option or a config file's key that cannot make a run; the message names it, on one line."""
 
 
-def default_eps2(batch_size: int) -> float:
-    """The paper's eps^2 (64) at its global batch of 1024 and above, ``64 * 1024 / batch`` below.
+def scaled_eps2(batch_size: int) -> float:
+    """``--eps2 scaled``: ``64 * 1024 / m``, which keeps ``lamda = d / (m * eps^2)`` at its value at the paper's batch.
 
-    Below 1024 this keeps ``lamda = d / (m * eps^2)`` at its value for a batch of 1024. The order-4
-    series needs ``||C|| < 1``, ``C = lamda * z1 z2^T``; once the two views agree (what training
-    drives them to), ``z z^T`` has trace m (unit rows) and so ``||C|| >= lamda`` for m <= d, and
-    more generally ``||C||`` is about ``lamda * m * s``, s the share of the batch along its top
-    direction. At eps^2 64 and d 2048, lamda is 1/32 at m = 1024, but 1/2 at m = 64 and 1 at
-    m = 32: small batches diverge however well spread their embeddings. With lamda held, a batch
-    of m is never closer to divergence than a batch of 1024 with the same spread.
+    Not the paper's objective: the authors' code keeps eps^2 = 64 at every batch size, and a
+    different eps^2 changes the loss's gradient direction, not only its scale. It is the choice
+    for small batches, where 64 puts lamda so high that the order-4 series stops standing for the
+    log-determinant: ``||C|| >= lamda`` once the two views agree, ``C = lamda * z1 z2^T``, and at
+    eps^2 64 and d 2048 lamda is 1/32 at m = 1024 but 1/2 at m = 64 and 1 at m = 32.
     """
-    return 64.0 * max(1.0, PAPER_BATCH / batch_size)
+    return PAPER_EPS2 * PAPER_BATCH / batch_size
+
+
+def eps2_rule(eps2: float, batch_size: int) -> str | None:
+    """Where a non-paper ``eps2`` comes from (``--eps2 scaled: ...`` or ``set by --eps2``); ``None`` for 64."""
+    if eps2 == PAPER_EPS2:
+        return None
+    if math.isclose(eps2, scaled_eps2(batch_size), rel_tol=1e-12):
+        return f"--eps2 scaled: 64 x {PAPER_BATCH} / {batch_size}, lamda as at the paper's batch of {PAPER_BATCH}"
+    return "set by --eps2"
+
+
+def eps2_note(eps2: float, batch_size: int) -> str | None:
+    """One line saying that ``eps2`` is not the paper's (and what it is), or ``None`` for the paper's 64."""
+    rule = eps2_rule(eps2, batch_size)
+    if rule is None:
+        return None
+    return f"eps^2 is {eps2:g}, not the paper's {PAPER_EPS2:g} ({rule}): a different objective from the authors' code"
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,12 +100,17 @@ def dump_order(value: int | None) -> int | str:
 
 
 def parse_eps2(value: str) -> float | str:
-    if value.lower() == "auto":
-        return "auto"
+    if value.lower() == "scaled":
+        return "scaled"
+    if value.lower() == "auto":  # the default of earlier versions, which is no longer the default
+        raise ValueError(
+            "'auto' is no more: it meant 64 x 1024 / batch below a batch of 1024; write 'scaled' for that rule, "
+            "or a number (the paper's 64 is the default)"
+        )
     try:
         return float(value)
     except ValueError:
-        raise ValueError(f"expected a number or 'auto', got {value!r}") from None
+        raise ValueError(f"expected a number or 'scaled', got {value!r}") from None
 
 
 def parse_model_args(value: str) -> dict[str, Any]:
@@ -110,13 +135,15 @@ def option(
     metavar: str | None = None,
     expected: str | None = None,
     recipe: bool = False,
+    shown: str | None = None,
 ) -> Any:
     """A :class:`TrainConfig` field: its default, help text and command-line spelling.
 
     ``flags``: the option names (default ``--field-name``); ``parse``: text (command line, or a
     string in a file) to value; ``dump``: value to what ``config.yaml`` writes; ``expected``: what
     a wrong value's error says the field takes (default: from its type); ``recipe``: a
-    resumed run must have the same value (see ``training.checkpoint.check_resumable``).
+    resumed run must have the same value (see ``training.checkpoint.check_resumable``); ``shown``:
+    the default as ``--help`` prints it (default: the value).
     """
     metadata = {
         "help": help,
@@ -128,6 +155,7 @@ def option(
         "metavar": metavar,
         "expected": expected,
         "recipe": recipe,
+        "shown": shown,
     }
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata=metadata)
@@ -196,17 +224,19 @@ class TrainConfig:
     weight_decay: float = option(1e-5, "weight decay", group="recipe", flags=("--wd", "--weight-decay"), recipe=True)
     momentum: float = option(0.9, "optimizer momentum", group="recipe", recipe=True)
     optimizer: str = option("sgd", "optimizer", group="recipe", choices=OPTIMIZERS, recipe=True)
-    eps2: float | str = option(
-        "auto",
-        "squared distortion eps^2; lamda = d / (m * eps2). auto: the paper's 64 at a global batch m >= 1024, "
-        "64 * 1024 / m below. ||C|| >= lamda once the two views agree, so at 64 a small batch leaves the order-4 "
-        "series' convergence region (lamda = d / (64 m) is 1/2 at m = 64 and 1 at m = 32 for d = 2048); keeping "
-        "lamda at its m = 1024 value keeps the series converging",
+    eps2: float | str | None = option(
+        None,
+        "squared distortion eps^2; lamda = d / (m * eps2), m the global batch. Default: the paper's 64 at every "
+        "batch, as in the authors' code; a run whose lamda = d / (64 m) would be >= 0.5 (m <= d / 32: the order-4 "
+        "series' region ends at ||C|| = 1, and ||C|| >= lamda once the two views agree) stops before training "
+        "unless eps2 is given. 'scaled': 64 * 1024 / m, which keeps lamda at its batch-1024 value (the series "
+        "converges at small batches, but the objective differs from the paper's); or any number",
         group="recipe",
         parse=parse_eps2,
-        metavar="EPS2|auto",
-        expected="a number or 'auto'",
+        metavar="EPS2|scaled",
+        expected="a number or 'scaled'",
         recipe=True,
+        shown="64, the paper's",
     )
     order: int | None = option(
         4,
@@ -275,7 +305,7 @@ class TrainConfig:
     # ---- checks
 
     def check(self, world_size: int = 1) -> TrainConfig:
-        """The config with ``eps2: auto`` resolved, or :class:`ConfigError` naming the first bad option."""
+        """The config with ``eps2`` resolved to a number, or :class:`ConfigError` naming the first bad option."""
         if not self.export_only and self.data is None:
             raise ConfigError("--data is required (unless --export-only)")
         if self.output_dir is None:
@@ -298,7 +328,7 @@ class TrainConfig:
                 f"--extend-epochs {self.extend_epochs} must be more than --epochs {self.epochs}: it is the new "
                 "length of the run, in epochs"
             )
-        eps2 = default_eps2(self.batch_size) if self.eps2 == "auto" else self.eps2
+        eps2 = self._resolved_eps2()
         if not (self.lr > 0 and eps2 > 0 and self.lamda_warmup_factor > 0 and self.weight_decay >= 0):
             raise ConfigError("--lr, --eps2 and --lamda-warmup-factor must be > 0, --wd >= 0")
         if not 0 <= self.teacher_momentum <= 1:
@@ -308,6 +338,24 @@ class TrainConfig:
         if (self.knn_train is None) != (self.knn_val is None):
             raise ConfigError("--knn-train and --knn-val go together")
         return dataclasses.replace(self, eps2=float(eps2))
+
+    def _resolved_eps2(self) -> float:
+        """``--eps2`` as a number: the paper's 64 when not given (refused where it leaves the series' region)."""
+        if self.eps2 == "scaled":
+            return scaled_eps2(self.batch_size)
+        if self.eps2 is not None:
+            return float(self.eps2)
+        lamda = self.dim / (self.batch_size * PAPER_EPS2)
+        if lamda >= MAX_DEFAULT_LAMDA:
+            smallest = math.floor(self.dim / (PAPER_EPS2 * MAX_DEFAULT_LAMDA)) + 1
+            raise ConfigError(
+                f"--batch-size {self.batch_size} with the paper's eps^2 of {PAPER_EPS2:g} puts lamda = d / (m eps^2) "
+                f"= {self.dim} / ({self.batch_size} x {PAPER_EPS2:g}) = {lamda:.3g} at or above {MAX_DEFAULT_LAMDA}, "
+                f"where the order-4 series no longer stands for the log-determinant: use a global batch of at least "
+                f"{smallest}, or --eps2 scaled (= {scaled_eps2(self.batch_size):g} here: lamda as at the paper's "
+                f"batch of {PAPER_BATCH}, a different objective from the paper's), or give --eps2 explicitly"
+            )
+        return PAPER_EPS2
 
     # ---- files
 
@@ -486,6 +534,8 @@ def _converter(f: dataclasses.Field) -> Callable[[str], Any] | None:
 
 
 def _shown_default(f: dataclasses.Field) -> str:
+    if f.metadata["shown"] is not None:
+        return f.metadata["shown"]
     default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
     if f.metadata["dump"] is not None:
         default = f.metadata["dump"](default)

@@ -12,9 +12,11 @@ to ``OUT/config.yaml``.
 labels are ignored). ``--batch-size`` is the global batch, split evenly over the processes;
 ``--lr`` is the base learning rate, scaled by ``batch / 256`` as in the official code. The
 recipe's defaults are the paper's (ResNet-50, 100 epochs, batch 1024, lr 0.5, wd 1e-5, eps^2 64,
-order 4, teacher momentum 0.996 -> 1, 10 warm-up epochs for lr and lamda). Below a batch of 1024,
-eps^2 defaults to ``64 * 1024 / batch``, which keeps lamda at its batch-1024 value and the order-4
-series convergent (``training.config.default_eps2``); ``--eps2 64`` asks for the paper's value at any batch.
+order 4, teacher momentum 0.996 -> 1, 10 warm-up epochs for lr and lamda). eps^2 stays 64 at every
+batch, as in the authors' code; ``--eps2 scaled`` (``64 * 1024 / batch``, ``training.config.scaled_eps2``)
+keeps lamda at its batch-1024 value instead, and a run whose eps^2 is not 64 says so in its log,
+``config.yaml`` and export. Without ``--eps2``, a batch so small that lamda = d / (64 m) reaches 0.5
+stops before training and says what to do.
 
 Rerunning the same command resumes from ``OUT/checkpoint_last.pt`` and reaches the same
 weights as an uninterrupted run (bit for bit on CPU in fp32): the data order, every
@@ -91,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: TrainConfig, parser: argparse.ArgumentParser, world_size: int) -> TrainConfig:
-    """``args`` with ``--eps2 auto`` resolved; a bad option exits 2 with one line naming it."""
+    """``args`` with ``--eps2`` resolved to a number; a bad option exits 2 with one line naming it."""
     try:
         checked = args.check(world_size)
     except ConfigError as exc:
@@ -162,6 +164,7 @@ def export_info(config: dict[str, Any], *, step: int, steps_per_epoch: int, comm
         "recipe": (
             f"{config['optimizer'].upper()} momentum {config['momentum']}, lr {config['lr']} x batch/256 "
             f"({config['warmup_epochs']}-epoch warm-up, cosine), wd {config['weight_decay']}, "
+            f"eps^2 {config['eps2']:g}{eps2_text(config)}, "
             f"1/lamda warm-up x{config['lamda_warmup_factor']:g} over {config['lamda_warmup_epochs']} epochs, "
             f"EMA teacher {config['teacher_momentum']} -> 1, "
             f"{config.get('augmentation', 'mocov3')} augmentations"
@@ -177,6 +180,12 @@ def export_info(config: dict[str, Any], *, step: int, steps_per_epoch: int, comm
         meta["knn_top1"] = round(knn_top1, 2)
         meta["metrics_source"] = "kNN monitor of training/pretrain.py (k-NN on the --knn-val folder)"
     return {"preprocessing": eval_preprocessing(config["image_size"]), "meta": meta}
+
+
+def eps2_text(config: dict[str, Any]) -> str:
+    """`` (not the paper's 64: ...)`` for a run whose eps^2 is not the paper's, else nothing."""
+    rule = train_config.eps2_rule(config["eps2"], config["batch_size"])
+    return "" if rule is None else f" ({rule}; the paper's is 64)"
 
 
 def describe_arch(arch: dict[str, Any]) -> str:
@@ -353,6 +362,9 @@ class Run:
             f"Written at step {self.step} of {self.total_steps} by: {self.command}",
             f"Data: {self.config['num_images']} images in {self.config['data']}",
         ]
+        note = train_config.eps2_note(self.args.eps2, self.args.batch_size)
+        if note is not None:
+            lines.append(note)
         if self.config["init_from"]:
             lines.append(f"Started from: {self.config['init_from']['weights']} ({self.config['init_from']['source']})")
         for restart in self.config["schedule_restarts"]:
@@ -619,6 +631,9 @@ def run(args: TrainConfig, env: distributed.DistEnv, command: str) -> int:
         + ("" if metrics.tensorboard_active or not tensorboard or not env.is_main else " (no TensorBoard installed)"),
         flush=True,
     )
+    note = train_config.eps2_note(args.eps2, args.batch_size)
+    if note is not None:
+        log(f"note: {note}", flush=True)
     try:
         if training.step < training.total_steps:
             training.train(metrics)
