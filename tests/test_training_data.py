@@ -12,7 +12,8 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from training.data import GaussianBlur, GlobalBatchSampler, TwoViewImages, find_images, mocov3_views
+from mec_hub.data.datasets import GlobalBatchSampler
+from training.data import GaussianBlur, TwoViewImages, find_images, mocov3_views
 
 
 def write_images(root: Path, count: int = 6, size: int = 40) -> list[Path]:

@@ -49,6 +49,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from mec_hub.data.datasets import GlobalBatchSampler, derive_seed
 from mec_hub.errors import MecHubError
 from mec_hub.export.convert import TRAIN_FORMAT, extract_weights, write_hub_folder
 from mec_hub.models.encoder import load_state_dict_strict
@@ -59,13 +60,7 @@ from training import checkpoint as ckpt
 from training import config as train_config
 from training import distributed
 from training.config import ConfigError, TrainConfig
-from training.data import (
-    GlobalBatchSampler,
-    TwoViewImages,
-    derive_seed,
-    find_images,
-    mocov3_views,
-)
+from training.data import TwoViewImages, find_images, mocov3_views
 from training.engine import EpochTotals, NonFiniteLossError, StepStats, train_step
 from training.metrics import MetricsLog
 from training.model import MECModel, build_mec_model
