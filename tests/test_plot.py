@@ -244,3 +244,56 @@ def test_numbers_no_plot_can_hold_are_left_out_with_a_warning_naming_the_line(
     assert list(loss.get_xdata()) == [1.0, 3.0, 4.0] and list(loss.get_ydata()) == [-1.0, -3.0, -4.0]
     (coding,) = [line for line in panels["Coding length"].get_lines() if line.get_linestyle() not in ("--", ":")]
     assert list(coding.get_xdata()) == [1.0, 2.0, 6.0] and list(coding.get_ydata()) == [5.0, 6.0, 7.0]
+
+
+def test_the_taylor_panel_draws_the_value_and_gradient_errors_and_marks_undefined_windows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """As ``training/pretrain.py`` writes them: NaN errors as null; the epoch summaries repeat the windows."""
+    windows = [  # step, value error, gradient error, measured steps, undefined steps
+        (10, 1e-5, 2e-4, 1, 0),
+        (20, 4e-4, 6e-3, 2, 1),  # one of two steps undefined: the defined one's errors
+        (30, None, None, 1, 1),  # undefined on its only measured step
+        (40, 2e-3, 3e-2, 1, 0),
+    ]
+    lines = [json.dumps({"kind": "step", "step": 5, "loss": -1.0})]  # measured nothing
+    for step, value, grad, measured, undefined in windows:
+        lines.append(json.dumps({
+            "kind": "step", "step": step, "loss": -step / 10, "taylor_rel_error": value,
+            "taylor_grad_rel_error": grad, "spectral_norm_exact": 0.5, "taylor_measured_steps": measured,
+            "taylor_undefined_steps": undefined,
+        }))  # fmt: skip
+    lines.append(json.dumps({"kind": "epoch", "step": 40, "taylor_rel_error": 2e-3, "taylor_grad_rel_error": 3e-2,
+                             "taylor_measured_steps": 5, "taylor_undefined_steps": 2}))  # fmt: skip
+    result, figure = draw(tmp_path, monkeypatch, lines)
+    assert result.exit_code == 0, result.output
+    (taylor,) = [ax for ax in figure.axes if ax.get_title().startswith("Taylor error")]
+    curves = {line.get_label(): line for line in taylor.get_lines() if line.get_linestyle() not in ("--", ":", "None")}
+    assert sorted(curves) == ["gradient (‖·‖_F)", "value"]
+    defined = [w for w in windows if w[1] is not None]
+    for label, column in (("value", 1), ("gradient (‖·‖_F)", 2)):
+        assert list(curves[label].get_xdata()) == [float(w[0]) for w in defined], label
+        assert list(curves[label].get_ydata()) == pytest.approx([w[column] for w in defined]), label
+    assert curves["value"].get_color() != curves["gradient (‖·‖_F)"].get_color()
+    (marks,) = [line for line in taylor.get_lines() if line.get_linestyle() == "None"]
+    assert marks.get_label() == "undefined (det(I+C) <= 0)"
+    assert list(marks.get_xdata()) == [20.0, 30.0]  # the windows with undefined steps, not the epoch
+    assert list(marks.get_ydata()) == [1.0, 1.0] and marks.get_transform() == taylor.get_xaxis_transform()  # top
+    legend = [text.get_text() for text in taylor.get_legend().get_texts()]
+    assert legend == ["value", "gradient (‖·‖_F)", "undefined (det(I+C) <= 0)"]
+    assert taylor.get_yscale() == "log"
+    limit = [line for line in taylor.get_lines() if line.get_linestyle() == "--"]
+    assert len(limit) == 1 and list(limit[0].get_ydata()) == [0.005, 0.005]
+
+
+def test_a_run_whose_measured_windows_were_all_undefined_still_shows_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    lines = [json.dumps({"kind": "step", "step": s, "loss": -1.0, "taylor_rel_error": None,
+                         "taylor_measured_steps": 1, "taylor_undefined_steps": 1}) for s in (10, 20)]  # fmt: skip
+    result, figure = draw(tmp_path, monkeypatch, lines)
+    assert result.exit_code == 0, result.output
+    (taylor,) = [ax for ax in figure.axes if ax.get_title().startswith("Taylor error")]
+    assert not [t for t in taylor.texts if t.get_text() == "not recorded"]
+    (marks,) = [line for line in taylor.get_lines() if line.get_linestyle() == "None"]
+    assert list(marks.get_xdata()) == [10.0, 20.0]

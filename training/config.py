@@ -275,7 +275,9 @@ class TrainConfig:
     fidelity_every: int | None = option(
         None,
         "every N steps, measure the order-k series against the exact float64 log-determinant of the step's "
-        "matrices (taylor_rel_error, spectral_norm_exact in metrics.jsonl); default: on the logged steps; 0: never",
+        "matrices: the relative error of its value (taylor_rel_error) and of its gradient w.r.t. the predictions "
+        "(taylor_grad_rel_error), spectral_norm_exact, and taylor_measured_steps / taylor_undefined_steps (steps "
+        "where det(I + C) <= 0) in metrics.jsonl; default: on the logged steps; 0: never",
         group="run",
         metavar="N",
     )

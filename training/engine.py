@@ -21,12 +21,20 @@ class NonFiniteLossError(RuntimeError):
 
 
 class TaylorFidelity(NamedTuple):
-    """How well the truncated series stood for the log-determinant on one step's matrices (float64)."""
+    """How well the truncated series stood for the log-determinant on one step's matrices (float64).
+
+    All fields are 0-d tensors, left on the device. On an undefined step (``defined`` false) both
+    errors are NaN.
+    """
 
     rel_error: Tensor
-    """``|series - exact| / |exact|`` of the step's coding length (both pairs summed), 0-d."""
+    """``|series - exact| / |exact|`` of the step's coding length (both pairs summed)."""
     spectral_norm: Tensor
-    """Exact ``||C||_2``, ``C = lamda * a b^T`` on the L2-normalised rows, the larger of the two pairs, 0-d."""
+    """Exact ``||C||_2``, ``C = lamda * a b^T`` on the L2-normalised rows, the larger of the two pairs."""
+    grad_rel_error: Tensor
+    """``||g_series - g_exact||_F / ||g_exact||_F``, ``g`` the gradient of that sum w.r.t. the student's rows."""
+    defined: Tensor
+    """Bool: the exact log-determinant and its gradient were finite (``det(I + C) > 0``, finite inputs)."""
 
 
 class StepOutput(NamedTuple):
@@ -53,26 +61,49 @@ def _exact_spectral_norm(a: Tensor, b: Tensor, lamda: float) -> Tensor:
     return torch.linalg.eigvalsh(product @ product.mT)[-1].clamp_min(0).sqrt() * lamda
 
 
-@torch.no_grad()
 def taylor_fidelity(pairs: Sequence[tuple[Tensor, Tensor]], lamda: float, order: int) -> TaylorFidelity:
     """The order-``order`` series against the exact log-determinant on the loss's pairs, in float64.
 
     ``pairs``: the ``(z, p)`` pairs the loss codes (``(z2, p1)`` and ``(z1, p2)``), each ``(m, d)``
-    over the global batch. The relative error is that of the sum over the pairs, the quantity the
-    loss is proportional to; it is NaN when ``det(I + C) <= 0`` (far outside the series' region).
+    over the global batch; ``z`` is the teacher's side, ``p`` the student's (the one trained). The
+    value's relative error is that of the sum over the pairs, the quantity the loss is proportional
+    to; the gradient's is that of the gradient of the same sum w.r.t. all the pairs' ``p`` (each its
+    own variable, stacked into one vector), through the row normalisation. Both come from autograd
+    on detached float64 copies, so the step's own graph is untouched.
+
+    The step is undefined (``defined`` false, both errors NaN) when the exact value or its gradient
+    is not finite: ``det(I + C) <= 0`` (far outside the series' region) or inputs holding NaN/inf
+    (then the spectral norm is NaN too). It raises on neither.
     """
-    series = exact = norm = None
-    for a, b in pairs:
-        a, b = a.detach().double(), b.detach().double()
-        s = coding_length(a, b, lamda, order=order, check_finite=False)
-        e = coding_length(a, b, lamda, order=None, check_finite=False)
-        n = _exact_spectral_norm(a, b, lamda)
-        series = s if series is None else series + s
-        exact = e if exact is None else exact + e
-        norm = n if norm is None else torch.maximum(norm, n)
-    if series is None:
+    if not pairs:
         raise ValueError("taylor_fidelity: no pairs")
-    return TaylorFidelity((series - exact).abs() / exact.abs(), norm)
+    series = exact = grad_diff_sq = grad_exact_sq = norm = None
+    finite_inputs = None
+    for z, p in pairs:
+        z, p = z.detach().double(), p.detach().double()
+        finite = torch.isfinite(z).all() & torch.isfinite(p).all()
+        # Zeros stand in for non-finite inputs: the step is undefined either way, and eigvalsh would raise on NaN.
+        z, p = (torch.where(finite, t, torch.zeros_like(t)) for t in (z, p))
+        with torch.enable_grad():
+            p.requires_grad_(True)
+            s = coding_length(z, p, lamda, order=order, check_finite=False)
+            e = coding_length(z, p, lamda, order=None, check_finite=False)
+            (g_series,) = torch.autograd.grad(s, p)
+            (g_exact,) = torch.autograd.grad(e, p)
+        n = torch.where(finite, _exact_spectral_norm(z, p.detach(), lamda), math.nan)
+        d_sq, e_sq = (g_series - g_exact).square().sum(), g_exact.square().sum()
+        if series is None:
+            series, exact, grad_diff_sq, grad_exact_sq, norm, finite_inputs = s, e, d_sq, e_sq, n, finite
+        else:
+            series, exact = series + s, exact + e
+            grad_diff_sq, grad_exact_sq = grad_diff_sq + d_sq, grad_exact_sq + e_sq
+            norm, finite_inputs = torch.maximum(norm, n), finite_inputs & finite
+    series, exact = series.detach(), exact.detach()
+    defined = finite_inputs & torch.isfinite(exact) & torch.isfinite(grad_exact_sq)
+    defined = defined & torch.isfinite(series) & torch.isfinite(grad_diff_sq)
+    rel_error = torch.where(defined, (series - exact).abs() / exact.abs(), math.nan)
+    grad_rel_error = torch.where(defined, (grad_diff_sq / grad_exact_sq).sqrt(), math.nan)
+    return TaylorFidelity(rel_error, norm, grad_rel_error, defined)
 
 
 def _gather_detached(criterion: MECLoss, tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -138,8 +169,37 @@ def train_step(
     return StepOutput(out.loss, out.coding_length, out.spectral_norm, measured)
 
 
-# The columns of StepStats' rows; the last two are NaN on steps that do not measure the fidelity.
-STAT_COLUMNS = ("loss", "coding_length", "spectral_norm", "taylor_rel_error", "spectral_norm_exact")
+# The columns of StepStats' rows. On a step that does not measure the fidelity the Taylor errors and
+# the exact norm are NaN and the two flags 0; a measured step has taylor_measured 1, and taylor_undefined 1
+# when the exact log-determinant was undefined there (then its errors are NaN).
+STAT_COLUMNS = (
+    "loss",
+    "coding_length",
+    "spectral_norm",
+    "taylor_rel_error",
+    "spectral_norm_exact",
+    "taylor_grad_rel_error",
+    "taylor_measured",
+    "taylor_undefined",
+)
+_REL, _NORM, _GRAD, _MEASURED, _UNDEFINED = range(3, len(STAT_COLUMNS))  # the Taylor columns' indices
+
+
+def _upgrade_rows(rows: Tensor) -> Tensor:
+    """Rows of a checkpoint written with fewer columns, completed to ``STAT_COLUMNS``.
+
+    The first 3 columns were always there, the next 2 came with the value's error. Before the
+    explicit flags, a step had measured the fidelity when its exact norm was finite, and it was
+    undefined when its error was not; the gradient's error was not measured (NaN).
+    """
+    missing = len(STAT_COLUMNS) - rows.shape[1]
+    if missing <= 0:
+        return rows
+    nan = torch.full((rows.shape[0], max(0, _MEASURED - rows.shape[1])), math.nan, dtype=rows.dtype)
+    rows = torch.cat([rows, nan], dim=1)
+    measured = torch.isfinite(rows[:, _NORM])
+    undefined = measured & ~torch.isfinite(rows[:, _REL])
+    return torch.cat([rows, measured[:, None].to(rows.dtype), undefined[:, None].to(rows.dtype)], dim=1)
 
 
 @dataclass
@@ -155,10 +215,12 @@ class StepStats:
     def add(self, out: StepOutput | MECLossOutput) -> None:
         fidelity = out.fidelity if isinstance(out, StepOutput) else None
         values = [out.loss.detach().float(), out.coding_length.float(), out.spectral_norm.float()]
+        nan, zero = torch.full_like(values[0], math.nan), torch.zeros_like(values[0])
         if fidelity is None:
-            values += [torch.full_like(values[0], math.nan)] * 2
+            values += [nan, nan, nan, zero, zero]
         else:
             values += [fidelity.rel_error.to(values[0]), fidelity.spectral_norm.to(values[0])]
+            values += [fidelity.grad_rel_error.to(values[0]), torch.ones_like(zero), (~fidelity.defined).to(zero)]
         self._rows.append(torch.stack(values))
 
     def __len__(self) -> int:
@@ -170,11 +232,8 @@ class StepStats:
 
     def load_state_dict(self, state: dict[str, object], device: torch.device | str = "cpu") -> None:
         self.first_step = int(state["first_step"])  # type: ignore[arg-type]
-        rows = state["rows"]
-        missing = len(STAT_COLUMNS) - rows.shape[1]  # type: ignore[union-attr]
-        if missing > 0:  # a checkpoint written before the fidelity columns: those steps measured none
-            rows = torch.cat([rows, torch.full((rows.shape[0], missing), math.nan, dtype=rows.dtype)], dim=1)  # type: ignore[union-attr]
-        self._rows = [row.to(device) for row in rows]  # type: ignore[union-attr]
+        rows = _upgrade_rows(state["rows"])  # type: ignore[arg-type]
+        self._rows = [row.to(device) for row in rows]
 
     def check_finite(self, *, steps_per_epoch: int, advice: str = "") -> None:
         """Raise :class:`NonFiniteLossError` if a step since the last flush had a NaN/inf loss (one sync)."""
@@ -184,8 +243,11 @@ class StepStats:
     def flush(self, *, steps_per_epoch: int, advice: str = "") -> dict[str, float]:
         """Mean loss and coding length, max spectral norm of the steps added since the last flush.
 
-        Steps that measured the Taylor fidelity add ``taylor_rel_error`` and ``spectral_norm_exact``,
-        the largest of each over those steps (NaN when the exact log-determinant was undefined).
+        A window with steps that measured the Taylor fidelity adds ``taylor_measured_steps`` and
+        ``taylor_undefined_steps`` (ints: how many measured it, and on how many of those the exact
+        log-determinant was undefined), ``taylor_rel_error`` and ``taylor_grad_rel_error`` (the
+        largest over the measured steps where it was defined; NaN when it was defined on none) and
+        ``spectral_norm_exact`` (the largest over the measured steps).
         """
         if not self._rows:
             return {}
@@ -206,16 +268,24 @@ class StepStats:
             "coding_length": sum(r[1] for r in rows) / len(rows),
             "spectral_norm": _max_finite(r[2] for r in rows),
         }
-        measured = [r for r in rows if math.isfinite(r[4])]
+        measured = [r for r in rows if r[_MEASURED] > 0]
         if measured:
-            summary["taylor_rel_error"] = _max_finite(r[3] for r in measured)
-            summary["spectral_norm_exact"] = _max_finite(r[4] for r in measured)
+            defined = [r for r in measured if not r[_UNDEFINED] > 0]
+            summary["taylor_rel_error"] = _max_finite(r[_REL] for r in defined)
+            summary["taylor_grad_rel_error"] = _max_finite(r[_GRAD] for r in defined)
+            summary["spectral_norm_exact"] = _max_finite(r[_NORM] for r in measured)
+            summary["taylor_measured_steps"] = len(measured)
+            summary["taylor_undefined_steps"] = len(measured) - len(defined)
         return summary
 
 
 def _max_finite(values) -> float:
     finite = [v for v in values if math.isfinite(v)]
     return max(finite) if finite else math.nan
+
+
+_TAYLOR_MAXIMA = ("taylor_rel_error", "taylor_grad_rel_error", "spectral_norm_exact")
+_TAYLOR_COUNTS = ("taylor_measured_steps", "taylor_undefined_steps")
 
 
 @dataclass
@@ -228,26 +298,39 @@ class EpochTotals:
     spectral_norm: float = -math.inf
     taylor_rel_error: float = -math.inf
     spectral_norm_exact: float = -math.inf
+    taylor_grad_rel_error: float = -math.inf
+    taylor_measured_steps: int = 0
+    taylor_undefined_steps: int = 0
 
     def add(self, summary: dict[str, float], steps: int) -> None:
         self.steps += steps
         self.loss += summary["loss"] * steps
         self.coding_length += summary["coding_length"] * steps
-        for key in ("spectral_norm", "taylor_rel_error", "spectral_norm_exact"):
+        for key in ("spectral_norm", *_TAYLOR_MAXIMA):
             value = summary.get(key, math.nan)
             if math.isfinite(value):
                 setattr(self, key, max(getattr(self, key), value))
+        for key in _TAYLOR_COUNTS:
+            setattr(self, key, getattr(self, key) + int(summary.get(key, 0)))
 
     def means(self) -> dict[str, float]:
-        """Mean loss and coding length; the largest spectral norm (and Taylor error, where measured)."""
+        """Mean loss and coding length; the largest spectral norm; the Taylor fidelity, where measured.
+
+        The fidelity is the window summaries' (:meth:`StepStats.flush`) over the epoch: the largest
+        errors and exact norm, NaN where there was none, and the summed counts.
+        """
         means = {
             "loss": self.loss / self.steps,
             "coding_length": self.coding_length / self.steps,
             "spectral_norm": self.spectral_norm if math.isfinite(self.spectral_norm) else math.nan,
         }
-        if math.isfinite(self.spectral_norm_exact):
-            means["taylor_rel_error"] = self.taylor_rel_error if math.isfinite(self.taylor_rel_error) else math.nan
-            means["spectral_norm_exact"] = self.spectral_norm_exact
+        # A finite exact norm with no count: resumed from an epoch state written before the counts.
+        if self.taylor_measured_steps > 0 or math.isfinite(self.spectral_norm_exact):
+            for key in _TAYLOR_MAXIMA:
+                value = getattr(self, key)
+                means[key] = value if math.isfinite(value) else math.nan
+            for key in _TAYLOR_COUNTS:
+                means[key] = getattr(self, key)
         return means
 
     def state_dict(self) -> dict[str, float]:
@@ -258,10 +341,15 @@ class EpochTotals:
             "spectral_norm": self.spectral_norm,
             "taylor_rel_error": self.taylor_rel_error,
             "spectral_norm_exact": self.spectral_norm_exact,
+            "taylor_grad_rel_error": self.taylor_grad_rel_error,
+            "taylor_measured_steps": self.taylor_measured_steps,
+            "taylor_undefined_steps": self.taylor_undefined_steps,
         }
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.steps, self.loss = int(state["steps"]), float(state["loss"])
         self.coding_length, self.spectral_norm = float(state["coding_length"]), float(state["spectral_norm"])
-        self.taylor_rel_error = float(state.get("taylor_rel_error", -math.inf))
-        self.spectral_norm_exact = float(state.get("spectral_norm_exact", -math.inf))
+        for key in _TAYLOR_MAXIMA:  # older states lack the later keys
+            setattr(self, key, float(state.get(key, -math.inf)))
+        for key in _TAYLOR_COUNTS:
+            setattr(self, key, int(state.get(key, 0)))

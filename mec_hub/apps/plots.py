@@ -2,7 +2,8 @@
 
 ``metrics.jsonl`` holds one JSON object per line (``step``, ``epoch``, ``loss``, ``coding_length``,
 ``lr``, ``lamda_inv`` or ``lamda``, ``teacher_momentum``, ``knn_top1`` when measured,
-``taylor_rel_error`` on the steps that measured it, ...). Any field may be missing from any line;
+``taylor_rel_error``, ``taylor_grad_rel_error`` and ``taylor_undefined_steps`` on the steps that
+measured the Taylor fidelity, ...). Any field may be missing from any line;
 blank or garbled lines (a run killed mid-write) are skipped with a warning naming the line, and
 so are values no plot can hold (NaN, or inf as JSON reads ``1e400``; numbers beyond 1e300). A
 ``{"kind": "resume", "step": S}`` line (``training/pretrain.py`` writes one when a run is resumed)
@@ -42,6 +43,12 @@ class Panel:
     log: bool = False
     # A reference level drawn as a dashed line (e.g. where the Taylor series stops converging).
     limit: float | None = None
+    # The legend label of the first curve, and more curves on the same axes as (field, label); each is
+    # drawn when the records have it.
+    label: str | None = None
+    more: tuple[tuple[str, str], ...] = ()
+    # (count field, label): the steps where the count is > 0 get a marker at the panel's top edge.
+    flag: tuple[str, str] | None = None
 
 
 PANELS = (
@@ -49,13 +56,17 @@ PANELS = (
     Panel("Coding length", ("coding_length",), "coding length (nats/sample)"),
     Panel("kNN top-1", ("knn_top1",), "top-1 accuracy (%)"),
     Panel("‖C‖₂ (series limit 1)", ("spectral_norm",), "‖λ z₁z₂ᵀ‖₂ (dimensionless)", limit=1.0),
-    # The paper's claim: the order-4 series is within 0.5% of the log-determinant.
+    # The paper's claim: the order-4 series is within 0.5% of the log-determinant. Its gradient, which
+    # is what trains, is further off; windows where the exact value was undefined are marked.
     Panel(
         "Taylor error vs exact logdet (0.5% line)",
         ("taylor_rel_error",),
         "|series − exact| / |exact| (fraction)",
         log=True,
         limit=0.005,
+        label="value",
+        more=(("taylor_grad_rel_error", "gradient (‖·‖_F)"),),
+        flag=("taylor_undefined_steps", "undefined (det(I+C) <= 0)"),
     ),
     Panel("Learning rate", ("lr",), "learning rate (per step)"),
     Panel("1/λ (λ warm-up)", ("lamda_inv", "lambda_inv", "lamda", "lambda"), "1/λ = m·ε²/d (dimensionless)"),
@@ -129,12 +140,17 @@ def series(records: Sequence[dict[str, Any]], panel: Panel) -> tuple[list[float]
     steps as its log lines; they are used only for a quantity the log lines lack (kNN top-1).
     """
     name = next((f for f in panel.fields if any(_number(r.get(f)) is not None for r in records)), None)
-    if name is not None:
-        per_step = [r for r in records if r.get("kind") != "epoch"]
-        if any(_number(r.get(name)) is not None for r in per_step):
-            records = per_step
     if name is None:
         return [], [], None
+    steps, values = field_series(records, name)
+    return steps, values, name
+
+
+def field_series(records: Sequence[dict[str, Any]], name: str) -> tuple[list[float], list[float]]:
+    """``(steps, values)`` of one field, as :func:`series` reads it (``lamda`` drawn as ``1/lamda``)."""
+    per_step = [r for r in records if r.get("kind") != "epoch"]
+    if any(_number(r.get(name)) is not None for r in per_step):
+        records = per_step
     steps, values = [], []
     for position, record in enumerate(records):
         value = _number(record.get(name))
@@ -147,7 +163,7 @@ def series(records: Sequence[dict[str, Any]], panel: Panel) -> tuple[list[float]
         step = _number(record.get("step"))
         steps.append(step if step is not None else float(position))
         values.append(value)
-    return steps, values, name
+    return steps, values
 
 
 def _import_matplotlib() -> Any:
@@ -203,15 +219,30 @@ def plot_training_curves(
             if ax is axes.flat[0]:
                 ax.text(step, 0.98, " resumed", transform=ax.get_xaxis_transform(), rotation=90,
                         va="top", ha="left", fontsize="x-small", color="tab:green")  # fmt: skip
-        if name is None:
+        # (steps, values, label, colour): the first field present, then the panel's further curves
+        curves = [(steps, values, panel.label, "C0")] if name is not None else []
+        for number, (field, label) in enumerate(panel.more, start=1):
+            curves.append((*field_series(records, field), label, f"C{number}"))
+        curves = [curve for curve in curves if curve[1]]
+        flagged = []
+        if panel.flag is not None:
+            flagged = [x for x, count in zip(*field_series(records, panel.flag[0]), strict=True) if count > 0]
+        if not curves and not flagged:
             ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes, color="grey")
             continue
-        marker = "o" if len(values) <= 50 else None
-        ax.plot(steps, values, marker=marker, markersize=3, linewidth=1.2)
-        if panel.log and all(v > 0 for v in values):
+        for xs, ys, label, colour in curves:
+            marker = "o" if len(ys) <= 50 else None
+            ax.plot(xs, ys, marker=marker, markersize=3, linewidth=1.2, label=label, color=colour)
+        if flagged:  # x in data, y in axes coordinates: on the top edge, whatever the y range
+            ax.plot(flagged, [1.0] * len(flagged), transform=ax.get_xaxis_transform(), linestyle="none",
+                    marker="v", markersize=6, color="tab:red", clip_on=False, label=panel.flag[1])  # fmt: skip
+        drawn = [y for _, ys, _, _ in curves for y in ys]
+        if panel.log and drawn and all(y > 0 for y in drawn):
             ax.set_yscale("log")
         if panel.limit is not None:
             ax.axhline(panel.limit, color="tab:red", linestyle="--", linewidth=1)
+        if panel.label is not None or flagged:
+            ax.legend(fontsize="x-small", loc="lower right")  # "best" is slow and warns on long runs
     if title:
         figure.suptitle(title)
     return atomic_write(out, lambda tmp: figure.savefig(tmp, format=image_format, dpi=dpi))
