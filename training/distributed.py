@@ -12,7 +12,7 @@ import datetime
 import torch
 import torch.distributed as dist
 
-from mec_hub.runtime.distributed import DistEnv, dist_env
+from mec_hub.runtime.distributed import DistEnv, dist_env, join_process_group
 
 
 def setup(device: str = "auto", *, timeout_minutes: float = 30.0) -> DistEnv:
@@ -23,7 +23,7 @@ def setup(device: str = "auto", *, timeout_minutes: float = 30.0) -> DistEnv:
     if device not in ("auto", "cuda", "cpu"):
         raise ValueError(f"--device must be auto, cuda or cpu, not {device!r}")
     env = dist_env()
-    world_size, local_rank = env.world_size, env.local_rank
+    local_rank = env.local_rank
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError("--device cuda, but torch sees no GPU")
@@ -32,12 +32,7 @@ def setup(device: str = "auto", *, timeout_minutes: float = 30.0) -> DistEnv:
         target = torch.device("cuda", local_rank)
     else:
         target = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        kwargs = {"backend": "nccl" if use_cuda else "gloo", "timeout": datetime.timedelta(minutes=timeout_minutes)}
-        try:  # binding the GPU up front lets NCCL set up eagerly; PyTorch < 2.3 has no device_id
-            dist.init_process_group(**kwargs, device_id=target if use_cuda else None)
-        except TypeError:
-            dist.init_process_group(**kwargs)
+    join_process_group(target, timeout=datetime.timedelta(minutes=timeout_minutes))
     return dataclasses.replace(env, device=target)
 
 

@@ -1,4 +1,4 @@
-"""``mec-hub eval knn | linear``: options and printing; the evaluation itself is ``mec_hub.evaluation``."""
+"""``mec-hub eval knn | linear | finetune``: options and printing; the evaluation itself is ``mec_hub.evaluation``."""
 
 from __future__ import annotations
 
@@ -23,55 +23,74 @@ HEADS = ("backbone", "projector")
 
 @click.group("eval")
 def eval_group() -> None:
-    """Evaluate frozen features: weighted kNN (DINO's protocol) or a linear probe.
+    """Evaluate a model: weighted kNN (DINO's protocol), a linear classifier, or semi-supervised fine-tuning.
 
     \b
-    Inputs, one of:
+    knn                       kNN on frozen features (seconds)
+    linear                    fast L-BFGS probe on cached centre-crop features (default), or
+    linear --protocol paper   the authors' linear protocol: 100 epochs of augmented images, LARC
+    finetune                  the whole network on 1% / 10% of the labels (Barlow Twins' recipe)
+    \b
+    Inputs of knn and the probe, one of:
       --model NAME / --weights SPEC  with  --train DIR --val DIR   (ImageFolders)
       --train-features X.npy --val-features Y.npy   (labels from X.paths.txt, or --train-labels)
+    The paper protocol and finetune train on images: --model/--weights with --train/--val, and
+    --output-dir for their checkpoint (rerun the same command to resume) and report.json; under
+    torchrun (torchrun --nproc_per_node N -m mec_hub.cli.hub eval ...) each process takes its
+    part of every batch.
     """
 
 
-def _input_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    options = [
-        click.option("--model", "model_name", metavar="NAME", help="Registry model (see `mec-hub list`)."),
-        click.option(
-            "--weights",
-            metavar="SPEC",
-            help="Weights: a folder from `mec-hub convert`, a .safetensors file, hf-hub:org/name, a URL.",
-        ),
-        click.option(
-            "--random-init",
-            is_flag=True,
-            help="Same architecture and preprocessing, random weights (seeded by --seed): the baseline.",
-        ),
-        click.option(
-            "--head",
-            type=click.Choice(HEADS),
-            default="backbone",
-            show_default=True,
-            help="Which features to evaluate.",
-        ),
-        click.option("--train", "train_dir", type=click.Path(), help="Training ImageFolder (DIR/CLASS/IMAGE)."),
-        click.option("--val", "val_dir", type=click.Path(), help="Validation ImageFolder."),
-        click.option(
-            "--train-features",
-            type=click.Path(),
-            help="Training features: an (N, D) .npy file, or a Parquet output of mec-embed (X.parquet or its shards).",
-        ),
-        click.option(
-            "--train-labels",
-            type=click.Path(),
-            help="Labels of --train-features: an integer .npy, or a text file of CLASS/IMAGE paths "
-            "[default: X.paths.txt beside X.npy].",
-        ),
-        click.option(
-            "--val-features",
-            type=click.Path(),
-            help="Validation features: a .npy file or a Parquet output of mec-embed.",
-        ),
-        click.option("--val-labels", type=click.Path(), help="Labels of --val-features (as --train-labels)."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True),
+_MODEL = [
+    click.option("--model", "model_name", metavar="NAME", help="Registry model (see `mec-hub list`)."),
+    click.option(
+        "--weights",
+        metavar="SPEC",
+        help="Weights: a folder from `mec-hub convert`, a .safetensors file, hf-hub:org/name, a URL.",
+    ),
+    click.option(
+        "--random-init",
+        is_flag=True,
+        help="Same architecture and preprocessing, random weights (seeded by --seed): the baseline.",
+    ),
+]
+_HEAD = [
+    click.option(
+        "--head",
+        type=click.Choice(HEADS),
+        default="backbone",
+        show_default=True,
+        help="Which features to evaluate.",
+    ),
+]
+_FOLDERS = [
+    click.option("--train", "train_dir", type=click.Path(), help="Training ImageFolder (DIR/CLASS/IMAGE)."),
+    click.option("--val", "val_dir", type=click.Path(), help="Validation ImageFolder."),
+]
+_FEATURE_FILES = [
+    click.option(
+        "--train-features",
+        type=click.Path(),
+        help="Training features: an (N, D) .npy file, or a Parquet output of mec-embed (X.parquet or its shards).",
+    ),
+    click.option(
+        "--train-labels",
+        type=click.Path(),
+        help="Labels of --train-features: an integer .npy, or a text file of CLASS/IMAGE paths "
+        "[default: X.paths.txt beside X.npy].",
+    ),
+    click.option(
+        "--val-features",
+        type=click.Path(),
+        help="Validation features: a .npy file or a Parquet output of mec-embed.",
+    ),
+    click.option("--val-labels", type=click.Path(), help="Labels of --val-features (as --train-labels)."),
+]
+
+
+def _run(batch_help: str) -> list[Callable[..., Any]]:
+    return [
+        click.option("--batch-size", type=click.IntRange(min=1), default=None, help=batch_help),
         click.option(
             "--num-workers",
             type=click.IntRange(min=0),
@@ -82,17 +101,35 @@ def _input_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: cuda if present)."
         ),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of --random-init and of the probe."),
         click.option(
-            "--save-features",
-            type=click.Path(file_okay=False),
-            help="Also write the extracted features as DIR/train.npy and DIR/val.npy (reusable as input).",
+            "--seed", type=int, default=0, show_default=True, help="Seed of --random-init, the probe or the training."
         ),
-        click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Write a JSON report here."),
     ]
+
+
+_SAVE_FEATURES = [
+    click.option(
+        "--save-features",
+        type=click.Path(file_okay=False),
+        help="Also write the extracted features as DIR/train.npy and DIR/val.npy (reusable as input).",
+    ),
+]
+_OUT = [click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Write a JSON report here.")]
+
+
+def _apply(func: Callable[..., Any], options: list[Callable[..., Any]]) -> Callable[..., Any]:
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def _input_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The options of ``knn`` and ``linear``: a model and folders, or feature files."""
+    batch = (
+        "Images per batch of feature extraction [default: 256]; with --protocol paper, of training, over all "
+        "processes [default: the recipe's, 4096]."
+    )
+    return _apply(func, [*_MODEL, *_HEAD, *_FOLDERS, *_FEATURE_FILES, *_run(batch), *_SAVE_FEATURES, *_OUT])
 
 
 def _check_writable(flag: str, target: str | None) -> None:
@@ -157,7 +194,7 @@ def _splits(opts: dict[str, Any]) -> tuple[EvalSplits, torch.device]:
         random_init=opts["random_init"],
         head=opts["head"],
         seed=opts["seed"],
-        batch_size=opts["batch_size"],
+        batch_size=opts["batch_size"] or 256,
         num_workers=opts["num_workers"],
         device=device,
         progress=sys.stderr.isatty(),
@@ -207,8 +244,117 @@ def knn_cmd(k: int, temperature: float, **opts: Any) -> None:
     _finish(splits, report, opts["out_path"], f"kNN (k={report.params['k']}, T={temperature:g})")
 
 
+def _training_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Options of the evaluations that train on images (the paper's linear protocol, finetune)."""
+    options = [
+        click.option(
+            "--output-dir",
+            type=click.Path(file_okay=False),
+            help="Folder for the run: checkpoint_last.pt (every epoch; the same command resumes from it), "
+            "report.json and, for a subset, subset.txt. Required by the paper protocol and finetune.",
+        ),
+        click.option(
+            "--epochs", type=click.IntRange(min=1), help="Epochs [default: the recipe's]. Recorded as a departure."
+        ),
+        click.option(
+            "--lr",
+            type=click.FloatRange(min=0, min_open=True),
+            help="The classifier's base lr [default: the recipe's]. Recorded as a departure.",
+        ),
+        click.option(
+            "--precision",
+            type=click.Choice(["fp32", "bf16", "fp16"]),
+            default="fp32",
+            show_default=True,
+            help="Autocast of the training forward (the recipes used fp32).",
+        ),
+        click.option(
+            "--eval-every",
+            type=click.IntRange(min=1),
+            default=1,
+            show_default=True,
+            help="Epochs between validations (always after the last).",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+# Options of the probe on cached features; refused with --protocol paper, which trains on images.
+_PROBE_ONLY = ("train_features", "val_features", "train_labels", "val_labels", "save_features", "weight_decays",
+               "holdout", "max_iter")  # fmt: skip
+_TRAINING_ONLY = ("output_dir", "epochs", "lr", "precision", "eval_every")
+
+
+def _given(name: str) -> bool:
+    source = click.get_current_context().get_parameter_source(name)
+    return source not in (None, click.core.ParameterSource.DEFAULT)
+
+
+def _flag(name: str) -> str:
+    return "--" + {"weight_decays": "weight_decay"}.get(name, name).replace("_", "-")
+
+
+def _run_training(recipe_name: str, opts: dict[str, Any], **recipe_options: Any) -> None:
+    """The paper protocol or finetune from the command's options; prints the scores and the report's path."""
+    from mec_hub.evaluation import supervised
+
+    if opts["train_dir"] is None or opts["val_dir"] is None:
+        raise click.UsageError("give --train DIR and --val DIR (ImageFolders): this evaluation trains on images")
+    if opts["model_name"] is None and opts["weights"] is None:
+        raise click.UsageError("give --model NAME or --weights SPEC")
+    if opts["output_dir"] is None:
+        raise click.UsageError("give --output-dir DIR: the run's checkpoint and report go there")
+    if opts["head"] != "backbone":
+        raise click.UsageError("--head: this evaluation trains a classifier on the backbone's features")
+    _check_writable("--out", opts["out_path"])
+    run = supervised.run_linear_paper if recipe_name == "linear-paper" else supervised.run_finetune
+    report = run(
+        opts["train_dir"],
+        opts["val_dir"],
+        output_dir=opts["output_dir"],
+        name=opts["model_name"],
+        weights=opts["weights"],
+        random_init=opts["random_init"],
+        epochs=opts["epochs"],
+        batch_size=opts["batch_size"],
+        lr=opts["lr"],
+        seed=opts["seed"],
+        num_workers=opts["num_workers"],
+        device=opts["device"],
+        precision=opts["precision"],
+        eval_every=opts["eval_every"],
+        argv=sys.argv[1:],
+        log=lambda *args, **kwargs: click.echo(" ".join(map(str, args))),
+        **recipe_options,
+    )
+    from mec_hub.runtime.distributed import dist_env
+
+    if not dist_env().is_main:
+        return
+    click.echo(f"top-1 {report.results['top1']:.2f}%  top-5 {report.results['top5']:.2f}%")
+    click.echo(f"report: {Path(opts['output_dir']) / supervised.REPORT}")
+    if opts["out_path"] is not None:
+        try:
+            report.write(opts["out_path"])
+        except OSError as exc:
+            raise UserError(f"--out {opts['out_path']}: cannot write the report ({exc.strerror or exc})") from None
+        click.echo(f"report: {opts['out_path']}")
+
+
 @eval_group.command("linear")
 @_input_options
+@_training_options
+@click.option(
+    "--protocol",
+    type=click.Choice(["probe", "paper"]),
+    default="probe",
+    show_default=True,
+    help="probe: L-BFGS logistic regression on cached centre-crop features (fast, mec-hub's). paper: the "
+    "authors' main_lincls.py (frozen backbone, BatchNorm + fc, SGD in LARC, lr 0.03 x batch/256 at batch 4096, "
+    "100 epochs of RandomResizedCrop + flip), the protocol of the paper's linear numbers.",
+)
 @click.option(
     "--weight-decay",
     "weight_decays",
@@ -225,9 +371,18 @@ def knn_cmd(k: int, temperature: float, **opts: Any) -> None:
 )
 @click.option("--max-iter", type=click.IntRange(min=1), default=1000, show_default=True, help="L-BFGS iterations.")
 @friendly_errors
-def linear_cmd(weight_decays: tuple[float, ...], holdout: float, max_iter: int, **opts: Any) -> None:
-    """Linear-probe top-1/top-5: L-BFGS logistic regression on standardised frozen features."""
+def linear_cmd(protocol: str, weight_decays: tuple[float, ...], holdout: float, max_iter: int, **opts: Any) -> None:
+    """Linear top-1/top-5: the fast probe on frozen features, or the authors' protocol (--protocol paper)."""
     from mec_hub.evaluation.linear import DEFAULT_WEIGHT_DECAYS
+
+    forbidden = _PROBE_ONLY if protocol == "paper" else _TRAINING_ONLY
+    for name in forbidden:
+        if _given(name):
+            other = "--protocol paper trains on images" if protocol == "paper" else "it trains with --protocol paper"
+            raise click.UsageError(f"{_flag(name)} does not go with --protocol {protocol} ({other})")
+    if protocol == "paper":
+        _run_training("linear-paper", opts)
+        return
     from mec_hub.evaluation.protocols import run_linear
 
     splits, device = _splits(opts)
@@ -240,3 +395,41 @@ def linear_cmd(weight_decays: tuple[float, ...], holdout: float, max_iter: int, 
         seed=opts["seed"],
     )
     _finish(splits, report, opts["out_path"], f"Linear probe (weight decay {report.params['weight_decay']:g})")
+
+
+def _finetune_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    batch = "Images per training batch, over all processes [default: the recipe's, 256]."
+    return _apply(func, [*_MODEL, *_FOLDERS, *_run(batch), *_OUT])
+
+
+@eval_group.command("finetune")
+@_finetune_options
+@_training_options
+@click.option(
+    "--labels-fraction",
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Fine-tune on this fraction of each class's training images (e.g. 0.01, 0.1), chosen by --seed.",
+)
+@click.option(
+    "--subset",
+    "subset",
+    type=click.Path(dir_okay=False),
+    help="Fine-tune on the images of this list: one file name a line, as SimCLR's 1percent.txt / 10percent.txt "
+    "(CLASS/NAME lines too).",
+)
+@click.option(
+    "--lr-backbone",
+    type=click.FloatRange(min=0, min_open=True),
+    help="The backbone's lr [default: the recipe's, 0.002]. Recorded as a departure.",
+)
+@friendly_errors
+def finetune_cmd(labels_fraction: float | None, subset: str | None, lr_backbone: float | None, **opts: Any) -> None:
+    """Semi-supervised fine-tuning: the whole backbone and a linear head on a labelled subset, top-1/top-5 on --val.
+
+    The recipe is Barlow Twins' (20 epochs, batch 256, SGD momentum 0.9, lr 0.002 backbone / 0.5 head,
+    cosine, no weight decay); MEC's authors published none.
+    """
+    opts["head"] = "backbone"
+    if (labels_fraction is None) == (subset is None):
+        raise click.UsageError("give --labels-fraction F or --subset FILE (one of them)")
+    _run_training("finetune", opts, labels_fraction=labels_fraction, subset=subset, lr_backbone=lr_backbone)

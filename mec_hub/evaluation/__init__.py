@@ -1,8 +1,10 @@
-"""Frozen-feature evaluation: weighted kNN (DINO's protocol) and a linear probe.
+"""Evaluation: weighted kNN (DINO's protocol), a linear probe, the authors' linear protocol, fine-tuning.
 
-Features come from any model (``extract_image_folder``) or from ``.npy`` files
+Frozen features come from any model (``extract_image_folder``) or from ``.npy`` files
 (``load_feature_file``). ``EvalSplits`` pairs train and val features with what made them,
 ``run_knn``/``run_linear`` evaluate them into an ``EvalReport`` (what ``mec-hub eval --out`` writes).
+``run_linear_paper`` (the authors' main_lincls.py protocol) and ``run_finetune`` (semi-supervised
+fine-tuning on a labelled subset) train on image folders (``mec_hub.evaluation.supervised``).
 Importing this package is cheap; each name imports torch when first used.
 """
 
@@ -25,6 +27,10 @@ _LAZY = {
     "run_knn": "mec_hub.evaluation.protocols",
     "run_linear": "mec_hub.evaluation.protocols",
     "EvalReport": "mec_hub.evaluation.report",
+    "run_linear_paper": "mec_hub.evaluation.supervised",
+    "run_finetune": "mec_hub.evaluation.supervised",
+    "PAPER_LINEAR": "mec_hub.evaluation.supervised",
+    "SEMI_SUPERVISED": "mec_hub.evaluation.supervised",
 }
 
 __all__ = list(_LAZY)

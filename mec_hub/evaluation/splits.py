@@ -91,6 +91,19 @@ def _features_meta(model: MECEncoder, weights: str | None, *, pretrained: bool, 
     }
 
 
+def model_section(
+    model: MECEncoder, name: str | None, weights: str | os.PathLike[str] | None, *, random_init: bool, head: str
+) -> dict[str, Any]:
+    """The report's ``model`` section for a model loaded by :func:`load_eval_model` from ``name``/``weights``."""
+    given = str(weights) if weights is not None else name
+    meta = _features_meta(model, given, pretrained=not random_init, head=head)
+    return {
+        "model": model.name,
+        "weights": None if random_init or weights is None else str(weights),
+        **{key: meta[key] for key in _MODEL_KEYS},
+    }
+
+
 @dataclass
 class EvalSplits:
     """Train and val features with the report's ``model`` and ``data`` sections.
@@ -182,11 +195,7 @@ class EvalSplits:
         seconds["extract_features"] = time.perf_counter() - start
         given = str(weights) if weights is not None else name
         meta = _features_meta(model, given, pretrained=not random_init, head=head)
-        model_info = {
-            "model": model.name,
-            "weights": None if random_init or weights is None else str(weights),
-            **{key: meta[key] for key in _MODEL_KEYS},
-        }
+        model_info = model_section(model, name, weights, random_init=random_init, head=head)
         data = {
             split: {"folder": str(folder), "count": len(part), "skipped": [path for path, _ in part.skipped]}
             for split, part, folder in (("train", train, train_dir), ("val", val, val_dir))

@@ -64,6 +64,24 @@ def dist_env() -> DistEnv:
     return DistEnv(rank, world, local, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
 
 
+def join_process_group(device: torch.device, *, timeout: datetime.timedelta) -> bool:
+    """Under torchrun (``WORLD_SIZE`` > 1), join the default process group unless this process already has.
+
+    NCCL when ``device`` is a GPU (bound to it, so NCCL sets up eagerly), gloo on CPUs. Returns
+    whether the group was created here (the caller then destroys it when done).
+    """
+    import torch.distributed as dist
+
+    if dist_env().world_size == 1 or dist.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"backend": "nccl" if device.type == "cuda" else "gloo", "timeout": timeout}
+    try:
+        dist.init_process_group(**kwargs, device_id=device if device.type == "cuda" else None)
+    except TypeError:  # PyTorch < 2.3 has no device_id
+        dist.init_process_group(**kwargs)
+    return True
+
+
 def batch_aligned_slice(num_items: int, batch_size: int, rank: int, world_size: int) -> tuple[int, int]:
     """``[start, end)`` of the items of ``rank``: contiguous, whole batches, batch counts within one."""
     num_batches = -(-num_items // batch_size)
