@@ -61,9 +61,10 @@ def test_console_scripts_answer_help():
 def test_list_and_info():
     code, out = run("list")
     assert code == 0 and "mec_resnet50" in out and "UNVERIFIED" in out
+    assert "linear (authors' protocol) top-1 70.8%" in out  # the headline figure names its protocol
     code, out = run("info", "mec_resnet50")
     info = json.loads(out)
-    assert info["architecture"] == "resnet50" and info["meta"]["linear_top1"] == 70.8
+    assert info["architecture"] == "resnet50" and info["meta"]["linear_paper_top1"] == 70.8
     assert info["source_env_var"] == "MEC_HUB_MEC_RESNET50_WEIGHTS"
     code, out = run("list", "--json", "nothing*")
     assert code == 0 and json.loads(out) == []

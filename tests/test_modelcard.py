@@ -48,7 +48,7 @@ def test_card_metadata_and_model_index_parse_back(tmp_path):
         "knn_top1": 61.25,
         "linear_top1": 70.5,
         "eval_data": "ImageNet-1k val (50,000 images)",
-        "metrics_source": "the paper, Table 1",
+        "metrics_source": "the paper, arXiv:2210.11464",
         "paper": "Liu et al., Self-Supervised Learning via Maximum Entropy Coding (arXiv:2210.11464)",
         "license": "Apache-2.0 (upstream)",
     }
@@ -63,7 +63,7 @@ def test_card_metadata_and_model_index_parse_back(tmp_path):
         assert result.task_type == "image-classification" and result.metric_type == "accuracy"
         assert (result.dataset_type, result.dataset_name) == ("imagenet-1k", "ImageNet-1k val (50,000 images)")
         assert result.dataset_split == "validation"
-        assert result.source_name == "the paper, Table 1"
+        assert result.source_name == "the paper, arXiv:2210.11464"
         assert result.source_url == "https://arxiv.org/abs/2210.11464"
     # The card still says which files it describes, and the metadata is YAML the Hub can read.
     digest = read_config(folder).files["model.safetensors"]
@@ -94,11 +94,20 @@ def test_bundled_card_quotes_the_measured_reports():
     folder = bundled_folder(model_info("mec_resnet18_cifar10s").bundled)
     card = ModelCard.load(folder / "README.md")
     reports = REPO_ROOT / "benchmarks" / "bundled_model"
-    measured = {
-        "kNN top-1 (%)": json.loads((reports / "knn_trained.json").read_text())["results"]["top1"],
-        "Linear probe top-1 (%)": json.loads((reports / "linear_trained.json").read_text())["results"]["top1"],
-    }
+    def top1(name: str) -> float:
+        return json.loads((reports / f"{name}.json").read_text())["results"]["top1"]
+
+    measured = {"kNN top-1 (%)": top1("knn_trained"), "Linear probe top-1 (%)": top1("linear_trained")}
     assert metrics(card) == measured
+    # The card of the registry record names every figure with its protocol, the later ones too.
+    record_card = ModelCard(render_model_card(model_info("mec_resnet18_cifar10s").config, layout="x"))
+    assert metrics(record_card) == {
+        **measured,
+        "Linear top-1 (%), the authors' protocol": top1("linear_paper_trained"),
+        "Top-1 (%), fine-tuned on 1% of the labels": top1("finetune1_trained"),
+        "Top-1 (%), fine-tuned on 10% of the labels": top1("finetune10_trained"),
+    }
+    assert "Barlow Twins' recipe" in record_card.text and "main_lincls.py with --lars" in record_card.text
     assert card.data.datasets == ["cifar10"] and card.data.license == "mit" and card.data.library_name == "timm"
     assert {r.dataset_split for r in card.data.eval_results} == {"test"}
     # The shipped card is the one `mec-hub convert` writes for the shipped config (package.py regenerates it).
@@ -106,9 +115,12 @@ def test_bundled_card_quotes_the_measured_reports():
     assert (folder / "README.md").read_text(encoding="utf-8") == expected
 
 
-def test_registry_record_card_cites_the_paper_as_source():
-    record = model_info("mec_resnet50")  # its linear top-1 is the paper's figure
+def test_registry_record_card_cites_the_authors_readme_and_names_the_protocol():
+    record = model_info("mec_resnet50")  # its linear top-1 is the authors' README figure for their checkpoint
     card = ModelCard(render_model_card(record.config, layout="official MEC checkpoint"))
     (result,) = card.data.eval_results
-    assert result.metric_value == record.meta["linear_top1"] and result.dataset_type == "imagenet-1k"
-    assert result.source_url == "https://arxiv.org/abs/2210.11464"
+    assert result.metric_value == record.meta["linear_paper_top1"] == 70.8 and result.dataset_type == "imagenet-1k"
+    assert result.metric_name == "Linear top-1 (%), the authors' protocol" and result.dataset_split == "validation"
+    assert result.source_url == "https://github.com/xinliu20/MEC#models-and-logs"
+    assert "the authors' repository README" in result.source_name
+    assert "main_lincls.py with --lars" in card.text  # the protocol, in the card's details

@@ -84,7 +84,9 @@ def test_json_lists_and_code_tuples_make_one_description():
 
 def test_a_record_reads_through_to_its_description():
     record = model_info("mec_resnet50")
-    assert record.meta["linear_top1"] == 70.8  # the README's `mec_hub.model_info("mec_resnet50").meta`
+    # The authors' README figure for this checkpoint, under their linear protocol; named so, with its source.
+    assert record.meta["linear_paper_top1"] == 70.8 and "linear_top1" not in record.meta
+    assert "github.com/xinliu20/MEC" in record.meta["metrics_source"] and "Table" not in record.meta["metrics_source"]
     assert record.sha256 is None and not record.pinned and record.config.num_features == 2048
     assert (
         model_info(BUNDLED).pinned

@@ -21,6 +21,15 @@ REPO_ROOT = HERE.parents[1]
 NAME = "mec_resnet18_cifar10s"
 
 
+METRICS_SOURCE = (
+    "measured by mec-hub, seed 0: kNN (k=20, T=0.07, DINO's protocol) and the linear probe (L-BFGS on "
+    "centre-crop features) by benchmarks/bundled_model/evaluate.sh; the authors' linear protocol (main_lincls.py "
+    "--lars: 100 epochs, batch 4096, LARC) and fine-tuning on 1% / 10% of the labels (Barlow Twins' recipe) by "
+    "benchmarks/bundled_model/evaluate_supervised.sh"
+)
+RECIPE_EPS2 = "eps^2 512 (--eps2 scaled: 64 x 1024 / 128, lamda as at the paper's batch of 1024; the paper's is 64)"
+
+
 def top1(report: str) -> float:
     return float(json.loads((HERE / report).read_text())["results"]["top1"])
 
@@ -33,13 +42,21 @@ def measured_meta() -> dict[str, object]:
         "knn_top1_random_init": top1("knn_random.json"),
         "linear_top1": top1("linear_trained.json"),
         "linear_top1_random_init": top1("linear_random.json"),
-        "eval_data": "cifar10-subset/test (1,000 images), bank/probe trained on cifar10-subset/train",
-        "metrics_source": (
-            "measured by mec-hub: kNN k=20 T=0.07 (DINO protocol) and linear probe, seed 0, "
-            "commands in benchmarks/bundled_model/evaluate.sh"
-        ),
+        "linear_paper_top1": top1("linear_paper_trained.json"),
+        "linear_paper_top1_random_init": top1("linear_paper_random.json"),
+        "finetune_1pct_top1": top1("finetune1_trained.json"),
+        "finetune_1pct_top1_random_init": top1("finetune1_random.json"),
+        "finetune_10pct_top1": top1("finetune10_trained.json"),
+        "finetune_10pct_top1_random_init": top1("finetune10_random.json"),
+        "eval_data": "cifar10-subset/test (1,000 images), bank/classifiers trained on cifar10-subset/train",
+        "metrics_source": METRICS_SOURCE,
         "license": "MIT (mec-hub)",
     }
+
+
+def with_eps2(recipe: str) -> str:
+    """The run's recipe line (written before runs named their eps^2 there) with the eps^2 it used."""
+    return recipe if "eps^2" in recipe else recipe.replace(", 1/lamda warm-up", f", {RECIPE_EPS2}, 1/lamda warm-up")
 
 
 def main() -> None:
@@ -49,6 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     checkpoint = args.run / "checkpoint_last.pt"
     extracted = extract_weights(read_checkpoint(checkpoint), source="student", origin=str(checkpoint))
+    extracted.meta["recipe"] = with_eps2(extracted.meta["recipe"])
     result = write_hub_folder(
         extracted, args.out, name=NAME, overwrite=True, origin=str(checkpoint), extra_meta=measured_meta()
     )

@@ -9,6 +9,12 @@ import click
 
 from mec_hub.cli.common import friendly_errors
 
+HEADLINE_METRICS = (
+    ("linear_paper_top1", "linear (authors' protocol)"),
+    ("linear_top1", "linear probe"),
+    ("knn_top1", "kNN"),
+)
+
 
 @click.command("list")
 @click.argument("pattern", required=False)
@@ -25,8 +31,9 @@ def list_cmd(pattern: str | None, as_json: bool) -> None:
     for name in names:
         rec = model_info(name)
         meta = rec.config.meta
-        top1 = meta.get("linear_top1") or meta.get("knn_top1")
-        metric = f"{'linear' if 'linear_top1' in meta else 'kNN'} top-1 {top1}%" if top1 else ""
+        # The headline figure, with its protocol: the authors' linear protocol, else the probe, else kNN.
+        shown = [(key, label) for key, label in HEADLINE_METRICS if isinstance(meta.get(key), int | float)]
+        metric = f"{shown[0][1]} top-1 {meta[shown[0][0]]}%" if shown else ""
         verified = "sha256 known" if rec.sha256 else "UNVERIFIED"
         where = "bundled" if rec.bundled else ("hub" if rec.hf_repo_id or rec.url else "no location")
         arch, dim = rec.config.architecture, rec.config.num_features

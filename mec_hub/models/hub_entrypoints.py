@@ -15,7 +15,10 @@ def _load(name: str, pretrained: bool, weights: str | os.PathLike[str] | None, *
 
 
 def mec_resnet50(pretrained: bool = True, weights: str | os.PathLike[str] | None = None, **kwargs: Any) -> MECEncoder:
-    """MEC ResNet-50, ImageNet-1k, 100 epochs (authors' checkpoint; 70.8% linear top-1): (N,3,224,224) -> (N,2048).
+    """MEC ResNet-50, ImageNet-1k, 100 epochs, the authors' checkpoint: (N,3,224,224) -> (N,2048).
+
+    70.8% ImageNet linear top-1 under the authors' linear protocol (main_lincls.py --lars), the
+    figure of their repository's README for this checkpoint; not measured by mec-hub.
 
     pretrained: False for random weights. weights: a local folder or .safetensors file written by
     `mec-hub convert` (no network needed), hf-hub:org/name[@rev], or an https URL; default: the
