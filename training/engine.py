@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -77,8 +78,7 @@ def taylor_fidelity(pairs: Sequence[tuple[Tensor, Tensor]], lamda: float, order:
     """
     if not pairs:
         raise ValueError("taylor_fidelity: no pairs")
-    series = exact = grad_diff_sq = grad_exact_sq = norm = None
-    finite_inputs = None
+    parts = []  # per pair: series, exact, ||g_series - g_exact||^2, ||g_exact||^2, exact norm, finite inputs
     for z, p in pairs:
         z, p = z.detach().double(), p.detach().double()
         finite = torch.isfinite(z).all() & torch.isfinite(p).all()
@@ -91,14 +91,10 @@ def taylor_fidelity(pairs: Sequence[tuple[Tensor, Tensor]], lamda: float, order:
             (g_series,) = torch.autograd.grad(s, p)
             (g_exact,) = torch.autograd.grad(e, p)
         n = torch.where(finite, _exact_spectral_norm(z, p.detach(), lamda), math.nan)
-        d_sq, e_sq = (g_series - g_exact).square().sum(), g_exact.square().sum()
-        if series is None:
-            series, exact, grad_diff_sq, grad_exact_sq, norm, finite_inputs = s, e, d_sq, e_sq, n, finite
-        else:
-            series, exact = series + s, exact + e
-            grad_diff_sq, grad_exact_sq = grad_diff_sq + d_sq, grad_exact_sq + e_sq
-            norm, finite_inputs = torch.maximum(norm, n), finite_inputs & finite
-    series, exact = series.detach(), exact.detach()
+        parts.append((s.detach(), e.detach(), (g_series - g_exact).square().sum(), g_exact.square().sum(), n, finite))
+    columns = [torch.stack(column) for column in zip(*parts, strict=True)]
+    series, exact, grad_diff_sq, grad_exact_sq = (column.sum() for column in columns[:4])
+    norm, finite_inputs = columns[4].max(), columns[5].all()
     defined = finite_inputs & torch.isfinite(exact) & torch.isfinite(grad_exact_sq)
     defined = defined & torch.isfinite(series) & torch.isfinite(grad_diff_sq)
     rel_error = torch.where(defined, (series - exact).abs() / exact.abs(), math.nan)
@@ -334,17 +330,7 @@ class EpochTotals:
         return means
 
     def state_dict(self) -> dict[str, float]:
-        return {
-            "steps": self.steps,
-            "loss": self.loss,
-            "coding_length": self.coding_length,
-            "spectral_norm": self.spectral_norm,
-            "taylor_rel_error": self.taylor_rel_error,
-            "spectral_norm_exact": self.spectral_norm_exact,
-            "taylor_grad_rel_error": self.taylor_grad_rel_error,
-            "taylor_measured_steps": self.taylor_measured_steps,
-            "taylor_undefined_steps": self.taylor_undefined_steps,
-        }
+        return dataclasses.asdict(self)
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.steps, self.loss = int(state["steps"]), float(state["loss"])

@@ -213,6 +213,11 @@ def _finish(splits: EvalSplits, report: EvalReport, out_path: str | None, headli
         f"{headline} on {len(val)} val / {len(train)} train features "
         f"({len(train.classes)} classes, D={train.features.shape[1]})"
     )
+    _report_scores(report, out_path)
+
+
+def _report_scores(report: EvalReport, out_path: str | None) -> None:
+    """Print top-1/top-5 and, with ``--out``, write the report there (with the command line)."""
     click.echo(f"top-1 {report.results['top1']:.2f}%  top-5 {report.results['top5']:.2f}%")
     if out_path is None:
         return
@@ -283,7 +288,7 @@ def _training_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 # Options of the probe on cached features; refused with --protocol paper, which trains on images.
 _PROBE_ONLY = ("train_features", "val_features", "train_labels", "val_labels", "save_features", "weight_decays",
-               "holdout", "max_iter")  # fmt: skip
+               "holdout", "max_iter", "head")  # fmt: skip
 _TRAINING_ONLY = ("output_dir", "epochs", "lr", "precision", "eval_every")
 
 
@@ -306,8 +311,6 @@ def _run_training(recipe_name: str, opts: dict[str, Any], **recipe_options: Any)
         raise click.UsageError("give --model NAME or --weights SPEC")
     if opts["output_dir"] is None:
         raise click.UsageError("give --output-dir DIR: the run's checkpoint and report go there")
-    if opts["head"] != "backbone":
-        raise click.UsageError("--head: this evaluation trains a classifier on the backbone's features")
     _check_writable("--out", opts["out_path"])
     run = supervised.run_linear_paper if recipe_name == "linear-paper" else supervised.run_finetune
     report = run(
@@ -333,14 +336,8 @@ def _run_training(recipe_name: str, opts: dict[str, Any], **recipe_options: Any)
 
     if not dist_env().is_main:
         return
-    click.echo(f"top-1 {report.results['top1']:.2f}%  top-5 {report.results['top5']:.2f}%")
+    _report_scores(report, opts["out_path"])
     click.echo(f"report: {Path(opts['output_dir']) / supervised.REPORT}")
-    if opts["out_path"] is not None:
-        try:
-            report.write(opts["out_path"])
-        except OSError as exc:
-            raise UserError(f"--out {opts['out_path']}: cannot write the report ({exc.strerror or exc})") from None
-        click.echo(f"report: {opts['out_path']}")
 
 
 @eval_group.command("linear")
@@ -429,7 +426,6 @@ def finetune_cmd(labels_fraction: float | None, subset: str | None, lr_backbone:
     The recipe is Barlow Twins' (20 epochs, batch 256, SGD momentum 0.9, lr 0.002 backbone / 0.5 head,
     cosine, no weight decay); MEC's authors published none.
     """
-    opts["head"] = "backbone"
     if (labels_fraction is None) == (subset is None):
         raise click.UsageError("give --labels-fraction F or --subset FILE (one of them)")
     _run_training("finetune", opts, labels_fraction=labels_fraction, subset=subset, lr_backbone=lr_backbone)

@@ -97,7 +97,16 @@ def labelled_pair(
     return train, labels, queries, targets, resolve_num_classes(num_classes, labels, targets)
 
 
+def rank_classes(scores: torch.Tensor, most: int) -> torch.Tensor:
+    """``(N, min(most, C))`` class indices of ``(N, C)`` scores, best first; ties go to the lower class index."""
+    return scores.argsort(dim=1, descending=True, stable=True)[:, : min(most, scores.shape[1])]
+
+
+def topk_hits(ranked: torch.Tensor, labels: torch.Tensor, k: int) -> int:
+    """How many rows have their label among the first ``k`` columns of ``ranked`` (classes, best first)."""
+    return int((ranked[:, :k] == labels[:, None].to(ranked.device)).any(dim=1).sum())
+
+
 def topk_accuracy(ranked: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     """Percent of rows whose label is among the first ``k`` columns of ``ranked`` (classes, best first)."""
-    hits = int((ranked[:, :k] == labels[:, None].to(ranked.device)).any(dim=1).sum())
-    return 100.0 * hits / len(labels)
+    return 100.0 * topk_hits(ranked, labels, k) / len(labels)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from mec_hub.evaluation.inputs import (
     InvalidFeaturesError,
     labelled_pair,
+    rank_classes,
     topk_accuracy,
 )
 
@@ -101,7 +102,7 @@ def knn_classify(
         weights = ((top_similarity - top_similarity[:, :1]) / temperature).exp()
         votes = torch.zeros(chunk.shape[0], num_classes, device=device, dtype=weights.dtype)
         votes.scatter_add_(1, labels[top_index], weights)
-        order = votes.argsort(dim=1, descending=True, stable=True)[:, :num_ranked]
+        order = rank_classes(votes, num_ranked)
         ranked.append(order.cpu())
         predictions.append(order[:, 0].cpu())
 

@@ -39,6 +39,7 @@ from torch import nn
 from mec_hub.evaluation.inputs import (
     InvalidFeaturesError,
     labelled_pair,
+    rank_classes,
     topk_accuracy,
 )
 
@@ -220,7 +221,7 @@ def linear_probe(
         notes.append(f"L-BFGS stopped at max_iter={max_iter} before converging")
         warnings.warn(notes[-1], stacklevel=2)
     logits = final.logits(val)
-    ranked = logits.argsort(dim=1, descending=True, stable=True)[:, : min(5, num_classes)].cpu()
+    ranked = rank_classes(logits, 5).cpu()
     top1 = top5 = None
     if targets is not None:
         top1 = topk_accuracy(ranked, targets, 1)

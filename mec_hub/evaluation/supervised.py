@@ -58,6 +58,7 @@ from mec_hub.data.datasets import GlobalBatchSampler, LabelledImages, derive_see
 from mec_hub.data.transforms import get_transform, resolve_preprocessing
 from mec_hub.errors import MecHubError
 from mec_hub.evaluation.features import extract_features, list_image_folder
+from mec_hub.evaluation.inputs import rank_classes, topk_hits
 from mec_hub.evaluation.report import EvalReport
 from mec_hub.evaluation.splits import load_eval_model, model_section
 from mec_hub.evaluation.subsets import balanced_subset, read_subset_file, write_subset_file
@@ -108,14 +109,15 @@ class Recipe:
         """The half cosine, set at the start of each epoch: ``0.5 * (1 + cos(pi * epoch / epochs))``."""
         return 0.5 * (1.0 + math.cos(math.pi * epoch / self.epochs))
 
+    def settings(self) -> dict[str, Any]:
+        """Every field but ``source``: what a run of this recipe is (its checkpoint and report record them)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "source"}
+
     def departures(self) -> list[str]:
         """``["epochs 2 (the protocol's: 100)", ...]``: where this recipe differs from its published one."""
-        published = PUBLISHED[self.protocol]
-        out = []
-        for f in dataclasses.fields(self):
-            if f.name != "source" and getattr(self, f.name) != getattr(published, f.name):
-                out.append(f"{f.name} {getattr(self, f.name)} (the protocol's: {getattr(published, f.name)})")
-        return out
+        published = PUBLISHED[self.protocol].settings()
+        return [f"{key} {value} (the protocol's: {published[key]})" for key, value in self.settings().items()
+                if value != published[key]]  # fmt: skip
 
     def with_options(self, **changes: Any) -> Recipe:
         """The recipe with the options that are not ``None`` in ``changes`` replaced (checked)."""
@@ -331,12 +333,6 @@ def _load(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
 # the loop
 
 
-def _top_k_counts(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
-    ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    hits = ranked == labels[:, None]
-    return int(hits[:, :1].any(dim=1).sum()), int(hits.any(dim=1).sum())
-
-
 def _all_sum(values: Sequence[float], env: DistEnv, device: torch.device) -> list[float]:
     tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
     if env.distributed:
@@ -370,7 +366,8 @@ def _validate(
             failed = [(i, "unreadable") for i in range(end - start)]
         labels = torch.tensor([val.samples[val.chosen[start + i]][1] for i in kept], dtype=torch.long)
         if kept:
-            top1, top5 = _top_k_counts(logits, labels)
+            ranked = rank_classes(logits, 5)  # ranked as the probe and kNN rank them
+            top1, top5 = topk_hits(ranked, labels, 1), topk_hits(ranked, labels, 5)
             counted = len(kept)
     top1, top5, counted = _all_sum([top1, top5, counted], env, device)
     skipped = [(paths[start + i], reason) for i, reason in failed]
@@ -497,9 +494,8 @@ def _run(
         model = Classifier(
             encoder, encoder.embed_dim, len(train.classes), head_norm=recipe.head_norm, frozen=recipe.frozen
         )
-    settings = {f.name: getattr(recipe, f.name) for f in dataclasses.fields(recipe) if f.name != "source"}
     identity = {
-        **settings,
+        **recipe.settings(),
         "weights_sha256": None if random_init else encoder.weights_sha256,
         "random_init": random_init,
         "seed": seed,
@@ -611,7 +607,7 @@ def _run(
         protocol=recipe.protocol,
         results={"top1": top1, "top5": top5},
         params={
-            **settings,
+            **recipe.settings(),
             "peak_lr": recipe.peak_lrs()[0],
             "peak_lr_backbone": recipe.peak_lrs()[1],
             "source": PUBLISHED[recipe.protocol].source,
