@@ -42,3 +42,7 @@ class IncompatibleWeightsError(MecHubError):
 
 class CheckpointReadError(MecHubError):
     """A checkpoint file that cannot be read or whose layout is not recognised."""
+
+
+class MalformedFileError(MecHubError):
+    """A file that cannot be read as its format: truncated, corrupt, too large or deliberately hostile."""

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mec_hub.fileio import atomic_write_text
+from mec_hub.fileio import atomic_write_text, read_json_lines
 from training.loggers import ScalarLogger, TensorBoardLogger, WandbLogger
 
 METRICS_FILE = "metrics.jsonl"
@@ -32,12 +32,8 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         return records
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
+    for _, record in read_json_lines(path):
+        if isinstance(record, dict):  # a torn or blank line is not a record
             records.append(record)
     return records
 

@@ -14,7 +14,6 @@ no global backend is changed.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -23,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mec_hub.errors import MecHubError
-from mec_hub.fileio import atomic_write
+from mec_hub.errors import MalformedFileError, MecHubError
+from mec_hub.fileio import atomic_write, read_json_lines
 
 
 class MissingExtraError(MecHubError, ImportError):
@@ -83,21 +82,17 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        lines = read_json_lines(path)
     except FileNotFoundError:
         raise MecHubError(f"metrics file not found: {path}") from None
-    except OSError as exc:
-        raise MecHubError(f"{path}: cannot read ({exc})") from None
     records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
+    for number, record in lines:
+        if record is None:
             warnings.warn(f"{path}:{number}: blank line, skipped", stacklevel=2)
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            shown = line if len(line) <= 60 else line[:57] + "..."
-            warnings.warn(f"{path}:{number}: not valid JSON, skipped: {shown}", stacklevel=2)
+        if isinstance(record, MalformedFileError):
+            detail = str(record).removeprefix(f"{path}:{number}: ")
+            warnings.warn(f"{path}:{number}: not valid JSON, skipped ({detail})", stacklevel=2)
             continue
         if not isinstance(record, dict):
             warnings.warn(f"{path}:{number}: not a JSON object, skipped", stacklevel=2)
@@ -167,6 +162,7 @@ def field_series(records: Sequence[dict[str, Any]], name: str) -> tuple[list[flo
 
 
 def _import_matplotlib() -> Any:
+    # matplotlib is optional (mec-hub[plot]): imported where a figure is drawn.
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from mec_hub.errors import MecHubError
-from mec_hub.fileio import atomic_write_json
+from mec_hub.errors import MalformedFileError, MecHubError
+from mec_hub.fileio import atomic_write_json, parse_json, read_json
 
 STATE_VERSION = 1
 
@@ -102,7 +102,7 @@ class PartState:
     @classmethod
     def load(cls, path: Path) -> PartState:
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            data = read_json(path)
             if not isinstance(data, dict):
                 raise ValueError("not a JSON object")
             if data.get("version") != STATE_VERSION:
@@ -110,7 +110,7 @@ class PartState:
             state = cls(**data)
             state._check()
             return state
-        except (OSError, ValueError, TypeError) as exc:
+        except (OSError, ValueError, TypeError, MalformedFileError) as exc:
             raise ResumeError(
                 f"the progress file {path} of the unfinished run is unreadable ({exc}); start over with --overwrite"
             ) from None
@@ -144,12 +144,12 @@ def read_failures(path: Path, length: int) -> list[tuple[int, str]]:
     out = []
     try:
         for line in data.decode().splitlines():
-            record = json.loads(line)
+            record = parse_json(line, str(path))
             index, reason = record["index"], record["reason"]
             if not isinstance(index, int) or isinstance(index, bool) or not isinstance(reason, str):
                 raise ValueError("a record of the wrong types")
             out.append((index, reason))
-    except (ValueError, KeyError, TypeError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    except (ValueError, KeyError, TypeError, MalformedFileError) as exc:  # UnicodeDecodeError is a ValueError
         raise ResumeError(
             f"{path}, the failure log of the unfinished run, is damaged ({exc}); start over with --overwrite"
         ) from None

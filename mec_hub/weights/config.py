@@ -12,7 +12,6 @@ the registry's records (``mec_hub.weights.record``), ``config.json`` and a loade
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -20,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mec_hub.errors import CheckpointReadError, InvalidArgumentError
+from mec_hub.errors import CheckpointReadError, InvalidArgumentError, MalformedFileError
+from mec_hub.fileio import parse_json, read_json
 
 MODEL_FILE = "model.safetensors"
 PROJECTOR_FILE = "projector.safetensors"
@@ -406,11 +406,11 @@ def read_config(path: str | Path) -> ModelConfig:
     if path.is_dir():
         path = path / CONFIG_FILE
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path)
     except FileNotFoundError:
         raise CheckpointReadError(f"{path}: no {CONFIG_FILE} here") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointReadError(f"{path}: unreadable config ({exc})") from None
+    except MalformedFileError as exc:
+        raise CheckpointReadError(f"unreadable config: {exc}") from None
     return ModelConfig.from_json_dict(data, origin=str(path))
 
 
@@ -419,7 +419,7 @@ def config_from_safetensors_metadata(metadata: Mapping[str, str] | None, *, orig
     if not metadata or METADATA_KEY not in metadata:
         return None
     try:
-        data = json.loads(metadata[METADATA_KEY])
-    except json.JSONDecodeError as exc:
-        raise CheckpointReadError(f"{origin}: malformed {METADATA_KEY} metadata ({exc})") from None
+        data = parse_json(metadata[METADATA_KEY], f"{origin} ({METADATA_KEY} metadata)")
+    except MalformedFileError as exc:
+        raise CheckpointReadError(str(exc)) from None
     return ModelConfig.from_json_dict(data, origin=origin)
