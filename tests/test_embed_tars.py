@@ -13,7 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from embed_support import meta_without_times, run_cli_subprocess, run_in_own_group, subprocess_env
+from embed_support import (
+    make_images,
+    meta_without_times,
+    reference_features,
+    run_cli_subprocess,
+    run_in_own_group,
+    subprocess_env,
+)
 
 from mec_hub.cli.embed import main
 from mec_hub.embedding.inputs import InputError, TarMember, collect_inputs, expand_braces
@@ -81,7 +88,7 @@ def test_tar_rows_equal_folder_rows(dataset: tuple[Path, Path], tiny_weights_dir
     meta = embed([shards / "{000000..000001}.tar"], tmp_path / "t.npy", tiny_weights_dir)
     folder_meta = embed([folder], tmp_path / "f.npy", tiny_weights_dir)
 
-    # rows in shard order, named SHARD.tar/KEY.EXT; captions, the class member and the folder entry left out
+    # rows in shard order, named SHARD.tar/KEY.EXT; captions, the class member and the folder entries left out
     names = paths_of(tmp_path / "t.npy")
     expected = []
     photos = sorted(PHOTOS.iterdir())
@@ -89,7 +96,8 @@ def test_tar_rows_equal_folder_rows(dataset: tuple[Path, Path], tiny_weights_dir
     for number, chunk in enumerate([photos[:half], photos[half:]]):
         expected += [f"{number:06d}.tar/{number:02d}{i:04d}{p.suffix}" for i, p in enumerate(chunk)]
     assert names == expected
-    assert meta["num_skipped_non_images"] == len(photos) + 1  # a caption per image, one class member
+    # a caption per image, one class member, a folder entry per shard
+    assert meta["num_skipped_non_images"] == len(photos) + 1 + 2
 
     # each row equals the row of the same image embedded from the folder
     tar_rows = dict(zip(names, np.load(tmp_path / "t.npy"), strict=True))
@@ -194,3 +202,134 @@ def test_member_names_as_tar_writes_them(tmp_path: Path):
         "s.tar/dir/" + "long" * 40 + ".png",
     ]
     assert all(TarMember.parse(item.path).read() == photo for item in collected.items)
+
+
+# --- damaged shards and members that are not regular files (issue 21, items 5 and 6) ---------------
+
+
+def write_shard(shard: Path, members: list[tuple[str, bytes]]) -> list[tarfile.TarInfo]:
+    """A USTAR shard of regular members (as webdataset writes one) and tarfile's own listing of it."""
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            add_member(tar, name, data)
+    with tarfile.open(shard) as tar:
+        return tar.getmembers()
+
+
+def embed_status(inputs: list[object], out: Path, weights: Path, *extra: object) -> tuple[int, dict, str]:
+    args = [*inputs, "--out", out, "--weights", weights, "--device", "cpu", "-b", BATCH, "-j", 0, *extra]
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    meta_path = out.with_name(out.stem + ".meta.json")
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    return result.exit_code, meta, result.output
+
+
+@pytest.fixture(scope="module")
+def six_images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return make_images(tmp_path_factory.mktemp("six"), 6)
+
+
+@pytest.mark.parametrize("cut", ["at a header", "inside a header", "inside the data", "before the end blocks"])
+def test_a_truncated_shard_is_a_failure_naming_the_offset(
+    six_images: list[Path], tiny_weights_dir: Path, tmp_path: Path, cut: str
+):
+    shard = tmp_path / "s.tar"
+    listing = write_shard(shard, [(p.name, p.read_bytes()) for p in six_images])
+    whole = shard.read_bytes()
+    lost = {"at a header": 2, "inside a header": 2, "inside the data": 3, "before the end blocks": 6}[cut]
+    if lost < 6:
+        header = listing[lost].offset  # tarfile's offsets of the intact shard: the reference
+        length = {"at a header": header, "inside a header": header + 200, "inside the data": header + 600}[cut]
+    else:
+        last = listing[-1]
+        length = header = last.offset_data + -(-last.size // 512) * 512
+    shard.write_bytes(whole[:length])
+
+    collected = collect_inputs([str(shard)])
+    kept = [f"s.tar/{p.name}" for p in six_images[:lost]]
+    assert [item.name for item in collected.items] == [*kept, f"s.tar@{header}"]
+
+    code, meta, output = embed_status([shard], tmp_path / "f.npy", tiny_weights_dir, "--strict")
+    assert code == 3, output
+    assert paths_of(tmp_path / "f.npy") == kept
+    np.testing.assert_allclose(
+        np.load(tmp_path / "f.npy"), reference_features(tiny_weights_dir, six_images[:lost]), rtol=0, atol=1e-4
+    )
+    assert meta["num_failed"] == 1 and meta["num_inputs"] == lost + 1
+    (failure,) = meta["failed"]
+    assert failure["path"] == f"s.tar@{header}"
+    assert "truncated" in failure["reason"]
+    if cut == "inside the data":
+        assert six_images[lost].name in failure["reason"]
+
+
+def special_member(name: str, kind: bytes, link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, link
+    if kind == tarfile.CHRTYPE:
+        info.devmajor, info.devminor = 1, 3
+    return info
+
+
+def test_links_and_special_members_are_each_embedded_skipped_or_failed(
+    six_images: list[Path], tiny_weights_dir: Path, tmp_path: Path
+):
+    shard = tmp_path / "s.tar"
+    first, second = six_images[0], six_images[1]
+    with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT) as tar:
+        add_member(tar, "a/" + first.name, first.read_bytes())
+        tar.addfile(special_member("folder", tarfile.DIRTYPE))
+        tar.addfile(special_member("hard.png", tarfile.LNKTYPE, "./a/" + first.name))
+        tar.addfile(special_member("dangling.png", tarfile.LNKTYPE, "later.png"))
+        tar.addfile(special_member("soft.png", tarfile.SYMTYPE, "a/" + first.name))
+        tar.addfile(special_member("pipe.png", tarfile.FIFOTYPE))
+        tar.addfile(special_member("null.png", tarfile.CHRTYPE))
+        tar.addfile(special_member("disk.png", tarfile.BLKTYPE))
+        tar.addfile(special_member("caption.txt", tarfile.LNKTYPE, "nowhere.txt"))
+        add_member(tar, "later.png", second.read_bytes())
+        add_member(tar, "later.txt", b"a caption")
+    with tarfile.open(shard) as tar:
+        num_members = len(tar.getmembers())
+
+    collected = collect_inputs([str(shard)])
+    names = [item.name for item in collected.items]
+    assert names == [f"s.tar/a/{first.name}", "s.tar/hard.png", "s.tar/dangling.png", "s.tar/later.png"]
+    assert TarMember.parse(collected.items[1].path).read() == first.read_bytes()
+    assert collected.skipped_members == [
+        ("s.tar/folder", "not a regular file: folder"),
+        ("s.tar/soft.png", "not a regular file: symlink"),
+        ("s.tar/pipe.png", "not a regular file: FIFO"),
+        ("s.tar/null.png", "not a regular file: character device"),
+        ("s.tar/disk.png", "not a regular file: block device"),
+        (
+            "s.tar/caption.txt",
+            "hard link 'caption.txt' to 'nowhere.txt', which is not an earlier regular member of the shard",
+        ),
+    ]
+    assert collected.skipped == len(collected.skipped_members) + 1  # later.txt
+    assert len(collected.items) + collected.skipped == num_members  # every member accounted for
+
+    code, meta, output = embed_status([shard], tmp_path / "f.npy", tiny_weights_dir, "--strict")
+    assert code == 3, output
+    assert paths_of(tmp_path / "f.npy") == [f"s.tar/a/{first.name}", "s.tar/hard.png", "s.tar/later.png"]
+    expected = reference_features(tiny_weights_dir, [first, first, second])
+    np.testing.assert_allclose(np.load(tmp_path / "f.npy"), expected, rtol=0, atol=1e-4)
+    assert meta["failed"] == [
+        {
+            "path": "s.tar/dangling.png",
+            "reason": "hard link 'dangling.png' to 'later.png', which is not an earlier regular member of the shard",
+        }
+    ]
+    assert meta["num_skipped_non_images"] == 7
+
+
+def test_members_come_out_in_the_shard_order(six_images: list[Path], tiny_weights_dir: Path, tmp_path: Path):
+    """A pin (not a regression test): z, a, m stay z, a, m; nothing sorts the members."""
+    shard = tmp_path / "s.tar"
+    order = [("z.png", six_images[0]), ("a.png", six_images[1]), ("m.png", six_images[2])]
+    write_shard(shard, [(name, path.read_bytes()) for name, path in order])
+    meta = embed([shard], tmp_path / "f.npy", tiny_weights_dir)
+    assert paths_of(tmp_path / "f.npy") == ["s.tar/z.png", "s.tar/a.png", "s.tar/m.png"]
+    expected = reference_features(tiny_weights_dir, [path for _, path in order])
+    np.testing.assert_allclose(np.load(tmp_path / "f.npy"), expected, rtol=0, atol=1e-4)
+    assert meta["num_embedded"] == 3

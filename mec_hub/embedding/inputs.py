@@ -16,12 +16,19 @@ listed file that does not exist becomes a failed row ("file not found"); an INPU
 exist is an error before any work. Relative paths in a list file are relative to the current
 folder (as with ``tar -T``), not to the list file.
 
-A ``.tar`` file named as an INPUT (or a list line) is a WebDataset shard: each regular member with
-an image extension is an item, named ``SHARD.tar/MEMBER`` (the shard's file name; the shard as
-named, if two shards share a file name), in the shard's order; other members are counted as
-skipped. Only the member headers are read when listing; the item's ``path`` is a reference
-(``TarMember``) to the member's bytes, read with one seek when the image is decoded. An INPUT may
-hold brace ranges as webdataset writes them: ``shards/{000000..000099}.tar``, ``{a,b}``.
+A ``.tar`` file named as an INPUT (or a list line) is a WebDataset shard, listed by
+``mec_hub.data.tarshard.walk_tar`` (headers only, each checked against the shard's length): each
+regular member with an image extension is an item, named ``SHARD.tar/MEMBER`` (the shard's file
+name; the shard as named, if two shards share a file name), in the shard's order, and so is a hard
+link to an earlier regular member (its row reads the target's bytes). Every other member is counted
+as skipped; those that are not regular files are also listed with their reason
+(``CollectedInputs.skipped_members``: "not a regular file: symlink", ...). A member that cannot be
+read (a hard link to nothing) and a damaged shard's remainder (truncated, a bad header, a size past
+the end of the file) are items that fail when decoded, with the reason: the remainder is named
+``SHARD.tar@OFFSET`` (the byte where the walk stopped), so that it is counted and listed among the
+failures and ``--strict`` sees it, and the members before it are kept. The item's ``path`` is a
+reference (``TarMember``) to the member's bytes, read with one seek when the image is decoded. An
+INPUT may hold brace ranges as webdataset writes them: ``shards/{000000..000099}.tar``, ``{a,b}``.
 """
 
 from __future__ import annotations
@@ -31,13 +38,14 @@ import hashlib
 import os
 import re
 import sys
-import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mec_hub.data.images import IMAGE_EXTENSIONS
+from mec_hub.data.images import IMAGE_EXTENSIONS, ImageDecodeError
+from mec_hub.data.tarshard import TarFailure, TarShardError, TarSkippedMember, walk_tar
 from mec_hub.errors import MecHubError
+from mec_hub.fileio import open_regular_file
 
 _GLOB_CHARS = frozenset("*?[")
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -58,13 +66,16 @@ class ImageItem:
 
 @dataclass
 class CollectedInputs:
-    """The ordered, de-duplicated images to embed, and what was left out of folder walks."""
+    """The ordered, de-duplicated images to embed, and what was left out of folder walks and tar shards."""
 
     items: list[ImageItem]
-    skipped: int = 0  # files in walked folders without an image extension
+    skipped: int = 0  # files in walked folders without an image extension, tar members not embedded
     base_dir: str = ""  # what the names in ``items`` are relative to (absolute)
     sources: list[str] = field(default_factory=list)  # the INPUTs as given, for the record
     files_from: str | None = None  # the list file, as given
+    # (SHARD.tar/MEMBER, reason) of the tar members counted in ``skipped`` that are not regular files
+    # (symlink, folder, device, FIFO, sparse) or hard links to nothing, without an image extension
+    skipped_members: list[tuple[str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -79,28 +90,32 @@ class CollectedInputs:
 
 @dataclass(frozen=True)
 class TarMember:
-    """Where a member's bytes lie in a tar shard: ``size`` bytes from ``offset`` in ``shard``."""
+    """Where a member's bytes lie in a tar shard: ``size`` bytes from ``offset`` in ``shard``; or, with
+    ``error`` set, a member (or the rest of a damaged shard, from ``offset``) that fails with that reason."""
 
     shard: str  # absolute path
     offset: int
     size: int
+    error: str = ""
 
     def encode(self) -> str:
         """The member as an item path (what ``ImageItem.path`` holds)."""
-        return f"{_MEMBER_PREFIX}{self.offset}:{self.size}:{self.shard}"
+        failure = f"\0{self.error}" if self.error else ""  # after the shard: no file path holds a NUL
+        return f"{_MEMBER_PREFIX}{self.offset}:{self.size}:{self.shard}{failure}"
 
     @classmethod
     def parse(cls, path: str) -> TarMember | None:
         """The member an item path refers to, or None for the path of a plain file."""
         if not path.startswith(_MEMBER_PREFIX):
             return None
-        offset, size, shard = path[len(_MEMBER_PREFIX) :].split(":", 2)
-        return cls(shard, int(offset), int(size))
+        offset, size, rest = path[len(_MEMBER_PREFIX) :].split(":", 2)
+        shard, _, error = rest.partition("\0")
+        return cls(shard, int(offset), int(size), error)
 
     def read(self) -> bytes:
         """The member's bytes (one seek and one read; the shard must be a regular file)."""
-        from mec_hub.data.images import ImageDecodeError, open_regular_file
-
+        if self.error:
+            raise ImageDecodeError(self.error)
         try:
             with open_regular_file(self.shard) as fh:
                 fh.seek(self.offset)
@@ -138,26 +153,46 @@ def is_tar_shard(path: str) -> bool:
     return path.lower().endswith(".tar") and os.path.isfile(path)
 
 
-def list_tar_members(shard: str) -> tuple[list[tuple[str, TarMember]], int]:
-    """(member name, where its bytes are) of the image members of ``shard``, in its order, and how
-    many other regular members it has. Reads the headers only (a stream: no member is extracted)."""
+@dataclass
+class ShardListing:
+    """What ``list_tar_members`` found in one shard; every member is in exactly one of the lists."""
+
+    # (member name, where its bytes are) of the image members, in the shard's order, and of the
+    # failures among them: a member that cannot be read (``TarMember.error`` set; the name is the
+    # member's) or, last, the damaged rest of the shard (the name is None; ``offset`` is where it starts)
+    members: list[tuple[str | None, TarMember]] = field(default_factory=list)
+    other_files: int = 0  # regular members without an image extension
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (member name, reason) of the others
+
+
+def list_tar_members(shard: str) -> ShardListing:
+    """The members of tar shard ``shard``, sorted into what is embedded, what fails and what is skipped.
+    Reads the headers only (``walk_tar``); raises ``InputError`` for a file that is not a tar at all."""
     path = os.path.abspath(shard)
-    members: list[tuple[str, TarMember]] = []
-    skipped = 0
     try:
-        with tarfile.open(path, mode="r:") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                if is_image_file_name(info.name):
-                    name = info.name.removeprefix("./").lstrip("/")  # as `tar -cf s.tar .` writes them
-                    members.append((name, TarMember(path, info.offset_data, info.size)))
-                else:
-                    skipped += 1
-    except (tarfile.TarError, OSError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        raise InputError(f"cannot read the tar shard {shard}: {reason}") from None
-    return members, skipped
+        entries = walk_tar(path)
+    except TarShardError as exc:
+        raise InputError(f"cannot read the tar shard {shard}: {exc.reason}") from None
+    listing = ShardListing()
+    for entry in entries:
+        if isinstance(entry, TarSkippedMember):
+            listing.skipped.append((_member_name(entry.name), entry.reason))
+        elif isinstance(entry, TarFailure) and entry.name is None:
+            listing.members.append((None, TarMember(path, entry.offset, 0, f"damaged tar shard: {entry.reason}")))
+        elif not is_image_file_name(entry.name):
+            if isinstance(entry, TarFailure):
+                listing.skipped.append((_member_name(entry.name), entry.reason))
+            else:
+                listing.other_files += 1
+        elif isinstance(entry, TarFailure):
+            listing.members.append((_member_name(entry.name), TarMember(path, entry.offset, 0, entry.reason)))
+        else:
+            listing.members.append((_member_name(entry.name), TarMember(path, entry.offset, entry.size)))
+    return listing
+
+
+def _member_name(name: str) -> str:
+    return name.removeprefix("./").lstrip("/")  # as `tar -cf s.tar .` writes them
 
 
 def is_image_file_name(name: str) -> bool:
@@ -221,6 +256,7 @@ class _Collector:
         self.recursive = recursive
         self.items: list[ImageItem] = []
         self.skipped = 0
+        self.skipped_members: list[tuple[str, str]] = []
         self._seen: set[str] = set()
 
     def add_file(self, name: str) -> None:
@@ -239,13 +275,16 @@ class _Collector:
                 self.items.append(ImageItem(rel if relative_names else os.path.join(folder, rel), path))
 
     def add_shard(self, shard: str, label: str) -> None:
-        members, skipped = list_tar_members(shard)
-        self.skipped += skipped
-        for member_name, member in members:
+        listing = list_tar_members(shard)
+        self.skipped += listing.other_files + len(listing.skipped)
+        self.skipped_members += [(f"{label}/{name}", reason) for name, reason in listing.skipped]
+        for member_name, member in listing.members:
             path = member.encode()
-            if path not in self._seen:
-                self._seen.add(path)
-                self.items.append(ImageItem(f"{label}/{member_name}", path))
+            name = f"{label}@{member.offset}" if member_name is None else f"{label}/{member_name}"
+            key = f"{path}\0{name}"  # a hard link reads the bytes of its target: same path, its own row
+            if key not in self._seen:
+                self._seen.add(key)
+                self.items.append(ImageItem(name, path))
 
     def add(self, name: str, *, relative_names: bool = False, shard_label: str | None = None) -> None:
         if os.path.isdir(name):
@@ -321,4 +360,4 @@ def collect_inputs(
         collector.add(entry, shard_label=labels.get(entry))
     base_dir = os.path.abspath(texts[0]) if single_folder else os.path.abspath(os.curdir)
     listed = os.fspath(files_from) if files_from is not None else None
-    return CollectedInputs(collector.items, collector.skipped, base_dir, texts, listed)
+    return CollectedInputs(collector.items, collector.skipped, base_dir, texts, listed, collector.skipped_members)
