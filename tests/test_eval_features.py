@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 
 import mec_hub
+from mec_hub.data.featurefile import FeatureMeta
 from mec_hub.errors import MecHubError
 from mec_hub.evaluation.features import LabelledFeatures, extract_image_folder, load_feature_file, save_feature_file
 from mec_hub.evaluation.inputs import InvalidFeaturesError
@@ -95,7 +97,11 @@ def test_feature_file_round_trip_and_label_sources(tmp_path: Path):
     again = load_feature_file(tmp_path / "out" / "z.npy")
     assert torch.equal(again.features, data.features) and again.paths == data.paths
     ties = ("run_id", "paths_sha256", "features_ends_sha256")  # what the writer adds (mec_hub.data.featurefile)
-    assert {k: v for k, v in again.meta.items() if k not in ties} == {"model": "m", "weights_sha256": "abc"}
+    on_disk = json.loads((tmp_path / "out" / "z.meta.json").read_text())
+    assert {k: v for k, v in on_disk.items() if k not in ties} == {"model": "m", "weights_sha256": "abc"}
+    assert isinstance(again.feature_meta, FeatureMeta)
+    assert (again.feature_meta.model, again.feature_meta.weights_sha256) == ("m", "abc")
+    assert again.feature_meta.run_id == on_disk["run_id"] and again.meta["weights_sha256"] == "abc"
 
 
 def test_feature_file_errors(tmp_path: Path):
@@ -152,3 +158,66 @@ def test_eval_reads_parquet_output_like_the_npy_it_came_from(tmp_path: Path):
     assert from_parquet.labels.tolist() == from_npy.labels.tolist() == [0, 1, 0, 2, 1]
     assert from_parquet.classes == ["a", "b", "c"] and from_parquet.paths == data.paths
     assert from_parquet.meta["model"] == "m"
+
+
+def test_a_feature_set_is_read_once_through_feature_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Issue 19.3: eval opens a set once, by FeatureFile.open (which checks its parts together), and
+    passes its FeatureMeta on; labels from another file do not excuse a meta describing other rows."""
+    import mec_hub.data.featurefile as featurefile
+    import mec_hub.evaluation.features as features_module
+
+    rng = np.random.default_rng(2)
+    data = LabelledFeatures(
+        features=torch.from_numpy(rng.standard_normal((3, 4)).astype(np.float32)),
+        labels=torch.tensor([0, 1, 0]),
+        classes=["a", "b"],
+        paths=["a/1.png", "b/2.png", "a/3.png"],
+    )
+    x = save_feature_file(data, tmp_path / "x.npy", {"model": "m", "weights_sha256": "abc"})
+    np.save(tmp_path / "y.npy", np.array([1, 1, 0]))
+    opens: list[Path] = []
+    matrices: list[Path] = []
+    real_open = featurefile.FeatureFile.open.__func__
+    real_matrix = featurefile.open_matrix
+
+    def spy_open(cls, path, **options):  # type: ignore[no-untyped-def]
+        opens.append(Path(path))
+        return real_open(cls, path, **options)
+
+    def spy_matrix(path):  # type: ignore[no-untyped-def]
+        matrices.append(Path(path))
+        return real_matrix(path)
+
+    monkeypatch.setattr(featurefile.FeatureFile, "open", classmethod(spy_open))
+    monkeypatch.setattr(featurefile, "open_matrix", spy_matrix)
+    monkeypatch.setattr(features_module, "open_matrix", spy_matrix)
+
+    loaded = load_feature_file(x)
+    assert opens == [x] and matrices == [x]
+    on_disk = json.loads((tmp_path / "x.meta.json").read_text())
+    assert isinstance(loaded.feature_meta, FeatureMeta)
+    assert (loaded.feature_meta.model, loaded.feature_meta.run_id) == ("m", on_disk["run_id"])
+    assert loaded.labels.tolist() == [0, 1, 0]
+
+    opens.clear()
+    matrices.clear()
+    by_index = load_feature_file(x, tmp_path / "y.npy")
+    assert opens == [x] and matrices == [x, tmp_path / "y.npy"]
+    assert by_index.labels.tolist() == [1, 1, 0] and by_index.feature_meta.weights_sha256 == "abc"
+
+    (tmp_path / "x.meta.json").write_text(json.dumps({**on_disk, "shape": [4, 4]}))
+    with pytest.raises(InvalidFeaturesError, match=r"x\.npy has shape \[3, 4\], x\.meta\.json says \[4, 4\]"):
+        load_feature_file(x, tmp_path / "y.npy")
+
+
+def test_a_parquet_set_takes_labels_from_another_file(tmp_path: Path):
+    pytest.importorskip("pyarrow")
+    from mec_hub.data.featurefile import FeatureFile, write_parquet
+
+    matrix = np.arange(12, dtype=np.float32).reshape(3, 4)
+    FeatureFile.write(tmp_path / "x.npy", ["a/1.png", "b/2.png", "a/3.png"], {"model": "m"}, matrix=matrix)
+    write_parquet(FeatureFile.open(tmp_path / "x.npy"), tmp_path / "x.parquet")
+    np.save(tmp_path / "y.npy", np.array([2, 0, 1]))
+    loaded = load_feature_file(tmp_path / "x.parquet", tmp_path / "y.npy")
+    assert loaded.features.numpy().tolist() == matrix.tolist() and loaded.labels.tolist() == [2, 0, 1]
+    assert loaded.classes == ["0", "1", "2"] and loaded.feature_meta.model == "m"

@@ -110,7 +110,7 @@ def test_meta_records_that_cannot_be_read(tmp_path: Path):
     with pytest.raises(MecHubError, match="must be a JSON object"):
         FeatureMeta.from_json([1, 2])
     (tmp_path / "x.meta.json").write_text("{not json")
-    with pytest.raises(MecHubError, match=r"x\.meta\.json: unreadable metadata"):
+    with pytest.raises(MecHubError, match=r"x\.meta\.json: not valid JSON"):
         read_meta(tmp_path / "x.npy")
 
 
@@ -199,3 +199,59 @@ def test_the_features_digest_reads_both_ends_of_a_large_file(tmp_path: Path):
     mib = 1 << 20
     expected = hashlib.sha256(f"{len(data)}\n".encode() + data[:mib] + data[-mib:]).hexdigest()
     assert features_ends_sha256(tmp_path / "big") == expected
+
+
+# --------------------------------------------------------------------------- headers against the bytes present
+
+
+def npy_with_header(path: Path, shape: tuple[int, ...], data: bytes, dtype: str = "<f4") -> Path:
+    """A version 1.0 ``.npy`` typed out by hand: magic, header length, header dict, then ``data``."""
+    header = f"{{'descr': '{dtype}', 'fortran_order': False, 'shape': {shape!r}, }}".encode("latin1")
+    header += b" " * (-(10 + len(header) + 1) % 64) + b"\n"
+    path.write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + data)
+    return path
+
+
+def test_an_npy_header_is_checked_against_the_file_size(tmp_path: Path, memory_cap):
+    """Issue 21.9: a header claiming 2^40 rows on a small file, a truncated file, bytes after the data:
+    one error naming the file, its header's claim and the bytes present, before anything is mapped."""
+    from mec_hub.errors import MalformedFileError
+
+    rows = np.arange(8, dtype="<f4").reshape(2, 4)
+    ok = npy_with_header(tmp_path / "ok.npy", (2, 4), rows.tobytes())
+    assert np.array_equal(np.load(ok), rows)  # the hand-made file is a valid .npy
+    (tmp_path / "ok.paths.txt").write_text("a.png\nb.png\n")
+    assert np.array_equal(FeatureFile.open(ok).matrix, rows)
+
+    cases = {
+        npy_with_header(tmp_path / "huge.npy", (1 << 40, 4), rows.tobytes()): rf"truncated: .*shape \[{1 << 40}, 4\]",
+        npy_with_header(tmp_path / "short.npy", (2, 4), rows.tobytes()[:-1]): r"truncated: .*shape \[2, 4\]",
+        npy_with_header(tmp_path / "long.npy", (2, 4), rows.tobytes() + b"\0" * 4): r"has bytes after its data",
+    }
+    for file, message in cases.items():
+        size = file.stat().st_size
+        (tmp_path / (file.stem + ".paths.txt")).write_text("a.png\nb.png\n")
+        with memory_cap(256 << 20), pytest.raises(MalformedFileError, match=message) as info:
+            FeatureFile.open(file)
+        assert str(info.value).startswith(f"{file}: ") and f"the file has {size} bytes" in str(info.value)
+
+
+def test_a_paths_file_larger_than_its_rows_can_need_is_refused_unread(tmp_path: Path):
+    """X.paths.txt is bounded by its row count (a line per row, at most PATH_MAX bytes each) before it is read."""
+    np.save(tmp_path / "x.npy", np.zeros((2, 3), np.float32))
+    (tmp_path / "x.paths.txt").write_bytes(b"a.png\n" + b"b" * 10_000 + b".png\n")  # 2 lines, one past PATH_MAX
+    size = (tmp_path / "x.paths.txt").stat().st_size
+    with pytest.raises(MecHubError, match=rf"x\.paths\.txt: paths file of {size} bytes, over the limit of 8194"):
+        FeatureFile.open(tmp_path / "x.npy")
+
+
+def test_a_meta_without_digests_that_counts_other_rows_is_refused(tmp_path: Path):
+    """Issue 19.8: a meta written by hand (no run_id, no digests) whose shape is not the matrix's: the
+    shape alone refuses the set, so rows of one run are never described by another's meta."""
+    np.save(tmp_path / "x.npy", np.zeros((3, 4), np.float32))
+    (tmp_path / "x.paths.txt").write_text("a/1.png\na/2.png\na/3.png\n")
+    (tmp_path / "x.meta.json").write_text(json.dumps({"model": "m", "shape": [4, 4]}))
+    with pytest.raises(MecHubError, match=r"x\.npy has shape \[3, 4\], x\.meta\.json says \[4, 4\]"):
+        FeatureFile.open(tmp_path / "x.npy")
+    (tmp_path / "x.meta.json").write_text(json.dumps({"model": "m", "shape": [3, 4]}))
+    assert FeatureFile.open(tmp_path / "x.npy").meta.shape == (3, 4)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
+import struct
 import sys
 from pathlib import Path
 
@@ -156,7 +158,7 @@ def test_search_reads_parquet(reference: Path, tiny_weights_dir: Path, tmp_path:
     for features in (reference, out):
         result = CliRunner().invoke(hub, ["search", str(features), query, "-k", "3", "--device", "cpu", "--json"])
         assert result.exit_code == 0, result.output
-        answers.append(json.loads(result.output))
+        answers.append(json.loads(result.stdout))  # notes (e.g. "no index: exact search") go to stderr
     assert answers[0] == answers[1]
     assert "skimage-camera.png" in json.dumps(answers[1])
 
@@ -211,3 +213,178 @@ def test_parquet_errors_name_the_file(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(MecHubError, match=r"pip install 'mec-hub\[parquet\]'"):
         FeatureFile.open(other)
+
+
+# --------------------------------------------------------------------------- a set is what its meta names
+
+
+def _npy_set(folder: Path, rows: int, seed: int, dim: int = 3) -> FeatureFile:
+    matrix = np.random.default_rng(seed).standard_normal((rows, dim)).astype(np.float32)
+    names = [f"c{seed}/{i}.png" for i in range(rows)]
+    FeatureFile.write(folder / "src.npy", names, {"model": "m"}, matrix=matrix)
+    return FeatureFile.open(folder / "src.npy")
+
+
+def test_a_shard_set_is_exactly_what_its_meta_names(tmp_path: Path):
+    """Issue 21.8: 33 rows read for 24 written. A shard left over from an older conversion, one
+    missing, or one of another set is refused by name; the set itself reads back exactly."""
+    from mec_hub.data.featurefile import write_parquet
+    from mec_hub.errors import MecHubError
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    (tmp_path / "other").mkdir()
+    old = _npy_set(tmp_path / "old", 33, seed=1)
+    new = _npy_set(tmp_path / "new", 24, seed=2)
+    other = _npy_set(tmp_path / "other", 24, seed=3)
+    old_files = write_parquet(old, tmp_path / "old" / "f.parquet", shard_rows=3)  # 11 shards
+    new_files = write_parquet(new, tmp_path / "new" / "f.parquet", shard_rows=8)  # 3 shards
+    other_files = write_parquet(other, tmp_path / "other" / "f.parquet", shard_rows=8)
+    assert [p.name for p in new_files] == ["f-00000.parquet", "f-00001.parquet", "f-00002.parquet"]
+    expected = np.load(tmp_path / "new" / "src.npy")
+    expected_paths = (tmp_path / "new" / "src.paths.txt").read_text().splitlines()
+
+    opened = FeatureFile.open(tmp_path / "new" / "f.parquet")
+    assert opened.matrix.shape == (24, 3) and np.array_equal(opened.matrix, expected)
+    assert opened.paths == expected_paths and opened.meta.shape == (24, 3)
+
+    def case(name: str, files: dict[str, Path]) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        for target, source in files.items():
+            shutil.copy(source, folder / target)
+        return folder / "f.parquet"
+
+    mine = {p.name: p for p in new_files}
+    leftovers = case("leftover", {**mine, "f-00003.parquet": old_files[3], "f-00010.parquet": old_files[10]})
+    with pytest.raises(MecHubError, match=r"f-00003\.parquet, f-00010\.parquet not part of it") as info:
+        FeatureFile.open(leftovers)
+    assert "--resume" in str(info.value) and "\n" not in str(info.value)
+    missing = case("missing", {k: v for k, v in mine.items() if k != "f-00001.parquet"})
+    with pytest.raises(MecHubError, match=r"f-00001\.parquet missing"):
+        FeatureFile.open(missing)
+    foreign = case("foreign", {**mine, "f-00001.parquet": other_files[1]})  # same count and sizes, another set
+    with pytest.raises(MecHubError, match=r"f-00001\.parquet: not a shard of the set f-00000\.parquet starts"):
+        FeatureFile.open(foreign)
+    older_first = case("older_first", {**mine, "f-00000.parquet": old_files[0]})  # the old set's first shard
+    with pytest.raises(MecHubError, match=r"has 11 shards"):
+        FeatureFile.open(older_first)
+    with pytest.raises(MecHubError, match=r"shard 1 of 3 .* not a whole set"):  # one shard opened as a set
+        FeatureFile.open(tmp_path / "new" / "f-00001.parquet")
+
+    # Converting anew with fewer shards removes the old ones: what is left reads as one set.
+    write_parquet(old, tmp_path / "new" / "f.parquet", shard_rows=8)
+    assert sorted(p.name for p in (tmp_path / "new").glob("f-*")) == [f"f-{i:05d}.parquet" for i in range(5)]
+    rewritten = FeatureFile.open(tmp_path / "new" / "f.parquet").matrix
+    assert np.array_equal(rewritten, np.load(tmp_path / "old" / "src.npy"))
+
+
+def test_shard_sets_written_before_the_set_keys_still_read(tmp_path: Path):
+    """Shards written before ``shard_count``/``set_id`` existed (``row_offset`` only) read as before;
+    one out of order is refused."""
+    import pyarrow as pa
+
+    from mec_hub.errors import MecHubError
+
+    rows = np.arange(10, dtype=np.float32).reshape(5, 2)
+    for index, (start, end) in enumerate(((0, 3), (3, 5))):
+        meta = {"model": "m", "features": f"f-{index:05d}.parquet", "shape": [end - start, 2], "row_offset": start}
+        table = pa.table(
+            {
+                "path": [f"a/{i}.png" for i in range(start, end)],
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(rows[start:end].reshape(-1)), 2),
+            }
+        ).replace_schema_metadata({b"mec_hub.meta": json.dumps(meta).encode()})
+        pq.write_table(table, tmp_path / f"f-{index:05d}.parquet")
+    opened = FeatureFile.open(tmp_path / "f.parquet")
+    assert np.array_equal(opened.matrix, rows) and opened.paths == [f"a/{i}.png" for i in range(5)]
+    assert opened.meta.model == "m" and opened.meta.shape == (5, 2) and "row_offset" not in opened.meta.extra
+    shutil.copy(tmp_path / "f-00000.parquet", tmp_path / "f-00002.parquet")  # a leftover of the old kind
+    with pytest.raises(MecHubError, match=r"f-00002\.parquet: not a shard of the set .*row_offset differs"):
+        FeatureFile.open(tmp_path / "f.parquet")
+
+
+# --------------------------------------------------------------------------- the footer before the columns
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def claim_rows(source: Path, target: Path, rows: int, claimed: int) -> None:
+    """``source`` with every i64 field that holds ``rows`` (the file's and the row group's ``num_rows``,
+    the columns' ``num_values``) set to ``claimed`` in its Thrift footer (compact protocol: field
+    header 0x16, then the zigzag varint)."""
+    data = source.read_bytes()
+    length = struct.unpack("<I", data[-8:-4])[0]
+    footer = data[-8 - length : -8]
+    old, new = b"\x16" + _varint(rows << 1), b"\x16" + _varint(claimed << 1)
+    assert footer.count(old) >= 2  # the file's and the row group's num_rows
+    footer = footer.replace(old, new)
+    target.write_bytes(data[: -8 - length] + footer + struct.pack("<I", len(footer)) + b"PAR1")
+
+
+def test_a_footer_claiming_2_to_the_40_rows_is_refused_before_reading(tmp_path: Path, memory_cap):
+    """Issue 21.9: a footer claiming 2^40 rows was believed (19.5 GB allocated): now the claim is
+    checked against the file's size first, in a process that could not allocate it anyway."""
+    from mec_hub.data.featurefile import write_parquet
+    from mec_hub.errors import MalformedFileError
+
+    source = _npy_set(tmp_path, 1234, seed=4, dim=4)
+    write_parquet(source, tmp_path / "x.parquet")
+    claim_rows(tmp_path / "x.parquet", tmp_path / "huge.parquet", 1234, 1 << 40)
+    assert pq.read_metadata(tmp_path / "huge.parquet").num_rows == 1 << 40  # pyarrow reads the claim
+    size = (tmp_path / "huge.parquet").stat().st_size
+    with memory_cap(512 << 20), pytest.raises(MalformedFileError) as info:
+        FeatureFile.open(tmp_path / "huge.parquet")
+    assert str(info.value) == (
+        f"{tmp_path / 'huge.parquet'}: its footer claims {1 << 40} rows of 4 values ({(1 << 40) * 16} bytes) "
+        f"in a file of {size} bytes, more than 64 times its size: a damaged or hostile file"
+    )
+    # A claim the size allows, but not the meta: refused by the meta before any column is read.
+    claim_rows(tmp_path / "x.parquet", tmp_path / "more.parquet", 1234, 1300)
+    with memory_cap(512 << 20), pytest.raises(MalformedFileError, match=r"says shape \[1234, 4\], .* 1300 rows of 4"):
+        FeatureFile.open(tmp_path / "more.parquet")
+
+
+def test_rows_a_writer_could_not_mean_are_refused_by_row(tmp_path: Path):
+    """Null rows, null values, a null path, another type of number, a meta that does not describe
+    the file: one MecHubError naming the file and the row or field, never a traceback or a row
+    silently read as 'None' or NaN."""
+    import pyarrow as pa
+
+    from mec_hub.errors import MecHubError
+
+    def write(name: str, paths: list, values: list, value_type: object = None, meta: object = None) -> Path:
+        value_type = value_type or pa.float32()
+        embedding = pa.FixedSizeListArray.from_arrays(pa.array(values, type=value_type), 2)
+        if name == "null_row.parquet":  # row 1 null, as a writer with a mask would make it
+            embedding = pa.FixedSizeListArray.from_arrays(
+                pa.array(values, type=value_type), 2, mask=pa.array([False, True, False])
+            )
+        table = pa.table({"path": pa.array(paths, type=pa.string()), "embedding": embedding})
+        if meta is not None:
+            table = table.replace_schema_metadata({b"mec_hub.meta": json.dumps(meta).encode()})
+        pq.write_table(table, tmp_path / name)
+        return tmp_path / name
+
+    ok = write("ok.parquet", ["a", "b", "c"], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    assert FeatureFile.open(ok).matrix.tolist() == [[1, 2], [3, 4], [5, 6]]
+    cases = {
+        write("null_row.parquet", ["a", "b", "c"], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]): r"row 1 has no embedding",
+        write("null_value.parquet", ["a", "b", "c"], [1.0, 2.0, 3.0, None, 5.0, 6.0]): r"row 1 has a null among",
+        write("null_path.parquet", ["a", None, "c"], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]): r"row 1 has no path",
+        write("f64.parquet", ["a", "b", "c"], [1.0] * 6, pa.float64()): r"float16 or float32, not double",
+        write("meta_rows.parquet", ["a", "b", "c"], [1.0] * 6, meta={"shape": [2, 2]}): r"says shape \[2, 2\]",
+        write("meta_type.parquet", ["a", "b", "c"], [1.0] * 6, meta={"embed_dim": "2"}): r"embed_dim is '2'",
+        write("meta_json.parquet", ["a", "b", "c"], [1.0] * 6, meta="{"): r"must be a JSON object",
+    }
+    for file, message in cases.items():
+        with pytest.raises(MecHubError, match=message) as info:
+            FeatureFile.open(file)
+        assert str(file) in str(info.value), str(info.value)

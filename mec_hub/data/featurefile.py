@@ -29,9 +29,18 @@ The same rows may be published as Parquet (``write_parquet``; needs ``pyarrow``,
 extra): ``X.parquet``, or ``X-00000.parquet``, ``X-00001.parquet`` ... of at most ``shard_rows``
 rows each, with the columns ``path`` (string) and ``embedding`` (fixed-size list of float32 or
 float16), and the meta record, as JSON, under the key ``mec_hub.meta`` of each file's key-value
-metadata (its ``shape`` that file's, ``row_offset`` where its first row is in the whole set).
-``FeatureFile.open`` reads both; for ``X.parquet`` absent, it reads the ``X-NNNNN.parquet`` shards
-in order, as one set.
+metadata (its ``shape`` that file's; ``row_offset`` where its first row is in the whole set,
+``shard_index`` and ``shard_count`` which file of how many, ``set_rows`` the rows of the whole set,
+``set_id`` a random id of the conversion that wrote it). ``FeatureFile.open`` reads both; for
+``X.parquet`` absent, it reads the ``X-NNNNN.parquet`` shards in order, as one set, and refuses a
+set that is not exactly the one its first shard names: a shard missing, one left over from an older
+conversion, one of another set. Shards written before ``shard_count`` existed (``row_offset``
+only) read as before, their offsets checked. Each file's footer is read and checked first (schema,
+row counts against each other, against the meta and against the file's size, see
+``PARQUET_MAX_EXPANSION``); only then are its columns read, a row group at a time.
+
+Every count a header states (``.npy`` shape, Parquet ``num_rows``) is checked against the bytes
+really present before anything is allocated or mapped.
 """
 
 from __future__ import annotations
@@ -40,19 +49,30 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
+import tokenize
 import types
 import typing
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
-from mec_hub.errors import MecHubError
-from mec_hub.fileio import atomic_write, atomic_write_json, fsync_dir
+from mec_hub.errors import MalformedFileError, MecHubError
+from mec_hub.fileio import (
+    NotRegularFileError,
+    atomic_write,
+    atomic_write_json,
+    fsync_dir,
+    open_regular_file,
+    parse_json,
+    read_bounded,
+    read_json,
+)
 
 FORMAT = "mec-embed"
 FORMAT_VERSION = 1
@@ -63,6 +83,13 @@ ENDS_BYTES = 1 << 20  # how much of each end of X.npy ``features_ends_sha256`` c
 PARQUET_SUFFIX = ".parquet"
 PARQUET_META_KEY = b"mec_hub.meta"
 PARQUET_BLOCK_ROWS = 65536  # rows converted at a time (a row group): memory stays bounded
+MAX_PATHS_BYTES = 1 << 34  # a paths file read without a row count to bound it (16 GiB)
+MAX_PATH_LINE_BYTES = 4096 + 1  # PATH_MAX and its line end: what one row's line may hold
+# A Parquet file's rows are believed only up to this many bytes of matrix per byte of file (plus
+# the slack below): float rows compress about 1:1, a column of zeros written plain with Snappy
+# about 20:1; a footer claiming more is damaged or hostile, refused before any column is read.
+PARQUET_MAX_EXPANSION = 64
+PARQUET_EXPANSION_SLACK = 64 << 20
 
 
 class PathNameError(MecHubError, ValueError):
@@ -94,15 +121,15 @@ def path_name_problem(name: str) -> str | None:
     return None
 
 
-def _read_paths(path: str | os.PathLike[str]) -> tuple[list[str], str]:
-    """(lines, SHA-256 of the file's bytes)."""
+def _read_paths(path: str | os.PathLike[str], *, max_bytes: int = MAX_PATHS_BYTES) -> tuple[list[str], str]:
+    """(lines, SHA-256 of the file's bytes); a file over ``max_bytes`` is refused before it is read."""
     try:
-        data = Path(path).read_bytes()
+        data = read_bounded(path, max_bytes, what="paths file")
         text = data.decode(PATHS_ENCODING)
     except FileNotFoundError:
         raise MecHubError(f"paths file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MecHubError(f"{path}: unreadable paths file ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise MalformedFileError(f"{path}: unreadable paths file, not UTF-8 at byte {exc.start}") from None
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
@@ -149,11 +176,51 @@ def features_ends_sha256(path: str | os.PathLike[str]) -> str:
     return sha.hexdigest()
 
 
+# What NumPy's header parser raises for a damaged header (it tokenizes and evaluates a dict literal).
+_NPY_HEADER_ERRORS = (
+    ValueError, OSError, EOFError, SyntaxError, TypeError, KeyError, RecursionError, tokenize.TokenError
+)
+
+
+@dataclass(frozen=True)
+class _NpyHeader:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran_order: bool
+    offset: int  # where the data starts
+
+
+def _read_npy_header(fh: IO[bytes], path: Path) -> _NpyHeader:
+    """The header of an open ``.npy``, checked against the bytes really there (before anything is mapped)."""
+    size = os.fstat(fh.fileno()).st_size
+    try:
+        version = np.lib.format.read_magic(fh)
+        if version not in ((1, 0), (2, 0), (3, 0)):
+            raise ValueError(f"unknown .npy format version {version}")
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(fh)
+    except _NPY_HEADER_ERRORS as exc:
+        detail = " ".join(str(exc).split())  # NumPy quotes the header over several lines
+        raise MalformedFileError(f"{path}: not a readable .npy array ({type(exc).__name__}: {detail})") from None
+    if dtype.hasobject:
+        raise MalformedFileError(f"{path}: a .npy of Python objects ({dtype}), which is never unpickled")
+    offset = fh.tell()
+    needed = math.prod(shape) * dtype.itemsize  # Python integers: a hostile shape cannot overflow
+    if offset + needed != size:
+        what = "is truncated" if offset + needed > size else "has bytes after its data"
+        raise MalformedFileError(
+            f"{path}: {what}: its header says shape {list(shape)} of {dtype} ({offset + needed} bytes with the "
+            f"header), the file has {size} bytes"
+        )
+    return _NpyHeader(tuple(shape), dtype, fortran_order, offset)
+
+
 def _npy_shape(path: Path) -> tuple[int, ...]:
     try:
-        return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)
-    except (ValueError, OSError, EOFError) as exc:
-        raise MecHubError(f"{path}: not a readable .npy array ({exc})") from None
+        with open_regular_file(path) as fh:
+            return _read_npy_header(fh, path).shape
+    except OSError as exc:
+        raise MecHubError(f"{path}: not a readable .npy array ({exc.strerror or exc})") from None
 
 
 # --------------------------------------------------------------------------- X.meta.json
@@ -282,10 +349,7 @@ def _checked(key: str, value: Any, origin: str) -> Any:
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MecHubError(f"{path}: unreadable metadata ({exc})") from None
+    return read_json(path)
 
 
 def read_meta_json(features_path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -308,11 +372,12 @@ def read_meta(features_path: str | os.PathLike[str]) -> FeatureMeta | None:
 # --------------------------------------------------------------------------- the three files
 
 
-def _check_one_set(path: Path, shape: tuple[int, ...], paths_sha256: str, meta: FeatureMeta) -> None:
-    """Refuse ``X.npy``, ``X.paths.txt`` and ``X.meta.json`` that were not published together."""
+def _check_one_set(path: Path, shape: tuple[int, ...], paths_sha256: str | None, meta: FeatureMeta) -> None:
+    """Refuse ``X.npy``, ``X.paths.txt`` and ``X.meta.json`` that were not published together
+    (``paths_sha256`` ``None``: the paths file was not read)."""
     meta_file, paths_file = sidecar(path, META_SUFFIX), sidecar(path, PATHS_SUFFIX)
     problems = []
-    if meta.paths_sha256 is not None and meta.paths_sha256 != paths_sha256:
+    if None not in (meta.paths_sha256, paths_sha256) and meta.paths_sha256 != paths_sha256:
         problems.append(f"{paths_file.name} is not the one {meta_file.name} was written with")
     if meta.shape is not None and tuple(meta.shape) != shape:
         problems.append(f"{path.name} has shape {list(shape)}, {meta_file.name} says {list(meta.shape)}")
@@ -328,14 +393,30 @@ def _check_one_set(path: Path, shape: tuple[int, ...], paths_sha256: str, meta: 
 
 
 def open_matrix(path: str | os.PathLike[str]) -> np.ndarray:
-    """A ``.npy`` array memory-mapped (never unpickled), or one clear error naming the file."""
+    """A ``.npy`` array memory-mapped (never unpickled), or one clear error naming the file.
+
+    Its header's shape and type are checked against the file's size before anything is mapped.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise MecHubError(f"feature file not found: {path}")
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise MecHubError(f"{path}: not a readable .npy array ({exc})") from None
+        with open_regular_file(path) as fh:
+            header = _read_npy_header(fh, path)
+            if math.prod(header.shape) == 0:  # nothing to map
+                return np.empty(header.shape, header.dtype, order="F" if header.fortran_order else "C")
+            return np.memmap(
+                fh,
+                dtype=header.dtype,
+                mode="r",
+                offset=header.offset,
+                shape=header.shape,
+                order="F" if header.fortran_order else "C",
+            )
+    except FileNotFoundError:
+        raise MecHubError(f"feature file not found: {path}") from None
+    except NotRegularFileError as exc:
+        raise MecHubError(f"feature file not found: {path} ({exc})") from None
+    except (ValueError, OSError) as exc:
+        raise MalformedFileError(f"{path}: not a readable .npy array ({exc})") from None
 
 
 @dataclass(frozen=True)
@@ -350,13 +431,17 @@ class FeatureFile:
 
     path: Path
     matrix: np.ndarray
-    paths: list[str]
+    paths: list[str] | None  # None only when opened ``with_paths=False``
     meta: FeatureMeta | None
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> FeatureFile:
+    def open(cls, path: str | os.PathLike[str], *, with_paths: bool = True) -> FeatureFile:
         """Open ``X.npy`` and read its side-cars, or ``X.parquet`` (or its shards); the rows and
-        paths must match one to one."""
+        paths must match one to one.
+
+        ``with_paths=False`` (rows labelled from elsewhere) leaves ``X.paths.txt`` unread, and
+        ``paths`` ``None`` for an ``.npy``; the meta is still checked against the rows.
+        """
         path = Path(path)
         if path.suffix == PARQUET_SUFFIX:
             return _open_parquet(path)
@@ -365,15 +450,19 @@ class FeatureFile:
             raise MecHubError(
                 f"{path}: expected a non-empty (N, D) array of numbers, got shape {matrix.shape} {matrix.dtype}"
             )
-        paths_file = sidecar(path, PATHS_SUFFIX)
-        if not paths_file.is_file():
-            raise MecHubError(f"{path}: no {paths_file.name} beside it (the row-aligned image paths mec-embed writes)")
-        paths, paths_sha256 = _read_paths(paths_file)
-        if len(paths) != matrix.shape[0]:
-            raise MecHubError(
-                f"{paths_file} has {len(paths)} paths but {path} has {matrix.shape[0]} rows; "
-                "the two files do not belong together"
-            )
+        paths, paths_sha256 = None, None
+        if with_paths:
+            paths_file = sidecar(path, PATHS_SUFFIX)
+            if not paths_file.is_file():
+                raise MecHubError(
+                    f"{path}: no {paths_file.name} beside it (the row-aligned image paths mec-embed writes)"
+                )
+            paths, paths_sha256 = _read_paths(paths_file, max_bytes=matrix.shape[0] * MAX_PATH_LINE_BYTES)
+            if len(paths) != matrix.shape[0]:
+                raise MecHubError(
+                    f"{paths_file} has {len(paths)} paths but {path} has {matrix.shape[0]} rows; "
+                    "the two files do not belong together"
+                )
         meta = read_meta(path)
         if meta is not None:
             _check_one_set(path, matrix.shape, paths_sha256, meta)
@@ -448,6 +537,8 @@ class FeatureFile:
 
     def resolve(self, row: int) -> Path | None:
         """The image of ``row`` on this machine, or ``None`` when it cannot be found."""
+        if self.paths is None:
+            raise ValueError(f"{self.path}: opened without its paths")
         recorded = Path(self.paths[row])
         if recorded.is_absolute():
             return recorded if recorded.is_file() else None
@@ -470,23 +561,46 @@ def _pyarrow() -> Any:
 
 
 def parquet_shards(path: str | os.PathLike[str]) -> list[Path]:
-    """The existing ``X-NNNNN.parquet`` shards of ``X.parquet``, in order."""
+    """The existing ``X-NNNNN.parquet`` shards of ``X.parquet``, in order (leftovers included:
+    ``FeatureFile.open`` checks them against the set's meta)."""
     path = Path(path)
     stem = path.name[: -len(PARQUET_SUFFIX)]
-    found = [p for p in path.parent.glob(f"{stem}-*{PARQUET_SUFFIX}") if p.name[len(stem) + 1 : -8].isdigit()]
-    return sorted(found)
+    found = [p for p in path.parent.glob(f"{stem}-*{PARQUET_SUFFIX}") if _shard_number(p, stem) is not None]
+    return sorted(found, key=lambda p: (_shard_number(p, stem), p.name))
+
+
+def _shard_number(file: Path, stem: str) -> int | None:
+    digits = file.name[len(stem) + 1 : -len(PARQUET_SUFFIX)]
+    return int(digits) if digits.isascii() and digits.isdigit() else None
+
+
+def _shard_name(stem: str, index: int) -> str:
+    return f"{stem}-{index:05d}{PARQUET_SUFFIX}"
+
+
+# Keys of each Parquet file's meta record that place the file in its set (not part of the set's meta).
+# ``row_offset``: where its first row is in the set; ``shard_index`` / ``shard_count``: which of how
+# many files; ``set_rows``: rows of the whole set; ``set_id``: a random id of the conversion that
+# wrote the set, so a file of another conversion (even of the same run) is never taken for one of it.
+_SHARD_KEYS = ("row_offset", "shard_index", "shard_count", "set_rows", "set_id")
 
 
 def write_parquet(source: FeatureFile, target: str | os.PathLike[str], *, shard_rows: int | None = None) -> list[Path]:
     """Publish the rows of ``source`` as ``target`` (``X.parquet``), or with ``shard_rows`` as
     ``X-00000.parquet`` ... of at most that many rows; each file atomically, old shards beyond the
-    new ones removed last. Returns the files written."""
+    new ones removed last. Returns the files written.
+
+    Each file's meta record says where it lies in the set (``_SHARD_KEYS``), so that a reader
+    refuses a set with a file missing, left over from another conversion or taken from another set.
+    """
     pa = _pyarrow()
     import pyarrow.parquet as pq
 
     target = Path(target)
     if target.suffix != PARQUET_SUFFIX:
         raise ValueError(f"{target}: a Parquet file name must end in {PARQUET_SUFFIX}")
+    if source.paths is None:
+        raise ValueError(f"{source.path}: opened without its paths, which Parquet output holds")
     rows, dim = source.matrix.shape
     kind = {np.dtype(np.float16): pa.float16(), np.dtype(np.float32): pa.float32()}.get(source.matrix.dtype)
     if kind is None:
@@ -496,20 +610,22 @@ def write_parquet(source: FeatureFile, target: str | os.PathLike[str], *, shard_
     per_file = shard_rows or rows
     bounds = [(start, min(start + per_file, rows)) for start in range(0, rows, per_file)]
     stem = target.name[: -len(PARQUET_SUFFIX)]
-    names = (
-        [target]
-        if shard_rows is None
-        else [target.with_name(f"{stem}-{i:05d}{PARQUET_SUFFIX}") for i in range(len(bounds))]
-    )
-    for name, (start, end) in zip(names, bounds, strict=True):
+    names = [target] if shard_rows is None else [target.with_name(_shard_name(stem, i)) for i in range(len(bounds))]
+    set_id = uuid.uuid4().hex
+    for index, (name, (start, end)) in enumerate(zip(names, bounds, strict=True)):
         record = dataclasses.replace(
             meta, features=name.name, paths=None, shape=(end - start, dim), paths_sha256=None, features_ends_sha256=None
         ).to_json()
-        record["row_offset"] = start
+        for key in _SHARD_KEYS:
+            record.pop(key, None)
+        record.update(row_offset=start, shard_index=index, shard_count=len(names), set_rows=rows, set_id=set_id)
         file_schema = schema.with_metadata({PARQUET_META_KEY: json.dumps(record).encode()})
 
         def write(tmp: Path, start: int = start, end: int = end, file_schema: Any = file_schema) -> None:
-            with pq.ParquetWriter(tmp, file_schema) as writer:
+            # No dictionary for the rows: float rows gain nothing from one, and written plain even a
+            # column of zeros stays within PARQUET_MAX_EXPANSION of its file's size. Each page has a
+            # CRC, so that a flipped byte in the rows is an error, never a silently different row.
+            with pq.ParquetWriter(tmp, file_schema, use_dictionary=["path"], write_page_checksum=True) as writer:
                 for first in range(start, end, PARQUET_BLOCK_ROWS):
                     last = min(first + PARQUET_BLOCK_ROWS, end)
                     block = np.ascontiguousarray(source.matrix[first:last]).reshape(-1)
@@ -519,9 +635,212 @@ def write_parquet(source: FeatureFile, target: str | os.PathLike[str], *, shard_
 
         atomic_write(name, write)
     if shard_rows is not None:
-        for stale in parquet_shards(target)[len(names) :]:
-            stale.unlink(missing_ok=True)
+        for stale in parquet_shards(target):
+            if stale not in names:
+                stale.unlink(missing_ok=True)
     return names
+
+
+@dataclass
+class _ParquetPart:
+    """One Parquet file of a set, its footer read and checked, no column read yet."""
+
+    file: Path
+    reader: Any  # pyarrow.parquet.ParquetFile
+    handle: IO[bytes]
+    rows: int
+    dim: int
+    dtype: np.dtype
+    meta: FeatureMeta | None
+    place: dict[str, Any]  # the _SHARD_KEYS its record holds
+
+
+def _parquet_error(file: Path, exc: BaseException) -> MalformedFileError:
+    detail = " ".join(str(exc).split())  # pyarrow's messages run over several lines
+    return MalformedFileError(f"{file}: not a readable Parquet file ({type(exc).__name__}: {detail})")
+
+
+def _open_part(file: Path) -> _ParquetPart:
+    """Read ``file``'s footer alone and check it (schema, row counts, sizes, meta) against the file's bytes."""
+    pa = _pyarrow()
+    import pyarrow.parquet as pq
+
+    try:
+        handle = open_regular_file(file)
+    except OSError as exc:
+        raise MecHubError(f"{file}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        size = os.fstat(handle.fileno()).st_size
+        try:
+            reader = pq.ParquetFile(handle, page_checksum_verification=True)
+            footer = reader.metadata
+            schema = reader.schema_arrow
+        except MemoryError:
+            raise
+        except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for what is not Parquet
+            raise _parquet_error(file, exc) from None
+        names = schema.names
+        if "path" not in names or "embedding" not in names:
+            raise MecHubError(f"{file}: expected the columns 'path' and 'embedding', found {names}")
+        path_type, embedding_type = schema.field("path").type, schema.field("embedding").type
+        if not (pa.types.is_string(path_type) or pa.types.is_large_string(path_type)):
+            raise MalformedFileError(f"{file}: 'path' must be a string column, not {path_type}")
+        if not pa.types.is_fixed_size_list(embedding_type):
+            raise MecHubError(f"{file}: 'embedding' must be a fixed-size list, not {embedding_type}")
+        value_type = embedding_type.value_type
+        if not (pa.types.is_float16(value_type) or pa.types.is_float32(value_type)):
+            raise MalformedFileError(f"{file}: 'embedding' must hold float16 or float32, not {value_type}")
+        dim, dtype = embedding_type.list_size, np.dtype(value_type.to_pandas_dtype())
+        if dim < 1:
+            raise MalformedFileError(f"{file}: 'embedding' lists of {dim} values")
+        rows = footer.num_rows
+        meta, place = _part_meta(file, schema.metadata)
+        _check_footer(file, footer, schema, rows, dim, dtype.itemsize, size)
+        if meta is not None and meta.shape is not None and tuple(meta.shape) != (rows, dim):
+            raise MalformedFileError(
+                f"{file}: its meta ({PARQUET_META_KEY.decode()}) says shape {list(meta.shape)}, "
+                f"the file holds {rows} rows of {dim}"
+            )
+        return _ParquetPart(file, reader, handle, rows, dim, dtype, meta, place)
+    except BaseException:
+        handle.close()
+        raise
+
+
+def _part_meta(file: Path, metadata: Mapping[bytes, bytes] | None) -> tuple[FeatureMeta | None, dict[str, Any]]:
+    raw = (metadata or {}).get(PARQUET_META_KEY)
+    if raw is None:
+        return None, {}
+    origin = f"{file} ({PARQUET_META_KEY.decode()})"
+    meta = FeatureMeta.from_json(parse_json(raw, origin), origin=origin)
+    place = {key: meta.extra.pop(key) for key in _SHARD_KEYS if key in meta.extra}
+    for key, value in place.items():
+        if key == "set_id" and not isinstance(value, str):
+            raise MalformedFileError(f"{origin}: {key} is {value!r}, expected a string")
+        if key != "set_id" and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise MalformedFileError(f"{origin}: {key} is {value!r}, expected a count")
+    return meta, place
+
+
+def _check_footer(file: Path, footer: Any, schema: Any, rows: int, dim: int, itemsize: int, size: int) -> None:
+    """The footer's counts against each other and against the file's size, before any column is read."""
+    groups = [footer.row_group(g) for g in range(footer.num_row_groups)]
+    if rows < 0 or any(g.num_rows < 0 for g in groups) or sum(g.num_rows for g in groups) != rows:
+        raise MalformedFileError(
+            f"{file}: its footer says {rows} rows, its row groups hold {[g.num_rows for g in groups]}: a damaged file"
+        )
+    claimed = rows * dim * itemsize
+    bound = PARQUET_MAX_EXPANSION * size + PARQUET_EXPANSION_SLACK
+    if claimed > bound:
+        raise MalformedFileError(
+            f"{file}: its footer claims {rows} rows of {dim} values ({claimed} bytes) in a file of {size} bytes, "
+            f"more than {PARQUET_MAX_EXPANSION} times its size: a damaged or hostile file"
+        )
+    columns = {footer.schema.column(c).path.split(".")[0]: c for c in range(footer.num_columns)}
+    for number, group in enumerate(groups):
+        for name, expected in (("path", group.num_rows), ("embedding", group.num_rows * dim)):
+            chunk = group.column(columns[name])
+            if chunk.num_values > expected:  # fewer: null rows, named by row when read
+                raise MalformedFileError(
+                    f"{file}: row group {number} says it has {chunk.num_values} '{name}' values for "
+                    f"{group.num_rows} rows" + (f" of {dim}" if name == "embedding" else "") + ": a damaged file"
+                )
+            if chunk.total_compressed_size < 0 or chunk.total_compressed_size > size:
+                raise MalformedFileError(
+                    f"{file}: row group {number} says its '{name}' column has {chunk.total_compressed_size} bytes, "
+                    f"the file {size}"
+                )
+
+
+def _check_set(path: Path, parts: list[_ParquetPart]) -> None:
+    """Shards ``X-NNNNN.parquet`` that are exactly the set their first names: no file missing, none left
+    over from another conversion, none of another set."""
+    stem = path.name[: -len(PARQUET_SUFFIX)]
+    first = parts[0].place
+    single = len(parts) == 1 and parts[0].file == path
+    advice = (
+        "as when a conversion is stopped while replacing an older set: finish it (the same mec-embed command "
+        "with --resume) or write the set anew (--overwrite)"
+    )
+    if single:
+        if first.get("shard_count", 1) != 1 or first.get("set_rows", parts[0].rows) != parts[0].rows:
+            raise MalformedFileError(
+                f"{path}: its meta says it is shard {first.get('shard_index')} of {first.get('shard_count')} "
+                f"({first.get('set_rows')} rows in all), not a whole set: open the set by its name "
+                f"(X.parquet for X-00000.parquet ...)"
+            )
+        return
+    if "shard_count" in first:  # a set that names its shards
+        count = first["shard_count"]
+        expected = [_shard_name(stem, i) for i in range(count)]
+        found = [p.file.name for p in parts]
+        extra = [name for name in found if name not in expected]
+        missing = [name for name in expected if name not in found]
+        if extra or missing or found[0] != expected[0]:
+            problems = ([f"{', '.join(missing)} missing"] if missing else []) + (
+                [f"{', '.join(extra)} not part of it"] if extra else []
+            )
+            raise MalformedFileError(
+                f"{path}: the set {expected[0]} names has {count} shards ({'; '.join(problems)}), {advice}"
+            )
+    offset = 0
+    for index, part in enumerate(parts):
+        place = part.place
+        expected_name = _shard_name(stem, index)
+        if part.file.name != expected_name:
+            raise MalformedFileError(f"{path}: {expected_name} is missing from the set of shards, {advice}")
+        wrong = [
+            key
+            for key, value in (
+                ("shard_index", index),
+                ("shard_count", first.get("shard_count")),
+                ("set_rows", first.get("set_rows")),
+                ("set_id", first.get("set_id")),
+                ("row_offset", offset),
+            )
+            if place.get(key) != value and (key in place or key in first)
+        ]
+        if wrong:
+            raise MalformedFileError(
+                f"{part.file}: not a shard of the set {parts[0].file.name} starts ({', '.join(wrong)} "
+                f"{'differ' if len(wrong) > 1 else 'differs'}), {advice}"
+            )
+        offset += part.rows
+    if "set_rows" in first and first["set_rows"] != offset:
+        raise MalformedFileError(f"{path}: the shards hold {offset} rows, the set's meta says {first['set_rows']}")
+    if len({(p.dim, p.dtype) for p in parts}) > 1:
+        raise MalformedFileError(f"{path}: the shards hold rows of different widths or types")
+
+
+def _read_part(part: _ParquetPart, matrix: np.ndarray, paths: list[str], start: int) -> None:
+    """Copy the rows of ``part`` into ``matrix[start:]`` and its paths onto ``paths``, a row group at a time."""
+    file, row = part.file, 0  # row: the file's first row of the group
+    for number in range(part.reader.num_row_groups):
+        claimed = part.reader.metadata.row_group(number).num_rows
+        try:
+            table = part.reader.read_row_group(number, columns=["path", "embedding"])
+            names, embedding = table.column("path").combine_chunks(), table.column("embedding").combine_chunks()
+            values = embedding.flatten()  # the values of the non-null rows
+        except MemoryError:
+            raise
+        except Exception as exc:
+            raise _parquet_error(file, exc) from None
+        if table.num_rows != claimed:
+            raise MalformedFileError(
+                f"{file}: row group {number} holds {table.num_rows} rows, its footer says {claimed}"
+            )
+        for what, array in (("path", names), ("embedding", embedding)):
+            if array.null_count:
+                first = int(np.argmax(array.is_null().to_numpy(zero_copy_only=False)))
+                raise MalformedFileError(f"{file}: row {row + first} has no {what} (null)")
+        if values.null_count:
+            first = int(np.argmax(values.is_null().to_numpy(zero_copy_only=False))) // part.dim
+            raise MalformedFileError(f"{file}: row {row + first} has a null among its embedding values")
+        if len(values) != claimed * part.dim:  # cannot be, with no null row; a damaged file all the same
+            raise MalformedFileError(f"{file}: row group {number} holds {len(values)} values for {claimed} rows")
+        matrix[start + row : start + row + claimed] = values.to_numpy(zero_copy_only=False).reshape(claimed, part.dim)
+        paths += names.to_pylist()
+        row += claimed
 
 
 def _open_parquet(path: Path) -> FeatureFile:
@@ -529,30 +848,24 @@ def _open_parquet(path: Path) -> FeatureFile:
     if not files:
         raise MecHubError(f"feature file not found: {path} (nor its shards {path.stem}-NNNNN{PARQUET_SUFFIX})")
     _pyarrow()
-    import pyarrow.parquet as pq
-
-    blocks, paths, meta = [], [], None
-    for file in files:
-        try:
-            table = pq.read_table(file)
-        except Exception as exc:  # pyarrow raises its own ArrowInvalid, OSError ...
-            raise MecHubError(f"{file}: not a readable Parquet file ({exc})") from None
-        if "path" not in table.column_names or "embedding" not in table.column_names:
-            raise MecHubError(f"{file}: expected the columns 'path' and 'embedding', found {table.column_names}")
-        column = table.column("embedding").combine_chunks()
-        dim = getattr(column.type, "list_size", None)
-        if dim is None:
-            raise MecHubError(f"{file}: 'embedding' must be a fixed-size list, not {column.type}")
-        matrix = column.flatten().to_numpy(zero_copy_only=False).reshape(len(table), dim)
-        blocks.append(matrix)
-        paths += [str(p) for p in table.column("path").to_pylist()]
-        raw = (table.schema.metadata or {}).get(PARQUET_META_KEY)
-        if raw is not None and meta is None:
-            meta = FeatureMeta.from_json(json.loads(raw), origin=f"{file} ({PARQUET_META_KEY.decode()})")
-    matrix = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
-    if matrix.shape[0] == 0:
-        raise MecHubError(f"{path}: no rows")
-    if meta is not None and len(files) > 1:
+    parts: list[_ParquetPart] = []
+    try:
+        for file in files:
+            parts.append(_open_part(file))
+        _check_set(path, parts)
+        rows = sum(part.rows for part in parts)
+        if rows == 0:
+            raise MecHubError(f"{path}: no rows")
+        matrix = np.empty((rows, parts[0].dim), parts[0].dtype)  # the footers checked: this size is believed
+        paths: list[str] = []
+        start = 0
+        for part in parts:
+            _read_part(part, matrix, paths, start)
+            start += part.rows
+    finally:
+        for part in parts:
+            part.handle.close()
+    meta = parts[0].meta
+    if meta is not None:
         meta = dataclasses.replace(meta, features=path.name, shape=matrix.shape)
-        meta.extra.pop("row_offset", None)
     return FeatureFile(path=path, matrix=matrix, paths=paths, meta=meta)

@@ -13,14 +13,17 @@ an ``(N, D)`` array, with row-aligned labels from either
   (``cat/0001.png`` and ``/data/val/cat/0001.png`` are both ``cat``); or
 * an integer ``.npy`` vector of class indices (classes are then named ``"0"``, ``"1"``, ...).
 
-``X.meta.json`` beside it, when present, says which model made the features.
+``X.meta.json`` beside it, when present, says which model made the features. A Parquet output of
+mec-embed (``X.parquet``, or its shards) is read too: it holds the paths and the meta itself.
+Every feature file is opened once, by ``FeatureFile.open``, which checks that its parts belong
+together; its ``FeatureMeta`` travels on as ``LabelledFeatures.feature_meta``.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,14 +38,15 @@ from mec_hub.data.featurefile import (
     PARQUET_SUFFIX,
     PATHS_SUFFIX,
     FeatureFile,
+    FeatureMeta,
     open_matrix,
-    read_meta_json,
+    parquet_shards,
     read_paths,
     sidecar,
 )
 from mec_hub.data.images import IMAGE_EXTENSIONS
 from mec_hub.embedding.loader import ImageSource
-from mec_hub.embedding.runner import Batch, BatchRunner
+from mec_hub.embedding.runner import BatchRunner
 from mec_hub.errors import MecHubError
 from mec_hub.evaluation.inputs import InvalidFeaturesError, as_feature_matrix, as_label_vector
 
@@ -52,7 +56,8 @@ class LabelledFeatures:
     """``features``: float32 ``(N, D)``; ``labels``: int64 ``(N,)`` indices into ``classes``.
 
     ``paths`` (row-aligned image paths, when known), ``skipped`` (images that could not be read,
-    as ``(path, reason)``) and ``meta`` (what made the features, e.g. ``X.meta.json``) are extras.
+    as ``(path, reason)``) and ``feature_meta`` (what made the features, e.g. ``X.meta.json``) are
+    extras; ``meta`` is that record as its JSON object (``{}`` when there is none).
     """
 
     features: torch.Tensor
@@ -60,10 +65,15 @@ class LabelledFeatures:
     classes: list[str]
     paths: list[str] | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    meta: dict[str, Any] = field(default_factory=dict)
+    feature_meta: FeatureMeta | None = None
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """``feature_meta`` as the JSON object ``X.meta.json`` holds (``{}`` when there is none)."""
+        return self.feature_meta.to_json() if self.feature_meta is not None else {}
 
 
 # --------------------------------------------------------------------------- image folders
@@ -155,14 +165,6 @@ def extract_features(
             raise ValueError(f"the model returned shape {tuple(out.shape)}; expected (N, D) features")
         return out
 
-    def commit(batch: Batch) -> None:
-        failed.extend(batch.failures)
-        if batch.indices:
-            chunks.append(torch.from_numpy(batch.features))
-            kept.extend(batch.indices)
-        if bar is not None:
-            bar.update(len(batch.indices) + len(batch.failures))
-
     runner = BatchRunner(
         forward=forward,
         finish=lambda out: np.empty((0, 0), np.float32) if out is None else out.float().cpu().numpy(),
@@ -175,7 +177,13 @@ def extract_features(
     was_training = model.training
     model.eval()
     try:
-        runner.run(ImageSource(list(paths), transform), 0, len(paths), commit)
+        for batch in runner.batches(ImageSource(list(paths), transform), 0, len(paths)):
+            failed.extend(batch.failures)
+            if batch.indices:
+                chunks.append(torch.from_numpy(batch.features))
+                kept.extend(batch.indices)
+            if bar is not None:
+                bar.update(len(batch.indices) + len(batch.failures))
     finally:
         model.train(was_training)
         if bar is not None:
@@ -225,7 +233,7 @@ def extract_image_folder(
         classes=classes,
         paths=[os.path.relpath(paths[i], root) for i in kept],
         skipped=skipped,
-        meta={"inputs": [str(root)]},
+        feature_meta=FeatureMeta(format=None, inputs=[str(root)]),
     )
 
 
@@ -237,6 +245,18 @@ def _load_npy(path: Path, *, what: str) -> np.ndarray:
         raise MecHubError(f"{what} not found: {path}")
     try:
         return open_matrix(path)  # the feature-file module's one reader of a .npy (memory-mapped, no pickles)
+    except MecHubError as exc:
+        raise InvalidFeaturesError(str(exc)) from None
+
+
+def _open_features(path: Path, *, with_paths: bool) -> FeatureFile:
+    """The feature set at ``path``, opened once (its parts checked against each other)."""
+    if not path.is_file() and not (path.suffix == PARQUET_SUFFIX and parquet_shards(path)):
+        raise MecHubError(f"features file not found: {path}")
+    try:
+        return FeatureFile.open(path, with_paths=with_paths)
+    except InvalidFeaturesError:
+        raise
     except MecHubError as exc:
         raise InvalidFeaturesError(str(exc)) from None
 
@@ -270,41 +290,33 @@ def load_feature_file(
     *,
     classes: Sequence[str] | None = None,
 ) -> LabelledFeatures:
-    """Read ``X.npy`` and its labels (see the module docstring for the accepted label files).
+    """Read ``X.npy`` (or ``X.parquet``) and its labels (see the module docstring for the accepted label files).
 
-    ``labels`` defaults to ``X.paths.txt`` beside the features. ``classes`` imposes the class
-    list (give the training set's when reading a validation set).
+    ``labels`` defaults to the set's own paths (``X.paths.txt`` beside the features, or the
+    Parquet ``path`` column). ``classes`` imposes the class list (give the training set's when
+    reading a validation set).
     """
     features_path = Path(features)
-    if features_path.suffix == PARQUET_SUFFIX and labels is None:
-        # A Parquet output of mec-embed carries its paths (the labels) and its meta in the file itself.
-        try:
-            opened = FeatureFile.open(features_path)
-        except MecHubError as exc:
-            raise InvalidFeaturesError(str(exc)) from None
-        tensor = as_feature_matrix(np.array(opened.matrix, dtype=np.float32), what=str(features_path))
-        values, classes = labels_from_paths(opened.paths, origin=str(features_path), classes=classes)
-        return LabelledFeatures(
-            features=tensor,
-            labels=torch.from_numpy(values),
-            classes=list(classes),
-            paths=list(opened.paths),
-            meta=opened.meta.to_json() if opened.meta is not None else {},
-        )
-    array = _load_npy(features_path, what="features file")
-    tensor = as_feature_matrix(np.array(array, dtype=np.float32), what=str(features_path))  # a copy, in memory
-    label_path = Path(labels) if labels is not None else sidecar(features_path, PATHS_SUFFIX)
-    if labels is None and not label_path.is_file():
+    parquet = features_path.suffix == PARQUET_SUFFIX
+    label_path = Path(labels) if labels is not None else None
+    own_paths = sidecar(features_path, PATHS_SUFFIX)
+    if label_path is None and not parquet and features_path.is_file() and not own_paths.is_file():
         raise MecHubError(
-            f"no labels for {features_path}: no {label_path.name} beside it; pass a labels file "
+            f"no labels for {features_path}: no {own_paths.name} beside it; pass a labels file "
             "(an integer .npy vector, or a text file of CLASS/IMAGE paths)"
         )
-    paths = None
-    if label_path.suffix == ".npy":
+    # One read of the set: rows, paths (when they are the labels) and meta, checked together.
+    opened = _open_features(features_path, with_paths=label_path is None)
+    tensor = as_feature_matrix(np.array(opened.matrix, dtype=np.float32), what=str(features_path))  # a copy
+    rows = tensor.shape[0]
+    paths = opened.paths
+    if label_path is None and paths is not None:  # the set's own paths (FeatureFile.open read them)
+        origin = str(features_path if parquet else own_paths)
+        values, classes = labels_from_paths(paths, origin=origin, classes=classes)
+        label_tensor = torch.from_numpy(values)
+    elif label_path.suffix == ".npy":
         raw = _load_npy(label_path, what="labels file")
-        label_tensor = as_label_vector(
-            np.array(raw), what=str(label_path), length=tensor.shape[0], length_of=str(features_path)
-        )
+        label_tensor = as_label_vector(np.array(raw), what=str(label_path), length=rows, length_of=str(features_path))
         largest = int(label_tensor.max()) if label_tensor.numel() else -1
         if classes is None:
             classes = [str(i) for i in range(largest + 1)]
@@ -312,22 +324,14 @@ def load_feature_file(
             raise InvalidFeaturesError(
                 f"{label_path}: label {largest} is not among the {len(classes)} training classes"
             )
-    elif labels is None:
-        # X.paths.txt beside X.npy: open the set through its owner, which also refuses a paths file
-        # and a meta of another run than the .npy (what a kill mid-replacement can leave).
+    else:
         try:
-            paths = FeatureFile.open(features_path).paths
-        except InvalidFeaturesError:
-            raise
+            paths = read_paths(label_path)
         except MecHubError as exc:
             raise InvalidFeaturesError(str(exc)) from None
-        values, classes = labels_from_paths(paths, origin=str(label_path), classes=classes)
-        label_tensor = torch.from_numpy(values)
-    else:
-        paths = read_paths(label_path)
-        if len(paths) != tensor.shape[0]:
+        if len(paths) != rows:
             raise InvalidFeaturesError(
-                f"{label_path} has {len(paths)} paths but {features_path} has {tensor.shape[0]} rows; "
+                f"{label_path} has {len(paths)} paths but {features_path} has {rows} rows; "
                 "they must match one to one"
             )
         values, classes = labels_from_paths(paths, origin=str(label_path), classes=classes)
@@ -336,12 +340,14 @@ def load_feature_file(
         features=tensor,
         labels=label_tensor,
         classes=list(classes),
-        paths=paths,
-        meta=read_meta_json(features_path),
+        paths=list(paths) if paths is not None else None,
+        feature_meta=opened.meta,
     )
 
 
-def save_feature_file(data: LabelledFeatures, path: str | os.PathLike[str], meta: dict[str, Any]) -> Path:
+def save_feature_file(
+    data: LabelledFeatures, path: str | os.PathLike[str], meta: FeatureMeta | Mapping[str, Any]
+) -> Path:
     """Write ``X.npy``, ``X.paths.txt`` and ``X.meta.json``, each atomically, for ``load_feature_file``."""
     path = Path(path)
     if not path.name.endswith(".npy"):
