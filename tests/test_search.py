@@ -75,7 +75,7 @@ def test_an_image_is_its_own_nearest_neighbour(indexed: Path, tmp_path: Path):
     result = run("search", indexed / "FEATS.npy", *queries, "--top-k", 3, "--grid", grid, "--tile", 64)
     assert result.exit_code == 0, result.output
 
-    found = parse_results(result.output)
+    found = parse_results(result.stdout)
     assert list(found) == [str(q) for q in queries]
     for query, hits in zip(queries, found.values(), strict=True):
         assert [rank for rank, _, _ in hits] == [1, 2, 3]
@@ -102,7 +102,7 @@ def test_missing_neighbour_image_gets_a_grey_tile(indexed: Path, tmp_path: Path)
     grid = tmp_path / "grid.png"
     result = run("search", copy / "FEATS.npy", query, "-k", 2, "--grid", grid, "--json")
     assert result.exit_code == 0, result.output
-    hits = json.loads(result.output[: result.output.rindex("]") + 1])[0]["neighbours"]
+    hits = json.loads(result.stdout)[0]["neighbours"]
     assert hits[0]["path"] == "ship/0000.png" and hits[0]["resolved"] is None
     assert hits[1]["resolved"] is not None and Path(hits[1]["resolved"]).is_file()
 
@@ -179,7 +179,7 @@ def test_search_reads_what_mec_embed_writes(indexed: Path, tiny_weights_dir: Pat
     query = indexed / "images" / "ship" / "0001.png"
     result = run("search", tmp_path / "FEATS.npy", query, "--top-k", 2, "--json", "--device", "cpu")
     assert result.exit_code == 0, result.output
-    hits = json.loads(result.output)[0]["neighbours"]
+    hits = json.loads(result.stdout)[0]["neighbours"]
     assert hits[0]["path"] == "ship/0001.png" and Path(hits[0]["resolved"]).resolve() == query.resolve()
     assert hits[0]["score"] == pytest.approx(1.0, abs=2e-3) and hits[1]["score"] < hits[0]["score"]
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from mec_hub.data.featurefile import META_SUFFIX, FeatureFile, FeatureMeta, sidecar
-from mec_hub.errors import MecHubError
+from mec_hub.errors import MalformedFileError, MecHubError
 
 # Elements of one block of feature rows or similarities: 2**23 float32 = 32 MiB.
 _BLOCK_BUDGET = 1 << 23
@@ -52,34 +52,107 @@ class Neighbour:
     resolved: Path | None
 
 
-def _normalise_rows(block: np.ndarray) -> np.ndarray:
-    block = np.asarray(block, dtype=np.float32)
-    norms = np.linalg.norm(block, axis=1, keepdims=True)
-    return np.nan_to_num(block / np.maximum(norms, 1e-12), nan=0.0, posinf=0.0, neginf=0.0)
+class NonFiniteRowsError(MalformedFileError):
+    """Feature rows or query vectors holding NaN or infinite values: cosine similarity is undefined for them."""
+
+
+#: How many offending row numbers a ``NonFiniteRowsError`` lists before saying how many more there are.
+SHOWN_ROWS = 5
+
+
+class NonFiniteRows:
+    """Collects, block by block, the rows holding NaN or infinite values; ``check`` raises one error naming them.
+
+    Memory: the first ``SHOWN_ROWS`` row numbers and a count, whatever the number of rows scanned.
+    """
+
+    def __init__(self) -> None:
+        self.first: list[int] = []
+        self.count = 0
+
+    def add(self, block: np.ndarray, start: int = 0) -> None:
+        """Note the non-finite rows of ``block``, whose first row is row ``start`` of the whole."""
+        bad = np.flatnonzero(~np.isfinite(block).all(axis=tuple(range(1, block.ndim))))
+        if len(bad):
+            self.first += (bad[: SHOWN_ROWS - len(self.first)] + start).tolist()
+            self.count += len(bad)
+
+    def check(self, origin: str, what: str = "row") -> None:
+        if not self.count:
+            return
+        shown = ", ".join(map(str, self.first))
+        if self.count == 1:
+            told = f"{what} {shown} holds NaN or infinite values"
+        else:
+            more = f" and {self.count - len(self.first)} more" if self.count > len(self.first) else ""
+            told = f"{what}s {shown}{more} hold NaN or infinite values ({self.count} {what}s in all)"
+        raise NonFiniteRowsError(
+            f"{origin}: {told}; cosine similarity is undefined for them: remove them or compute them again"
+        )
+
+
+def refuse_non_finite(
+    matrix: np.ndarray, origin: str, *, what: str = "row", block_rows: int | None = None
+) -> None:
+    """Raise ``NonFiniteRowsError`` naming the rows of ``matrix`` that hold NaN or infinite values.
+
+    Read ``block_rows`` rows at a time (default: blocks of about 32 MiB), so a memory-mapped file
+    of any size is never copied whole.
+    """
+    matrix = np.asarray(matrix) if not isinstance(matrix, np.ndarray) else matrix
+    if matrix.ndim == 1:
+        matrix = matrix[None, :]
+    width = int(np.prod(matrix.shape[1:])) if matrix.ndim > 1 else 1
+    block_rows = block_rows or max(1, _BLOCK_BUDGET // max(width, 1))
+    found = NonFiniteRows()
+    for start in range(0, len(matrix), block_rows):
+        found.add(np.asarray(matrix[start : start + block_rows]), start)
+    found.check(origin, what)
+
+
+def normalise_rows(block: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm, as contiguous float32 (a zero row stays zero).
+
+    Norms are taken in float64, so large finite values do not overflow to a zero row. Rows must
+    be finite (``refuse_non_finite``): a NaN row stays NaN rather than quietly becoming zero.
+    """
+    block = np.asarray(block)
+    wide = block.astype(np.float64, copy=False)
+    norms = np.linalg.norm(wide, axis=-1, keepdims=True)
+    return np.ascontiguousarray(wide / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
 def cosine_top_k(
-    matrix: np.ndarray, queries: np.ndarray, k: int, *, chunk_rows: int | None = None
+    matrix: np.ndarray, queries: np.ndarray, k: int, *, chunk_rows: int | None = None, origin: str = "the feature file"
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(scores, rows)``, each ``(Q, min(k, N))``: the ``k`` rows of ``matrix`` most cosine-similar to each query.
 
     Exact. ``matrix`` (``(N, D)``, e.g. a memory map) is read ``chunk_rows`` rows at a time
     (default: blocks of about 32 MiB); rows are L2-normalised on the fly, so the file need not be.
-    Results are sorted by decreasing similarity, equal similarities by increasing row.
+    Results are sorted by decreasing similarity, equal similarities by increasing row. Queries or
+    rows holding NaN or infinite values are refused (``NonFiniteRowsError``, naming them and
+    ``origin``), the rows as the blocks are read.
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     num_rows, dim = matrix.shape
-    queries = _normalise_rows(queries)
+    queries = np.asarray(queries)
     if queries.ndim != 2 or queries.shape[1] != dim:
         raise MecHubError(f"queries have shape {queries.shape}; the feature file has {dim} dimensions")
+    refuse_non_finite(queries, "the query vectors", what="query")
+    queries = normalise_rows(queries)
+    non_finite = NonFiniteRows()
     k = min(k, num_rows)
     if chunk_rows is None:
         chunk_rows = max(k, _BLOCK_BUDGET // max(dim, len(queries), 1))
     best_scores = np.empty((len(queries), 0), dtype=np.float32)
     best_rows = np.empty((len(queries), 0), dtype=np.int64)
     for start in range(0, num_rows, chunk_rows):
-        block = _normalise_rows(matrix[start : start + chunk_rows])
+        raw = np.asarray(matrix[start : start + chunk_rows])
+        non_finite.add(raw, start)
+        if non_finite.count:  # refused once the scan is over; only the rows at fault are looked for now
+            continue
+        block = normalise_rows(raw)
         similarity = queries @ block.T  # (Q, rows in block)
         scores = np.concatenate([best_scores, similarity], axis=1)
         block_rows = np.broadcast_to(np.arange(start, start + len(block)), similarity.shape)
@@ -94,6 +167,7 @@ def cosine_top_k(
             next_scores.append(scores[q, keep[order]])
             next_rows.append(rows[q, keep[order]])
         best_scores, best_rows = np.stack(next_scores), np.stack(next_rows)
+    non_finite.check(origin)
     return best_scores, best_rows
 
 
@@ -167,6 +241,7 @@ def search(
             f"the query model gives {query_features.shape[-1]}-d features, but {index.path} has "
             f"{index.matrix.shape[1]} dimensions (different head?)"
         )
+    refuse_non_finite(query_features, "the features of the query images", what="query")
     excluded = None
     if exclude_self:
         excluded = [lambda n, q=Path(q): n.resolved is not None and _same_file(n.resolved, q) for q in queries]
@@ -189,6 +264,10 @@ def search_rows(
     if bad:
         raise MecHubError(f"--row {bad[0]}: {index.path} has rows 0 to {len(index.matrix) - 1}")
     query_features = np.asarray(index.matrix[list(rows)], dtype=np.float32)
+    non_finite = NonFiniteRows()
+    non_finite.add(query_features)
+    non_finite.first = [int(rows[i]) for i in non_finite.first]  # positions in ``rows`` -> rows of the file
+    non_finite.check(str(index.path))
     excluded = [lambda n, r=r: n.row == r for r in rows] if exclude_self else None
     return nearest(
         index, query_features, top_k=top_k, feature_index=feature_index, chunk_rows=chunk_rows, excluded=excluded
@@ -212,7 +291,7 @@ def nearest(
     if feature_index is not None:
         scores, rows = feature_index.search(query_features, k)
     else:
-        scores, rows = cosine_top_k(index.matrix, query_features, k, chunk_rows=chunk_rows)
+        scores, rows = cosine_top_k(index.matrix, query_features, k, chunk_rows=chunk_rows, origin=str(index.path))
     results = []
     for q in range(len(query_features)):
         hits: list[Neighbour] = []

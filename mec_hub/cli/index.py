@@ -14,7 +14,8 @@ from mec_hub.cli.common import friendly_errors
     "out",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Where to write the index (default: FEATS.index beside FEATS.npy); its record goes to OUT.json.",
+    help="Where to write the index (default: FEATS.index beside FEATS.npy or FEATS.parquet); its record "
+    "goes to OUT.json.",
 )
 @click.option(
     "--kind",
@@ -28,7 +29,7 @@ from mec_hub.cli.common import friendly_errors
     type=click.FloatRange(min=0.0, max=1.0, min_open=True),
     default=0.95,
     show_default=True,
-    help="Recall@10 against exact search to reach, measured on a sample of the file's own rows.",
+    help="Recall@10 against exact search to reach, tuned on a sample of the file's own rows.",
 )
 @click.option(
     "--exact-below",
@@ -39,15 +40,26 @@ from mec_hub.cli.common import friendly_errors
 )
 @friendly_errors
 def index_cmd(features: str, out: str | None, kind: str, recall: float, exact_below: int) -> None:
-    """Build an index of FEATURES (an N x D .npy) for fast cosine search.
+    """Build an index of FEATURES (an N x D .npy, or a .parquet set) for fast cosine search.
 
-    Rows are L2-normalised once and searched by inner product. The index records its kind,
-    parameters, the measured recall@10, the row count and the SHA-256 of FEATURES; mec-hub
-    search refuses it once FEATURES has changed. Needs FAISS: pip install 'mec-hub[index]'.
+    Rows are L2-normalised once and searched by inner product; rows holding NaN or infinite values
+    are refused. The index records its kind, parameters, the recall@10 measured on held-out rows,
+    the row count, the dimension and the SHA-256 of FEATURES; mec-hub search refuses it once
+    FEATURES has changed. Needs FAISS: pip install 'mec-hub[index]'.
     """
-    from mec_hub.apps.index import FeatureIndex, default_index_path, import_faiss
+    from mec_hub.apps.index import FeatureIndex, default_index_path, import_faiss, shard_set
+    from mec_hub.errors import InvalidArgumentError
 
+    whole = shard_set(features)
+    if whole is not None and out is None:
+        raise click.UsageError(
+            f"{features} is one shard of {whole.name}: index the whole set (mec-hub index {whole}), "
+            "or give --out to index this shard alone"
+        )
     import_faiss()
-    index = FeatureIndex.build(features, kind=kind, recall=recall, exact_below=exact_below)
+    try:
+        index = FeatureIndex.build(features, kind=kind, recall=recall, exact_below=exact_below)
+    except InvalidArgumentError as exc:
+        raise click.UsageError(str(exc)) from None
     written = index.save(out or default_index_path(features))
     click.echo(f"{written}: {index.describe()}, built in {index.build_seconds:.1f} s")

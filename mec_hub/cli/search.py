@@ -15,7 +15,8 @@ from mec_hub.cli.common import UserError, friendly_errors
 @click.option("--row", "rows", type=click.IntRange(min=0), multiple=True,
               help="Query by row I of FEATURES instead of an image (repeatable).")
 @click.option("--index", "index_path", type=click.Path(dir_okay=False), default=None,
-              help="Search through this index (mec-hub index); default: FEATS.index when it exists, else exact.")
+              help="Search through this index (mec-hub index); default: FEATS.index when it exists, else exact "
+                   "(said on stderr).")
 @click.option("--exclude-self", is_flag=True,
               help="Leave out the query's own row (a --row, or a query image that is a row of FEATURES).")
 @click.option("--top-k", "-k", type=click.IntRange(min=1), default=5, show_default=True,
@@ -37,7 +38,8 @@ def search_cmd(features: str, queries: tuple[str, ...], rows: tuple[int, ...], i
     The queries are embedded with the model recorded in FEATURES' .meta.json, after checking
     that its weights are the very ones (SHA-256) that made the file; the search is an exact
     cosine search, read from disk in blocks, unless an index built by mec-hub index is found
-    (FEATS.index, or --index), refused if FEATURES changed since. With --grid, each query gets a row of 1 + K tiles
+    (FEATS.index, or --index), refused if FEATURES changed since (rebuild it then). Rows or query
+    features holding NaN or infinite values are refused, naming them. With --grid, each query gets a row of 1 + K tiles
     of --tile pixels, 8 px apart with a 16 px caption: (1 + K) * (T + 8) + 8 pixels wide and
     Q * (T + 24) + 8 tall.
     """
@@ -45,9 +47,10 @@ def search_cmd(features: str, queries: tuple[str, ...], rows: tuple[int, ...], i
     from mec_hub.apps.search import FeatureFile, search, search_rows
 
     if not queries and not rows:
-        raise UserError("give at least one QUERY image or --row I")
+        raise click.UsageError("give at least one QUERY image or --row I")
     index = FeatureFile.open(features)
-    feature_index = index_for(features, index_path)
+    exact_because: list[str] = []  # said once, after the results, so that an error stays one line
+    feature_index = index_for(index, index_path, note=exact_because.append)
     results = []
     if rows:
         results += search_rows(index, list(rows), top_k=top_k, feature_index=feature_index, exclude_self=exclude_self)
@@ -69,6 +72,8 @@ def search_cmd(features: str, queries: tuple[str, ...], rows: tuple[int, ...], i
             click.echo(f"query {query}")
             for n in hits:
                 click.echo(f"  {n.rank:>3}  {n.score:+.4f}  {n.resolved or n.path}")
+    for why in exact_because:
+        click.echo(f"Note: {why}", err=True)
     if grid_path:
         from pathlib import Path
 
