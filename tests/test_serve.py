@@ -28,6 +28,14 @@ from mec_hub.cli.hub import main
 from mec_hub.data.featurefile import FeatureFile
 
 K = 5
+ORIGIN = "http://127.0.0.1:8000"
+UPLOAD = {"X-Requested-With": "mec-hub", "Content-Type": "application/octet-stream"}  # as the page sends it
+
+
+def local_client(app) -> TestClient:
+    """A client that talks to ``app`` as the page served on 127.0.0.1 does (TestClient's default Host,
+    ``testserver``, is refused)."""
+    return TestClient(app, base_url=ORIGIN, raise_server_exceptions=False)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +52,7 @@ def feats(photos_dir: Path, tiny_weights_dir: Path, tmp_path_factory: pytest.Tem
 @pytest.fixture(scope="module")
 def client(feats: Path):
     browser = serve.NeighbourBrowser(FeatureFile.open(feats), device="cpu")
-    with TestClient(serve.create_app(browser), raise_server_exceptions=False) as c:
+    with local_client(serve.create_app(browser)) as c:
         yield c
 
 
@@ -83,7 +91,7 @@ def test_neighbours_are_the_brute_force_cosine_top_k_row_itself_first(client: Te
 def test_an_uploaded_photo_finds_its_own_row_first(client: TestClient, feats: Path, photos_dir: Path):
     paths = (feats.parent / "feats.paths.txt").read_text().splitlines()
     name = "skimage-chelsea.png"
-    answer = client.post("/api/search", params={"k": 3}, content=(photos_dir / name).read_bytes())
+    answer = client.post("/api/search", params={"k": 3}, headers=UPLOAD, content=(photos_dir / name).read_bytes())
     assert answer.status_code == 200, answer.text
     hits = answer.json()["neighbours"]
     assert len(hits) == 3
@@ -135,38 +143,23 @@ def test_bad_paging_is_a_4xx(client: TestClient):
 def test_broken_uploads_are_4xx_with_a_message(client: TestClient, photos_dir: Path, monkeypatch):
     jpeg = (photos_dir / "skimage-rocket.jpg").read_bytes()
     for body, status in ((b"", 400), (b"not an image at all", 422), (jpeg[: len(jpeg) // 2], 422)):
-        answer = client.post("/api/search", params={"k": 3}, content=body)
+        answer = client.post("/api/search", params={"k": 3}, headers=UPLOAD, content=body)
         assert answer.status_code == status, answer.text
         assert answer.json()["error"]
-    answer = client.post("/api/search", params={"k": 0}, content=jpeg)
+    answer = client.post("/api/search", params={"k": 0}, headers=UPLOAD, content=jpeg)
     assert answer.status_code == 422 and "k" in answer.json()["error"]
     monkeypatch.setattr(serve, "MAX_UPLOAD_BYTES", 1000)
-    answer = client.post("/api/search", params={"k": 3}, content=jpeg)
+    answer = client.post("/api/search", params={"k": 3}, headers=UPLOAD, content=jpeg)
     assert answer.status_code == 413 and "limit" in answer.json()["error"]
 
     def chunks():  # no Content-Length: the limit holds while reading the stream
         yield jpeg[:800]
         yield jpeg[800:1600]
 
-    answer = client.post("/api/search", params={"k": 3}, content=chunks())
+    answer = client.post("/api/search", params={"k": 3}, headers=UPLOAD, content=chunks())
     assert answer.status_code == 413
     answer = client.get("/api/search")
     assert answer.status_code == 405
-
-
-@pytest.fixture()
-def opened_files():
-    """Every file this process opens while the list is live (a ``sys.audit`` hook, inert afterwards)."""
-    seen: list[str] = []
-    live = [True]
-
-    def hook(event: str, args: tuple) -> None:
-        if live[0] and event == "open" and isinstance(args[0], str | bytes | os.PathLike):
-            seen.append(os.fsdecode(args[0]))
-
-    sys.addaudithook(hook)
-    yield seen
-    live[0] = False
 
 
 @pytest.fixture()
@@ -201,13 +194,13 @@ def hostile(feats: Path, tmp_path: Path) -> tuple[Path, Path]:
 def test_no_request_reads_a_file_outside_the_folder(hostile: tuple[Path, Path], opened_files: list[str]):
     out, secret = hostile
     browser = serve.NeighbourBrowser(FeatureFile.open(out), device="cpu")
-    with TestClient(serve.create_app(browser), raise_server_exceptions=False) as client:
+    with local_client(serve.create_app(browser)) as client:
         assert client.get("/thumb/0").status_code == 200  # a listed photo inside the folder is served
         assert client.get("/thumb/6").status_code == 200  # sub/../x stays inside: served
         for row in (3, 4, 5):  # ../outside, a symlink to a file outside, a path through a symlinked folder
             answer = client.get(f"/thumb/{row}")
             assert answer.status_code == 404, (row, answer.text)
-            assert "outside" in answer.json()["error"]
+            assert answer.json() == {"error": serve.NO_IMAGE}
         for url in (
             f"/thumb/{secret}",
             "/thumb/../outside/secret.png",
@@ -275,7 +268,7 @@ def test_an_index_beside_the_file_answers_and_a_stale_one_is_refused(feats: Path
     assert index is not None
     browser = serve.NeighbourBrowser(opened, index=index, device="cpu")
     matrix = np.load(copy)
-    with TestClient(serve.create_app(browser), raise_server_exceptions=False) as client:
+    with local_client(serve.create_app(browser)) as client:
         assert client.get("/api/info").json()["search"] == "index"
         for row in (2, 13):
             hits = client.get("/api/neighbours", params={"row": row, "k": K}).json()["neighbours"]
@@ -295,6 +288,7 @@ def test_the_command_serves_on_127_0_0_1(feats: Path, tmp_path: Path):
     import json
     import socket
     import time
+    import urllib.error
     import urllib.request
 
     with socket.socket() as probe:  # a free port (released just before the server binds it)
@@ -319,6 +313,11 @@ def test_the_command_serves_on_127_0_0_1(feats: Path, tmp_path: Path):
             assert b"/static/app.js" in response.read()
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/static/app.js", timeout=5) as response:
             assert b"/api/neighbours" in response.read()
+        # The command passes its address to the Host check: another name is refused (DNS rebinding).
+        rebound = urllib.request.Request(f"http://127.0.0.1:{port}/api/rows", headers={"Host": f"evil.example:{port}"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(rebound, timeout=5)
+        assert refused.value.code == 400 and "evil.example" in json.load(refused.value)["error"]
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -334,8 +333,9 @@ def test_an_upload_is_refused_when_the_weights_are_not_those_that_made_the_file(
     meta = dataclasses.replace(original.meta, weights_sha256="0" * 64, run_id=None)
     FeatureFile.write(out, original.paths, meta, matrix=np.asarray(original.matrix))
     browser = serve.NeighbourBrowser(FeatureFile.open(out), device="cpu")
-    with TestClient(serve.create_app(browser), raise_server_exceptions=False) as client:
-        answer = client.post("/api/search", params={"k": 3}, content=(photos_dir / "skimage-coins.png").read_bytes())
+    with local_client(serve.create_app(browser)) as client:
+        photo = (photos_dir / "skimage-coins.png").read_bytes()
+        answer = client.post("/api/search", params={"k": 3}, headers=UPLOAD, content=photo)
         assert answer.status_code == 409, answer.text
         assert "SHA-256" in answer.json()["error"] and "000000000000" in answer.json()["error"]
         assert client.get("/api/neighbours", params={"row": 0, "k": 3}).status_code == 200  # rows still answer
@@ -349,7 +349,7 @@ def test_thumbnails_are_cached_and_the_cache_is_bounded(feats: Path, tmp_path: P
     meta = dataclasses.replace(original.meta, base_dir=str(folder), inputs=[str(folder)], run_id=None)
     FeatureFile.write(out, original.paths, meta, matrix=np.asarray(original.matrix))
     browser = serve.NeighbourBrowser(FeatureFile.open(out), device="cpu", cache_entries=3)
-    with TestClient(serve.create_app(browser), raise_server_exceptions=False) as client:
+    with local_client(serve.create_app(browser)) as client:
         first = {row: client.get(f"/thumb/{row}").content for row in range(5)}
         for row in range(5):
             (folder / original.paths[row]).unlink()
@@ -365,7 +365,7 @@ def test_an_unexpected_failure_is_a_json_500_without_a_traceback(feats: Path, mo
         raise RuntimeError("secret internals /home/user")
 
     monkeypatch.setattr(browser, "rows", broken)
-    with TestClient(serve.create_app(browser), raise_server_exceptions=False) as client:
+    with local_client(serve.create_app(browser)) as client:
         answer = client.get("/api/rows")
     assert answer.status_code == 500
     assert answer.json() == {"error": "internal error (RuntimeError)"}

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from mec_hub.data.images import ImageDecodeError, decode_image
 from mec_hub.fileio import atomic_write
 
 TILE = 128
@@ -38,8 +39,9 @@ class Cell:
     is_query: bool = False
 
 
-def grid_size(rows: int, columns: int, *, tile: int = TILE, margin: int = MARGIN, caption: int = CAPTION
-              ) -> tuple[int, int]:
+def grid_size(
+    rows: int, columns: int, *, tile: int = TILE, margin: int = MARGIN, caption: int = CAPTION
+) -> tuple[int, int]:
     """``(width, height)`` of a grid (see the module docstring)."""
     return margin + columns * (tile + margin), margin + rows * (tile + caption + margin)
 
@@ -60,13 +62,13 @@ def _fit_text(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, w
 
 
 def _tile_image(path: Path | None, tile: int) -> tuple[Image.Image, str | None]:
-    """The image fitted in a ``tile`` square, or a grey tile and what went wrong."""
+    """The image fitted in a ``tile`` square, or a grey tile and what went wrong. Decoded by
+    ``decode_image`` (the one decode path: regular files only, the pixel limit, EXIF, RGB)."""
     if path is None or not path.is_file():
         return Image.new("RGB", (tile, tile), MISSING), "not found"
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image).convert("RGB")
-    except Exception:  # Pillow raises many types for broken files; the picture goes on without it
+        image = decode_image(path)
+    except ImageDecodeError:  # the picture goes on without it
         return Image.new("RGB", (tile, tile), MISSING), "unreadable"
     fitted = ImageOps.contain(image, (tile, tile), method=Image.Resampling.BICUBIC)
     canvas = Image.new("RGB", (tile, tile), BACKGROUND)

@@ -11,44 +11,89 @@ wraps it in a Starlette application (the optional extra ``mec-hub[serve]``):
 * ``GET /thumb/I``: a JPEG thumbnail of row ``I``;
 * ``/``: the page (``mec_hub/apps/static``: plain HTML, CSS and JS).
 
-No request names a file: images are read by row number only, and a row's image is read only when
-the path recorded for it, symbolic links resolved, lies inside the folder it was recorded relative
-to (an absolute recorded path: its own folder), so neither a ``../`` line nor a link planted in the
-folder that points elsewhere reads anything outside. Bad input is a 4xx with a JSON
-``{"error": message}``, never a traceback.
+What a hostile browser (or a web page it visits) cannot do:
+
+* **Reach it under another name** (DNS rebinding): a request whose ``Host`` is not one of the
+  names the server was started for (the ``--host`` address, the localhost names, ``--allow-host``)
+  is a 400 before any route runs (Starlette's ``TrustedHostMiddleware``).
+* **Make it work for another site**: an API request whose ``Sec-Fetch-Site`` says ``cross-site``
+  or ``same-site``, or whose ``Origin`` is not this server's, is a 403. An upload must also carry
+  ``X-Requested-With`` (a header no form can send, and that makes a browser ask first, a question
+  this server never answers yes to) and be ``application/octet-stream`` or ``image/*``: a
+  cross-site ``text/plain`` POST is refused before its body is read.
+* **Read a file**: no request names one; a row's image is read only when its recorded name is
+  relative, and, symbolic links resolved, lies inside one of the set's folders (``base_dir`` of
+  the meta, the recorded inputs, the feature file's folder; never the filesystem root). An
+  absolute name, a ``../`` climbing out, a link pointing out: all get the same 404 as a file that
+  is not there. Rows from tar shards (``SHARD.tar/MEMBER``) are read from the shard, found the same way.
+* **Exhaust it with uploads**: the body is refused above ``MAX_UPLOAD_BYTES`` (the declared length
+  up front, and while it streams), must arrive within ``UPLOAD_TIMEOUT_S``, its header must claim
+  at most ``MAX_UPLOAD_PIXELS`` (wide samples counted ``WIDE_SAMPLE_WEIGHT`` times) before any pixel
+  is decoded, and at most ``MAX_CONCURRENT_UPLOADS`` are read and embedded at once (503 otherwise).
+
+Every error is a JSON ``{"error": message}``, never a traceback or a text page.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
+import logging
 import os
+import sys
 import threading
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
+from PIL import ImageMode
 
+from mec_hub.apps.index import FeatureIndex, default_index_path
 from mec_hub.apps.search import check_same_weights, cosine_top_k, load_query_embedder
 from mec_hub.data.featurefile import META_SUFFIX, FeatureFile, sidecar
+from mec_hub.data.images import ImageDecodeError, decode_image, decode_image_bytes, image_header
+from mec_hub.embedding.inputs import TarMember, list_tar_members
 from mec_hub.errors import MecHubError
 
 STATIC_DIR = Path(__file__).with_name("static")
-INDEX_SUFFIX = ".index"
 MAX_K = 1000
 MAX_PAGE = 500
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+# Pixels an uploaded image may claim (its header is read before anything is decoded): well under
+# PIL's MAX_IMAGE_PIXELS (89 M, what mec-embed allows for the user's own files), since a stranger
+# chooses this one. Images with 16-bit, 32-bit or float samples count WIDE_SAMPLE_WEIGHT times
+# their pixels: their conversion to 8-bit RGB holds 64-bit copies of every sample.
+MAX_UPLOAD_PIXELS = 40_000_000
+WIDE_SAMPLE_WEIGHT = 4
+MAX_CONCURRENT_UPLOADS = 2  # uploads read, decoded and embedded at once; more are a 503
+UPLOAD_TIMEOUT_S = 30.0  # the whole body must arrive within this
+RETRY_AFTER_S = 5
+MAX_CONCURRENT_THUMBS = 4  # thumbnails decoded at once; more wait their turn
+MAX_MEMBER_BYTES = 64 * 1024 * 1024  # a tar member larger than this gets no thumbnail
+TAR_LISTINGS_CACHED = 8
 THUMB_SIZE = 192
 THUMB_CACHE_ENTRIES = 1024
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
+UPLOAD_CONTENT_TYPES = ("application/octet-stream", "image/")
+UPLOAD_MARK_HEADER = "x-requested-with"  # what the page's own script sends with an upload ("mec-hub")
 SERVE_EXTRA_HINT = "pip install 'mec-hub[serve]'"
+NO_IMAGE = "no image to show for this row"  # the one answer for "not there", "not yours" and "not an image"
+_TRUSTED_HOST = "mec_hub.trusted_host"
+
+log = logging.getLogger("mec_hub.serve")
 
 
 class RequestError(MecHubError):
-    """A request the browser refuses; ``status`` is the HTTP status (4xx) it answers with."""
+    """A request the browser refuses; ``status`` is the HTTP status (4xx/5xx) it answers with."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers or {}
 
 
 def _whole_number(value: Any, name: str, low: int, high: int) -> int:
@@ -60,6 +105,77 @@ def _whole_number(value: Any, name: str, low: int, high: int) -> int:
     if not low <= number <= high:
         raise RequestError(f"{name} must be between {low} and {high}, got {number}", 422)
     return number
+
+
+def _too_large() -> RequestError:
+    return RequestError(f"the image is larger than the {MAX_UPLOAD_BYTES // 2**20} MiB limit", 413)
+
+
+def check_upload_size(width: int, height: int, mode: str) -> None:
+    """Refuse (413) an upload whose header claims more than ``MAX_UPLOAD_PIXELS`` weighted pixels."""
+    try:
+        wide = int(ImageMode.getmode(mode).typestr[-1]) > 1
+    except (KeyError, ValueError):  # a mode Pillow cannot describe: counted as wide
+        wide = True
+    weight = WIDE_SAMPLE_WEIGHT if wide else 1
+    if width * height * weight > MAX_UPLOAD_PIXELS:
+        counted = f" of {mode} (counted {weight} times)" if wide else ""
+        what = f"{width} x {height} = {width * height} pixels{counted}"
+        raise RequestError(f"the image is {what}, more than the {MAX_UPLOAD_PIXELS} pixel limit for uploads", 413)
+
+
+# --------------------------------------------------------------------------- which file a row may read
+
+
+def image_roots(features: FeatureFile) -> list[Path]:
+    """The folders (real paths, in order) a row's recorded name may be read under: ``base_dir`` of the
+    meta, the recorded inputs, and the feature file's own folder. Not the current folder (an accident
+    of where the server was started), and never a filesystem root (a set with ``base_dir`` ``/``
+    would otherwise let its rows name any file on the machine)."""
+    meta = features.meta
+    base = Path(meta.base_dir) if meta is not None and meta.base_dir else None
+    roots: list[Path] = []
+    for root in features.search_roots:
+        if root == Path.cwd() and root != base:  # search_roots adds the current folder: not the set's
+            continue
+        real = Path(os.path.realpath(root))
+        if real.parent == real:
+            log.warning("%s: its folder %s is a filesystem root; no image is read under it", features.path, root)
+            continue
+        if real.is_dir() and real not in roots:
+            roots.append(real)
+    real_own = Path(os.path.realpath(features.path.parent))
+    if real_own.parent != real_own and real_own not in roots:
+        roots.append(real_own)
+    return roots
+
+
+def resolve_inside(name: str, roots: Sequence[Path]) -> Path | None:
+    """The regular file the recorded relative ``name`` stands for under the first of ``roots`` (real
+    paths) that holds it, symbolic links resolved, only when it lies inside that root; ``None``
+    otherwise: an absolute name, a name climbing out (``../``), or a link pointing out.
+
+    (This belongs beside ``FeatureFile.resolve`` in ``mec_hub.data.featurefile``.)
+    """
+    recorded = Path(name)
+    if not name or recorded.is_absolute() or recorded.anchor:
+        return None
+    for root in roots:
+        real = Path(os.path.realpath(root / recorded))
+        if real != root and real.is_relative_to(root) and real.is_file():
+            return real
+    return None
+
+
+def _shard_and_member(name: str, roots: Sequence[Path]) -> tuple[Path, str] | None:
+    """``SHARD.tar/MEMBER`` (the shard named as mec-embed names it) as (the shard's real path, member name)."""
+    parts = Path(name).parts
+    for cut in range(1, len(parts)):
+        if parts[cut - 1].lower().endswith(".tar"):
+            shard = resolve_inside(os.path.join(*parts[:cut]), roots)
+            if shard is not None:
+                return shard, "/".join(parts[cut:])
+    return None
 
 
 class NeighbourBrowser:
@@ -79,6 +195,7 @@ class NeighbourBrowser:
         device: str = "auto",
         thumb_size: int = THUMB_SIZE,
         cache_entries: int = THUMB_CACHE_ENTRIES,
+        max_uploads: int = MAX_CONCURRENT_UPLOADS,
     ) -> None:
         self.features = features
         self.index = index
@@ -86,8 +203,13 @@ class NeighbourBrowser:
         self.device = device
         self.thumb_size = thumb_size
         self.cache_entries = cache_entries
+        self.roots = image_roots(features)
         self._thumbs: OrderedDict[int, bytes] = OrderedDict()
         self._thumbs_lock = threading.Lock()
+        self._thumb_slots = threading.BoundedSemaphore(MAX_CONCURRENT_THUMBS)
+        self._upload_slots = threading.BoundedSemaphore(max_uploads)
+        self._shards: OrderedDict[tuple[Path, int, int], dict[str, TarMember]] = OrderedDict()
+        self._shards_lock = threading.Lock()
         self._embedder: Any = None
         self._embedder_lock = threading.Lock()
 
@@ -156,16 +278,30 @@ class NeighbourBrowser:
                 self._embedder = embedder
             return self._embedder
 
-    def search_image(self, data: bytes, k: Any = 10) -> dict[str, Any]:
-        """The ``k`` rows nearest to the image whose file bytes are ``data``."""
-        from mec_hub.data.images import ImageDecodeError, decode_image_bytes
+    @contextmanager
+    def upload_slot(self) -> Iterator[None]:
+        """Hold one of the ``max_uploads`` slots while an upload is read and searched; a 503 when none is free."""
+        if not self._upload_slots.acquire(blocking=False):
+            raise RequestError(
+                "the server is busy with other uploads; try again in a few seconds",
+                503,
+                {"Retry-After": str(RETRY_AFTER_S)},
+            )
+        try:
+            yield
+        finally:
+            self._upload_slots.release()
 
+    def search_image(self, data: bytes, k: Any = 10) -> dict[str, Any]:
+        """The ``k`` rows nearest to the image whose file bytes are ``data`` (its size is checked from
+        its header before it is decoded)."""
         k = _whole_number(k, "k", 1, MAX_K)
         if not data:
             raise RequestError("the request body is empty: send the bytes of one image file", 400)
         if len(data) > MAX_UPLOAD_BYTES:
-            raise RequestError(f"the image is larger than the {MAX_UPLOAD_BYTES // 2**20} MiB limit", 413)
+            raise _too_large()
         try:
+            check_upload_size(*image_header(data))
             image = decode_image_bytes(data)
         except ImageDecodeError as exc:
             raise RequestError(f"the uploaded file is not a usable image: {exc.reason}", 422) from None
@@ -182,41 +318,59 @@ class NeighbourBrowser:
 
     # ------------------------------------------------------------------ images
 
-    def image_path(self, row: Any) -> Path:
-        """The file of row ``row``, only when it lies inside the folder its path was recorded relative to.
+    def _shard_members(self, shard: Path) -> dict[str, TarMember]:
+        """The image members of ``shard`` by name (headers only, cached for a few shards)."""
+        st = shard.stat()
+        key = (shard, st.st_size, st.st_mtime_ns)
+        with self._shards_lock:
+            if key in self._shards:
+                self._shards.move_to_end(key)
+                return self._shards[key]
+        members: dict[str, TarMember] = {}
+        for name, member in list_tar_members(str(shard)).members:
+            if name is not None:
+                members.setdefault(name, member)
+        with self._shards_lock:
+            self._shards[key] = members
+            while len(self._shards) > TAR_LISTINGS_CACHED:
+                self._shards.popitem(last=False)
+        return members
 
-        ``RequestError`` (404) when it cannot be found, or when the recorded path climbs out of that
-        folder (``../``) or is a symbolic link (itself or a folder on the way) to somewhere outside it.
-        """
-        i = self.row_number(row)
-        recorded = Path(self.features.paths[i])
-        resolved = self.features.resolve(i)
-        if resolved is None:
-            raise RequestError(f"row {i}: its image {recorded} is not found on this machine", 404)
-        if recorded.is_absolute():
-            root = recorded.parent
-        else:
-            root = next((r for r in self.features.search_roots if r / recorded == resolved), resolved.parent)
-        real, real_root = Path(os.path.realpath(resolved)), Path(os.path.realpath(root))
-        if not real.is_relative_to(real_root) or real == real_root:
-            raise RequestError(f"row {i}: its image {recorded} lies outside the folder it was recorded in", 404)
-        return real
+    def _decode_row(self, i: int) -> Any:
+        """Row ``i``'s image, decoded; ``MecHubError`` or ``OSError`` saying why not."""
+        name = self.features.paths[i]
+        path = resolve_inside(name, self.roots)
+        if path is not None:
+            return decode_image(path)
+        found = _shard_and_member(name, self.roots)
+        if found is None:
+            raise ImageDecodeError("not found inside the feature set's folders (or outside them)")
+        shard, member_name = found
+        member = self._shard_members(shard).get(member_name)
+        if member is None:
+            raise ImageDecodeError(f"no image member {member_name} in {shard}")
+        if member.size > MAX_MEMBER_BYTES:
+            raise ImageDecodeError(f"tar member of {member.size} bytes, over the {MAX_MEMBER_BYTES} limit")
+        return decode_image_bytes(member.read())
 
     def thumbnail(self, row: Any) -> bytes:
-        """A JPEG of row ``row``'s image, at most ``thumb_size`` pixels a side (kept in a bounded cache)."""
-        from mec_hub.data.images import ImageDecodeError, decode_image
+        """A JPEG of row ``row``'s image, at most ``thumb_size`` pixels a side (kept in a bounded cache).
 
+        A row whose image cannot be shown, for whatever reason, is the same 404 (``NO_IMAGE``): the
+        answer does not tell a file outside the set's folders from one that does not exist.
+        """
         i = self.row_number(row)
         with self._thumbs_lock:
             if i in self._thumbs:
                 self._thumbs.move_to_end(i)
                 return self._thumbs[i]
-        path = self.image_path(i)
-        try:
-            image = decode_image(path)
-        except ImageDecodeError as exc:
-            raise RequestError(f"row {i}: cannot decode its image ({exc.reason})", 404) from None
-        image.thumbnail((self.thumb_size, self.thumb_size))
+        with self._thumb_slots:
+            try:
+                image = self._decode_row(i)
+            except (MecHubError, OSError) as exc:
+                log.info("row %d (%s): no thumbnail: %s", i, self.features.paths[i], exc)
+                raise RequestError(NO_IMAGE, 404) from None
+            image.thumbnail((self.thumb_size, self.thumb_size))
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=85)
         data = buffer.getvalue()
@@ -227,34 +381,116 @@ class NeighbourBrowser:
         return data
 
 
-def load_index(features: FeatureFile, index_path: str | os.PathLike[str] | None) -> Any:
-    """The index of ``index_path``, or of ``FEATS.index`` beside the file when it exists; ``None``: exact search."""
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def load_index(
+    features: FeatureFile, index_path: str | os.PathLike[str] | None, *, say: Callable[[str], None] = _say
+) -> Any:
+    """The index of ``index_path``, or of the set's own index (``default_index_path``) when it exists;
+    ``None`` (said in one line): exact search. A stale or foreign index raises its ``MecHubError``."""
     if index_path is None:
-        beside = sidecar(features.path, INDEX_SUFFIX)
+        beside = default_index_path(features.path)
         if not beside.is_file():
+            say(f"no index {beside} (mec-hub index {features.path} makes one): exact search")
             return None
         index_path = beside
+    return FeatureIndex.load(index_path, features=features)
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+def allowed_hosts(host: str, extra: Iterable[str] = ()) -> list[str]:
+    """The ``Host`` names the server answers to: the localhost names, the address it listens on
+    (unless a wildcard) and ``extra``; an IPv6 address in both spellings (``::1``, ``[::1]``)."""
+    names = list(LOCAL_HOSTS)
+    for name in (host, *extra):
+        name = name.strip().lower()
+        if not name or name in ("0.0.0.0", "::", "[::]"):
+            continue
+        bare = name.strip("[]")
+        for spelling in (bare, f"[{bare}]") if ":" in bare else (name,):
+            if spelling not in names:
+                names.append(spelling)
+    return names
+
+
+def _same_origin_refusal(headers: Any, hosts: Sequence[str], port: int | None) -> str | None:
+    """Why a request is refused as coming from another site (``Sec-Fetch-Site``, ``Origin``), or ``None``."""
+    site = headers.get("sec-fetch-site", "").lower()
+    if site in ("cross-site", "same-site"):
+        return f"refused: a {site} request (only this server's own page may call its API)"
+    origin = headers.get("origin")
+    if origin is None:
+        return None
     try:
-        from mec_hub.apps.index import FeatureIndex  # type: ignore[import-not-found]
-    except ImportError as exc:
-        raise MecHubError(f"--index {index_path}: cannot load indexes here ({exc})") from None
-    return FeatureIndex.load(index_path, features=features.path)
+        parts = urlsplit(origin)
+        origin_port = parts.port
+    except ValueError:
+        return f"refused: the Origin {origin!r} is not this server's"
+    host = (parts.hostname or "").lower()
+    host_ok = host in hosts or f"[{host}]" in hosts
+    port_ok = port in (None, 0) or (origin_port or (80 if parts.scheme == "http" else None)) == port
+    if parts.scheme != "http" or not host_ok or not port_ok:
+        return f"refused: the Origin {origin!r} is not this server's"
+    return None
 
 
-def create_app(browser: NeighbourBrowser) -> Any:
-    """The Starlette application serving ``browser``."""
+def _upload_refusal(headers: Any) -> RequestError | None:
+    """Why an upload is refused before its body is read (not the way the page sends it), or ``None``."""
+    if not headers.get(UPLOAD_MARK_HEADER):
+        return RequestError("an upload must carry the header X-Requested-With: mec-hub (as the page sends it)", 403)
+    kind = headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != UPLOAD_CONTENT_TYPES[0] and not kind.startswith(UPLOAD_CONTENT_TYPES[1]):
+        return RequestError(f"an upload must be sent as application/octet-stream or image/*, not {kind!r}", 415)
+    declared = headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            return RequestError(f"Content-Length {declared!r} is not a number of bytes", 400)
+        if int(declared) > MAX_UPLOAD_BYTES:
+            return _too_large()
+    return None
+
+
+def create_app(browser: NeighbourBrowser, *, hosts: Sequence[str] = LOCAL_HOSTS, port: int | None = None) -> Any:
+    """The Starlette application serving ``browser``, answering only requests whose ``Host`` is one of
+    ``hosts`` (see ``allowed_hosts``) and, from a browser, whose origin is ``http://HOST:port``
+    (any port when ``port`` is ``None`` or 0)."""
     try:
         from starlette.applications import Starlette
         from starlette.concurrency import run_in_threadpool
-        from starlette.requests import Request
+        from starlette.datastructures import Headers
+        from starlette.exceptions import HTTPException
+        from starlette.middleware import Middleware
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+        from starlette.requests import ClientDisconnect, Request
         from starlette.responses import FileResponse, JSONResponse, Response
         from starlette.routing import Mount, Route
         from starlette.staticfiles import StaticFiles
+        from starlette.types import ASGIApp, Message, Receive, Scope, Send
     except ImportError:
         raise MecHubError(f"mec-hub serve needs Starlette and uvicorn: {SERVE_EXTRA_HINT}") from None
 
+    hosts = [h.lower() for h in hosts]
+
     def refused(exc: RequestError) -> Response:
-        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=exc.headers)
+
+    def api(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        """``handler`` behind the same-origin check, its ``RequestError`` answered as JSON."""
+
+        async def guarded(request: Request) -> Response:
+            why = _same_origin_refusal(request.headers, hosts, port)
+            if why is not None:
+                return refused(RequestError(why, 403))
+            try:
+                return await handler(request)
+            except RequestError as exc:
+                return refused(exc)
+
+        return guarded
 
     async def page(request: Request) -> Response:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
@@ -270,63 +506,90 @@ def create_app(browser: NeighbourBrowser) -> Any:
                 "search": "exact" if browser.index is None else "index",
                 "max_k": MAX_K,
                 "max_upload_bytes": MAX_UPLOAD_BYTES,
+                "max_upload_pixels": MAX_UPLOAD_PIXELS,
             }
         )
 
     async def rows(request: Request) -> Response:
         q = request.query_params
-        try:
-            return JSONResponse(browser.rows(q.get("offset", "0"), q.get("limit", "60")))
-        except RequestError as exc:
-            return refused(exc)
+        return JSONResponse(browser.rows(q.get("offset", "0"), q.get("limit", "60")))
 
     async def neighbours(request: Request) -> Response:
         q = request.query_params
         if "row" not in q:
-            return refused(RequestError("give the query row: /api/neighbours?row=I&k=K", 422))
-        try:
-            return JSONResponse(await run_in_threadpool(browser.neighbours, q["row"], q.get("k", "10")))
-        except RequestError as exc:
-            return refused(exc)
+            raise RequestError("give the query row: /api/neighbours?row=I&k=K", 422)
+        return JSONResponse(await run_in_threadpool(browser.neighbours, q["row"], q.get("k", "10")))
+
+    async def read_body(request: Request) -> bytes:
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_UPLOAD_BYTES:
+                raise _too_large()
+        return bytes(body)
 
     async def search(request: Request) -> Response:
-        try:
-            k = _whole_number(request.query_params.get("k", "10"), "k", 1, MAX_K)
-            declared = request.headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > MAX_UPLOAD_BYTES:
-                raise RequestError(f"the image is larger than the {MAX_UPLOAD_BYTES // 2**20} MiB limit", 413)
-            body = bytearray()
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > MAX_UPLOAD_BYTES:
-                    raise RequestError(f"the image is larger than the {MAX_UPLOAD_BYTES // 2**20} MiB limit", 413)
-            return JSONResponse(await run_in_threadpool(browser.search_image, bytes(body), k))
-        except RequestError as exc:
-            return refused(exc)
+        k = _whole_number(request.query_params.get("k", "10"), "k", 1, MAX_K)
+        refusal = _upload_refusal(request.headers)
+        if refusal is not None:
+            raise refusal
+        with browser.upload_slot():
+            try:
+                body = await asyncio.wait_for(read_body(request), UPLOAD_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                raise RequestError(f"the image did not arrive within {UPLOAD_TIMEOUT_S:g} s", 408) from None
+            except ClientDisconnect:
+                raise RequestError("the upload was cut off", 400) from None
+            return JSONResponse(await run_in_threadpool(browser.search_image, body, k))
 
     async def thumb(request: Request) -> Response:
-        try:
-            data = await run_in_threadpool(browser.thumbnail, request.path_params["row"])
-        except RequestError as exc:
-            return refused(exc)
+        data = await run_in_threadpool(browser.thumbnail, request.path_params["row"])
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
-    async def not_found(request: Request, exc: Exception) -> Response:
-        return JSONResponse({"error": f"no such page: {request.url.path}"}, status_code=404)
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        message = f"no such page: {request.url.path}" if exc.status_code == 404 else exc.detail
+        return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
 
     async def internal(request: Request, exc: Exception) -> Response:
         return JSONResponse({"error": f"internal error ({type(exc).__name__})"}, status_code=500)
 
+    def trusted_hosts(app: ASGIApp) -> ASGIApp:
+        """``TrustedHostMiddleware`` over ``app``, its refusal answered as JSON like every other error."""
+
+        async def passed(scope: Scope, receive: Receive, send: Send) -> None:
+            scope[_TRUSTED_HOST] = True
+            await app(scope, receive, send)
+
+        guard = TrustedHostMiddleware(passed, allowed_hosts=hosts, www_redirect=False)
+
+        async def checked(scope: Scope, receive: Receive, send: Send) -> None:
+            async def answer(message: Message) -> None:
+                if scope.get(_TRUSTED_HOST):
+                    await send(message)
+                elif message["type"] == "http.response.start":  # the guard's own refusal: said in JSON
+                    host = Headers(scope=scope).get("host", "")
+                    error = f"refused: this server does not answer to the host {host!r} (it answers to {hosts})"
+                    await JSONResponse({"error": error}, status_code=message["status"])(scope, receive, send)
+
+            await guard(scope, receive, answer if scope["type"] == "http" else send)
+
+        return checked
+
     routes = [
         Route("/", page),
-        Route("/api/info", info),
-        Route("/api/rows", rows),
-        Route("/api/neighbours", neighbours),
-        Route("/api/search", search, methods=["POST"]),
-        Route("/thumb/{row:int}", thumb),
+        Route("/api/info", api(info)),
+        Route("/api/rows", api(rows)),
+        Route("/api/neighbours", api(neighbours)),
+        Route("/api/search", api(search), methods=["POST"]),
+        Route("/thumb/{row:int}", api(thumb)),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
-    return Starlette(routes=routes, exception_handlers={404: not_found, Exception: internal})
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(trusted_hosts)],
+        exception_handlers={HTTPException: http_error, Exception: internal},
+    )
 
 
 def serve(
@@ -337,6 +600,7 @@ def serve(
     port: int = 8000,
     weights: str | None = None,
     device: str = "auto",
+    allow_hosts: Sequence[str] = (),
 ) -> None:
     """Open the feature file and serve the browser until interrupted."""
     try:
@@ -345,5 +609,5 @@ def serve(
         raise MecHubError(f"mec-hub serve needs Starlette and uvicorn: {SERVE_EXTRA_HINT}") from None
     features = FeatureFile.open(features_path)
     browser = NeighbourBrowser(features, index=load_index(features, index_path), weights=weights, device=device)
-    app = create_app(browser)
+    app = create_app(browser, hosts=allowed_hosts(host, allow_hosts), port=port)
     uvicorn.run(app, host=host, port=port, log_level="info")

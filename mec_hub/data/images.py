@@ -31,14 +31,14 @@ from __future__ import annotations
 import io
 import os
 import re
-import stat
 import warnings
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mec_hub.errors import MecHubError
+from mec_hub.fileio import NotRegularFileError, open_regular_file
 
 # The file names a folder walk takes as images, in training, embedding and evaluation alike:
 # raster formats Pillow decodes (HEIC/AVIF need plugins: kept, so that they show up as failures
@@ -92,49 +92,6 @@ def sniff_format(header: bytes) -> str | None:
     return None
 
 
-# Files that are not regular, and how to name them in a failure reason.
-_FILE_KINDS = (
-    (stat.S_ISFIFO, "a named pipe (FIFO)"),
-    (stat.S_ISSOCK, "a socket"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-)
-
-
-def _not_regular_reason(mode: int) -> str | None:
-    """Why a file of this ``st_mode`` is not read, or None for a regular file."""
-    if stat.S_ISREG(mode):
-        return None
-    if stat.S_ISDIR(mode):
-        return "is a folder, not a file"
-    kind = next((name for test, name in _FILE_KINDS if test(mode)), "an unknown kind of file")
-    return f"not a regular file: {kind}"
-
-
-def open_regular_file(path: str | os.PathLike[str]) -> IO[bytes]:
-    """Open ``path`` (symbolic links followed) for reading, if it is a regular file; never blocks.
-
-    Raises ``ImageDecodeError`` for a FIFO, socket, device or folder, and ``OSError`` for a file
-    that cannot be opened. The type is checked on the opened descriptor itself, so the file read
-    is the file checked.
-    """
-    reason = _not_regular_reason(os.stat(path).st_mode)  # refused before it is even opened
-    if reason:
-        raise ImageDecodeError(reason)
-    nonblocking = getattr(os, "O_NONBLOCK", 0)
-    fd = os.open(path, os.O_RDONLY | nonblocking | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0))
-    try:
-        reason = _not_regular_reason(os.fstat(fd).st_mode)
-        if reason:
-            raise ImageDecodeError(reason)
-        if nonblocking:
-            os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
 def _open_failure_reason(header: bytes) -> str:
     if not header:
         return "empty file (0 bytes)"
@@ -186,6 +143,8 @@ def _open_and_load(source: str | os.PathLike[str] | bytes) -> Image.Image:
                 image.load()
     except ImageDecodeError:
         raise
+    except NotRegularFileError as exc:
+        raise ImageDecodeError(str(exc)) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(_bomb_reason(str(exc))) from None
     except FileNotFoundError:
@@ -329,3 +288,20 @@ def describe_decoding() -> dict[str, Any]:
         "transparency": "composited over white",
         "high_bit_depth": "16-bit by nominal range; float [0,1] x 255, else min..max",
     }
+
+
+def image_header(data: bytes) -> tuple[int, int, str]:
+    """``(width, height, mode)`` of the image file whose bytes are ``data``, from its header alone: no
+    pixel is decoded, so a caller can refuse a size before ``decode_image_bytes`` allocates it.
+    ``ImageDecodeError`` when the header cannot be read (or claims over twice the pixel limit)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the pixel-limit warning included: the caller sets its own limit
+            with Image.open(io.BytesIO(data)) as image:
+                return image.width, image.height, image.mode
+    except UnidentifiedImageError:
+        raise ImageDecodeError(_open_failure_reason(bytes(data[:16]))) from None
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(_bomb_reason(str(exc))) from None
+    except Exception as exc:  # Pillow's plugins raise OSError, ValueError, SyntaxError, struct.error ...
+        raise ImageDecodeError(_load_failure_reason(exc)) from None

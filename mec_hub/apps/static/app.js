@@ -75,7 +75,9 @@ async function searchFile(file) {
   say(`searching with ${file.name}...`);
   try {
     const answer = await getJSON(await fetch(`/api/search?k=${k()}`, {
-      method: "POST", body: file, headers: { "Content-Type": "application/octet-stream" },
+      // The server takes an upload only in this form: a custom header (which another site's page
+      // cannot send without the server's consent) and the bytes as application/octet-stream.
+      method: "POST", body: file, headers: { "Content-Type": "application/octet-stream", "X-Requested-With": "mec-hub" },
     }));
     say("");
     showResults(`${answer.neighbours.length} nearest to ${file.name}`, answer.neighbours, null);
