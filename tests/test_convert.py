@@ -20,7 +20,9 @@ from safetensors import safe_open
 import mec_hub
 from mec_hub.cli.hub import main as hub_main
 from mec_hub.errors import CheckpointReadError, IncompatibleWeightsError
-from mec_hub.export.convert import TRAIN_FORMAT, convert_checkpoint
+from mec_hub.export.convert import convert_checkpoint
+from mec_hub.export.outputs import OutputPathError
+from mec_hub.weights.checkpoint import TRAIN_FORMAT
 from mec_hub.weights.integrity import UnverifiedWeightsWarning, sha256_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -227,7 +229,7 @@ def test_existing_output_is_kept(official, converted, tmp_path):
     out = tmp_path / "exists"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(CheckpointReadError, match="already exists"):
+    with pytest.raises(OutputPathError, match="already exists"):
         convert_checkpoint(ckpt, out)
     assert (out / "keep.txt").read_text() == "mine"
 
@@ -294,3 +296,71 @@ def test_a_pickle_that_would_run_a_command_is_refused_as_unsafe(tmp_path, how):
         assert "corrupted" not in message and "truncated" not in message, message
         assert "weights_only=False" not in message and "weights_only` set to `False" not in message, message
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- where convert writes
+
+
+def _one_error_line(result) -> str:
+    """The CLI's whole output, checked to be one ``Error:`` line and no traceback."""
+    assert isinstance(result.exception, SystemExit), result.exception  # no exception escaped the command
+    assert "Traceback" not in result.output and result.output.count("\n") == 1, result.output
+    assert result.output.startswith("Error: "), result.output
+    return result.output
+
+
+@pytest.mark.parametrize("where", ["/proc", "under a file"])
+def test_convert_to_an_unwritable_place_is_one_line(official, tmp_path, where):
+    ckpt, _ = official
+    (tmp_path / "file.txt").write_text("not a folder")
+    out = Path("/proc/mec_hub_test_out") if where == "/proc" else tmp_path / "file.txt" / "out"
+    result = CliRunner().invoke(hub_main, ["convert", str(ckpt), "--out", str(out)])
+    assert result.exit_code == 1
+    assert _one_error_line(result).startswith(f"Error: cannot write {out}: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]  # nothing else, no temporary folder
+
+
+def test_a_failed_write_keeps_the_old_folder_and_leaves_nothing(official, converted, tmp_path, monkeypatch):
+    ckpt, _ = official
+    old = tmp_path / "out"
+    old.mkdir()
+    (old / "keep.txt").write_text("mine")
+    import mec_hub.export.convert as convert_module
+
+    def disk_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half")
+        raise OSError(28, "No space left on device", filename)
+
+    monkeypatch.setattr(convert_module, "save_file", disk_full)
+    result = CliRunner().invoke(hub_main, ["convert", str(ckpt), "--out", str(old), "--overwrite"])
+    assert result.exit_code == 1
+    assert _one_error_line(result).startswith(f"Error: cannot write {old}: No space left on device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and [p.name for p in old.iterdir()] == ["keep.txt"]
+    # Folders made for an output that was never written are removed again.
+    nested = tmp_path / "new" / "deeper" / "out"
+    result = CliRunner().invoke(hub_main, ["convert", str(ckpt), "--out", str(nested)])
+    assert result.exit_code == 1 and not (tmp_path / "new").exists()
+
+
+def test_a_file_as_out_folder_is_bad_usage_even_with_overwrite(official, tmp_path):
+    ckpt, _ = official
+    out = tmp_path / "notes.txt"
+    out.write_text("mine")
+    result = CliRunner().invoke(hub_main, ["convert", str(ckpt), "--out", str(out), "--overwrite"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"--out {out} is a file" in result.output
+    assert out.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    with pytest.raises(OutputPathError, match="is a file, and a folder goes here"):
+        convert_checkpoint(ckpt, out, overwrite=True)
+    assert out.read_text() == "mine"
+
+
+def test_a_folder_or_fifo_as_checkpoint_says_what_it_is(tmp_path):
+    from mec_hub.weights.checkpoint import read_checkpoint
+
+    with pytest.raises(CheckpointReadError, match="is a folder"):
+        read_checkpoint(tmp_path)
+    fifo = tmp_path / "pipe.pth"
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointReadError, match="named pipe"):
+        read_checkpoint(fifo)  # refused at once, without blocking on the pipe

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import mec_hub
 from mec_hub.cli.embed import main as embed_main
@@ -85,7 +87,7 @@ def test_fixed_batch_onnx_export_and_the_adapter_slices_batches(tmp_path: Path):
     graph = onnx.load(str(out))
     assert [d.dim_value for d in graph.graph.input[0].type.tensor_type.shape.dim] == [1, 3, 48, 48]
     assert {o.domain: o.version for o in graph.opset_import}[""] == 20
-    from mec_hub.export.deploy import OnnxRuntimeModel
+    from mec_hub.models.onnx_runtime import OnnxRuntimeModel
 
     adapter = OnnxRuntimeModel(out)
     model = mec_hub.load(MODEL, head="projector")
@@ -154,7 +156,7 @@ def test_mec_embed_with_onnxruntime_gives_the_pytorch_rows_and_resumes(onnx_file
     assert meta["optimizations"] == []
     # mec-hub search rebuilds the same runtime from the meta file.
     rebuilt = Embedder.from_meta(ort_out.with_name("ort.meta.json"), device="cpu", num_workers=0)
-    assert rebuilt.identity()["runtime"] == "onnxruntime"
+    assert rebuilt.identity.runtime == "onnxruntime"
 
 
 def test_a_changed_onnx_file_is_refused(onnx_file: Path, tmp_path: Path):
@@ -196,3 +198,180 @@ def test_missing_onnx_packages_are_one_line(tmp_path: Path, onnx_file: Path, mon
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(MecHubError, match=r"pip install 'mec-hub\[onnx\]'"):
         Embedder(runtime="onnxruntime", weights=onnx_file, device="cpu")
+
+
+# --------------------------------------------------------------------------- where the export writes
+
+
+def _no_temporary_files(folder: Path) -> bool:
+    return not [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("where", ["/proc", "under a file"])
+def test_an_unwritable_out_is_one_line_and_leaves_nothing(tmp_path: Path, where: str):
+    # As root a read-only folder is writable; /proc and a path under a regular file refuse anyone.
+    (tmp_path / "file.txt").write_text("not a folder")
+    out = Path("/proc/mec_hub_test.pt") if where == "/proc" else tmp_path / "file.txt" / "model.pt"
+    result = CliRunner().invoke(hub_main, ["export", MODEL, "--format", "torchscript", "--out", str(out)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "Traceback" not in result.output and result.output.count("\n") == 1, result.output
+    assert result.output.startswith(f"Error: cannot write {out}: "), result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+    assert (tmp_path / "file.txt").read_text() == "not a folder"
+
+
+def test_an_unwritable_sidecar_leaves_the_existing_export_untouched(tmp_path: Path):
+    out = tmp_path / "model.pt"
+    out.write_bytes(b"the export of yesterday")
+    Path(f"{out}.json").mkdir()  # FILE.json cannot be written: a folder is in its place
+    result = CliRunner().invoke(
+        hub_main, ["export", MODEL, "--format", "torchscript", "--out", str(out), "--overwrite"]
+    )
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "Traceback" not in result.output and result.output.count("\n") == 1, result.output
+    assert f"{out}.json" in result.output and "folder" in result.output
+    assert out.read_bytes() == b"the export of yesterday"
+    assert _no_temporary_files(tmp_path) and sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "model.pt.json"]
+
+
+def test_an_existing_folder_as_out_is_bad_usage(tmp_path: Path):
+    (tmp_path / "folder").mkdir()
+    result = CliRunner().invoke(
+        hub_main, ["export", MODEL, "--format", "torchscript", "--out", str(tmp_path / "folder"), "--overwrite"]
+    )
+    assert result.exit_code == 2 and "Traceback" not in result.output and "is a directory" in result.output
+    assert list((tmp_path / "folder").iterdir()) == [] and _no_temporary_files(tmp_path)
+
+
+# --------------------------------------------------------------------------- FILE.json, read by the runtime
+
+
+def _sidecar_with(onnx_file: Path, tmp_path: Path, **export: object) -> Path:
+    """A copy of the export whose FILE.json has ``export`` fields replaced (None: removed)."""
+    copy = tmp_path / "m.onnx"
+    copy.write_bytes(onnx_file.read_bytes())
+    description = json.loads(Path(f"{onnx_file}.json").read_text())
+    for key, value in export.items():
+        if value is None:
+            description["export"].pop(key, None)
+        else:
+            description["export"][key] = value
+    Path(f"{copy}.json").write_text(json.dumps(description))
+    return copy
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("embed_dim", "224"),  # a string: int() of it once passed, of "abc" raised ValueError
+        ("embed_dim", 0),
+        ("sha256", None),  # no digest: the file was once run unchecked
+        ("sha256", "abc"),
+        ("head", "predictor"),
+        ("format", "tflite"),
+    ],
+)
+def test_a_bad_sidecar_field_is_one_error_naming_file_and_field(onnx_file: Path, tmp_path: Path, field, value):
+    from mec_hub.models.onnx_runtime import OnnxRuntimeModel
+
+    copy = _sidecar_with(onnx_file, tmp_path, **{field: value})
+    with pytest.raises(MecHubError, match=rf"{copy}\.json: export\.{field} is "):
+        OnnxRuntimeModel(copy)
+    (tmp_path / "imgs").mkdir()
+    result = CliRunner().invoke(
+        embed_main,
+        [str(tmp_path / "imgs"), "--out", str(tmp_path / "f.npy"), "--runtime", "onnxruntime", "--weights", str(copy)],
+    )
+    assert result.exit_code == 1 and f"export.{field}" in result.output and "Traceback" not in result.output
+
+
+def test_the_runtime_reads_what_the_export_wrote(onnx_file: Path):
+    from mec_hub.models.export_sidecar import read_export_description
+
+    written = json.loads(Path(f"{onnx_file}.json").read_text())  # the file on disk, read here without mec_hub
+    got = read_export_description(onnx_file)
+    assert got.path == Path(f"{onnx_file}.json") and dict(got.export) == written["export"]
+    assert (got.format, got.sha256, got.head, got.embed_dim) == ("onnx", _sha256(onnx_file), "backbone", 224)
+    assert got.config.pretrained_cfg["input_size"] == written["pretrained_cfg"]["input_size"] == [3, 48, 48]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_the_onnx_runtime_model_lives_with_the_models_and_imports_no_export_module():
+    script = (
+        "import sys; import mec_hub.models.onnx_runtime, mec_hub.models.export_sidecar; "
+        "print(sorted(m for m in sys.modules if m.startswith('mec_hub.export')))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def _valid_sidecar() -> bytes:
+    """A FILE.json made here: the bundled model's config.json plus an export section."""
+    description = json.loads((Path(mec_hub.__file__).parent / "bundled" / MODEL / "config.json").read_text())
+    description["export"] = {
+        "format": "onnx",
+        "file": "m.onnx",
+        "sha256": "ab" * 32,
+        "head": "projector",
+        "embed_dim": 512,
+        "input": {"name": "images", "shape": ["N", 3, 48, 48]},
+    }
+    return json.dumps(description).encode()
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    cut=st.integers(min_value=0, max_value=4000),
+    flip=st.integers(min_value=0, max_value=4000),
+    bit=st.integers(min_value=0, max_value=7),
+    dim=st.one_of(st.integers(), st.just(512)),
+)
+def test_the_sidecar_reader_fuzzed_gives_the_fields_or_one_error(tmp_path, memory_cap, cut, flip, bit, dim):
+    from mec_hub.models.export_sidecar import MAX_EMBED_DIM, read_export_description
+
+    data = bytearray(_valid_sidecar().replace(b'"embed_dim": 512', b'"embed_dim": %d' % dim))
+    data[flip % len(data)] ^= 1 << bit
+    del data[len(data) - cut % len(data) :]
+    target = tmp_path / "m.onnx"
+    Path(f"{target}.json").write_bytes(bytes(data))
+    try:
+        want = json.loads(bytes(data))["export"]  # what the bytes say, read here with the json module
+    except (ValueError, KeyError, TypeError):
+        want = None
+    with memory_cap(512 * 2**20):
+        try:
+            got = read_export_description(target)
+        except MecHubError as exc:
+            assert str(target) in str(exc)
+            return
+    assert want is not None and dict(got.export) == want
+    assert (got.format, got.sha256, got.head, got.embed_dim) == (
+        want["format"],
+        want["sha256"],
+        want.get("head", "backbone"),
+        want["embed_dim"],
+    )
+    assert got.format in ("onnx", "torchscript") and 0 < got.embed_dim <= MAX_EMBED_DIM
+
+
+def test_the_onnx_runtime_model_is_an_embedding_model_named_by_its_file(onnx_file: Path):
+    """Same protocol as the torch models (tests/test_model_identity.py): the file's own digest names it."""
+    import hashlib
+
+    from mec_hub.models.onnx_runtime import OnnxRuntimeModel
+    from mec_hub.models.protocol import EmbeddingModel
+
+    model = OnnxRuntimeModel(onnx_file)
+    assert isinstance(model, EmbeddingModel)
+    identity = model.identity
+    assert identity.runtime == "onnxruntime" and identity.pooling is None
+    assert identity.weights_sha256 == hashlib.sha256(onnx_file.read_bytes()).hexdigest()
+    assert identity.embed_dim == model(_batch(3)).shape[1] and identity.head == "backbone"
+    torch_identity = mec_hub.load(MODEL).identity
+    assert identity.differences(torch_identity.replace(weights_sha256=identity.weights_sha256)) == [
+        "runtime 'onnxruntime' instead of None"
+    ]

@@ -212,3 +212,50 @@ def test_torchvision_export_of_the_authors_checkpoint_is_their_encoder(tmp_path)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(tv.eval()(x), original.pooled(x), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- where the file is written
+
+
+@pytest.fixture(scope="module")
+def r18_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    checkpoint = tmp_path_factory.mktemp("r18") / "mec_resnet18.pth.tar"
+    make_official_checkpoint(checkpoint, arch="resnet18", dim=32, seed=5)
+    return checkpoint
+
+
+def _one_error_line(result) -> str:
+    assert isinstance(result.exception, SystemExit), result.exception  # no exception escaped the command
+    assert "Traceback" not in result.output and result.output.count("\n") == 1, result.output
+    return result.output
+
+
+@pytest.mark.parametrize("to", ["torchvision", "detectron2"])
+def test_an_existing_folder_as_out_is_bad_usage_even_with_overwrite(r18_checkpoint, tmp_path, to):
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        result = CliRunner().invoke(
+            hub_main, ["convert", str(r18_checkpoint), "--to", to, "--out", str(folder), *extra]
+        )
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert f"--out {folder} is a folder; --to {to} writes a file" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["weights"]
+    assert [p.name for p in folder.iterdir()] == ["keep.txt"] and (folder / "keep.txt").read_text() == "mine"
+    from mec_hub.export.outputs import OutputPathError
+    from mec_hub.export.transfer import export_backbone
+
+    with pytest.raises(OutputPathError, match="is a folder, and a file goes here"):
+        export_backbone(r18_checkpoint, to, folder, overwrite=True)
+
+
+@pytest.mark.parametrize("to", ["torchvision", "detectron2"])
+@pytest.mark.parametrize("where", ["/proc", "under a file"])
+def test_an_unwritable_out_file_is_one_line(r18_checkpoint, tmp_path, to, where):
+    (tmp_path / "file.txt").write_text("not a folder")
+    out = Path(f"/proc/mec_hub_test.{to}") if where == "/proc" else tmp_path / "file.txt" / "r18.pth"
+    result = CliRunner().invoke(hub_main, ["convert", str(r18_checkpoint), "--to", to, "--out", str(out)])
+    assert result.exit_code == 1
+    assert _one_error_line(result).startswith(f"Error: cannot write {out}: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]

@@ -14,7 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-from mec_hub.export.convert import extract_weights, read_checkpoint, write_hub_folder
+from mec_hub.export.convert import extract_weights, write_hub_folder
+from mec_hub.weights.checkpoint import read_checkpoint
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]

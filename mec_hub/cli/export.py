@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from mec_hub.cli.common import friendly_errors
+from mec_hub.models.head_names import DEFAULT_HEAD, HEADS
 
 
 @click.command("export")
@@ -17,7 +18,7 @@ from mec_hub.cli.common import friendly_errors
     help="onnx: for ONNX Runtime, TensorRT, OpenVINO...; torchscript: for torch.jit.load (C++ or Python).",
 )
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The file to write (FILE.json beside it).")
-@click.option("--head", type=click.Choice(["backbone", "projector"]), default="backbone", show_default=True)
+@click.option("--head", type=click.Choice(HEADS), default=DEFAULT_HEAD, show_default=True)
 @click.option("--dynamic-batch", is_flag=True, help="ONNX: take any batch size (otherwise batch 1).")
 @click.option("--opset", type=click.IntRange(min=1), default=None, help="ONNX opset.  [default: 18, the minimum]")
 @click.option("--sha256", default=None, metavar="HEX", help="The SHA-256 you trust for the weights' model file.")

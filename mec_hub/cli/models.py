@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from mec_hub.cli.common import friendly_errors
+from mec_hub.models.head_names import DEFAULT_HEAD, HEADS
 
 HEADLINE_METRICS = (
     ("linear_paper_top1", "linear (authors' protocol)"),
@@ -53,7 +54,7 @@ def info_cmd(name: str) -> None:
 @click.command("download")
 @click.argument("name")
 @click.option("--weights", "weights", help="Fetch from here instead of the published location.")
-@click.option("--head", type=click.Choice(["backbone", "projector"]), default="backbone", show_default=True)
+@click.option("--head", type=click.Choice(HEADS), default=DEFAULT_HEAD, show_default=True)
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Hugging Face cache folder.")
 @friendly_errors
 def download_cmd(name: str, weights: str | None, head: str, cache_dir: str | None) -> None:
@@ -106,6 +107,7 @@ def convert_cmd(
     With --to detectron2 or torchvision, CHECKPOINT may also be any weights --weights takes: a converted
     or timm folder, a .safetensors file, a registry name, bundled:NAME, hf-hub:org/name[@rev].
     """
+    _check_out_kind(out_dir, to)
     if to != "folder":
         _convert_for_framework(checkpoint, out_dir, to, arch=arch, source=source, overwrite=overwrite)
         return
@@ -130,6 +132,16 @@ def convert_cmd(
             }
         )
     )
+
+
+def _check_out_kind(out: str, to: str) -> None:
+    """--out names a folder for --to folder and a file otherwise: the other kind already there is bad
+    usage, which --overwrite does not cure (it replaces a folder by a folder and a file by a file)."""
+    path = Path(out)
+    if to == "folder" and path.exists() and not path.is_dir():
+        raise click.UsageError(f"--out {out} is a file; --to folder writes a folder")
+    if to != "folder" and path.is_dir():
+        raise click.UsageError(f"--out {out} is a folder; --to {to} writes a file")
 
 
 def _convert_for_framework(

@@ -1,11 +1,12 @@
 """Convert MEC checkpoints into the published folder format.
 
-Three layouts are read, always with ``torch.load(weights_only=True)`` (no arbitrary pickles):
+Three layouts are read, always with ``torch.load(weights_only=True)`` (no arbitrary pickles;
+``mec_hub.weights.checkpoint.read_checkpoint``):
 
 * the authors' checkpoint: ``{"epoch", "arch", "state_dict", "optimizer"}`` whose state dict
   holds ``module.encoder.*`` (torchvision ResNet, ``fc`` = the 3-layer projector),
   ``module.predictor.*`` and ``module.teacher.*`` (EMA copy of the encoder);
-* checkpoints written by ``training/pretrain.py`` (``format: mec-hub-train/1``);
+* checkpoints written by ``training/pretrain.py`` (``format``: ``mec_hub.weights.checkpoint.TRAIN_FORMAT``);
 * a plain backbone state dict (timm/torchvision keys; a classifier ``fc`` is dropped).
 
 The output folder holds ``model.safetensors`` (headless backbone, timm keys, no ``fc``),
@@ -16,12 +17,8 @@ and with ``mec_hub.load(weights=DIR)``.
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import pickle
-import pickletools
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,9 +29,11 @@ from safetensors.torch import save_file
 
 from mec_hub.errors import CheckpointReadError, IncompatibleWeightsError
 from mec_hub.export.modelcard import render_model_card
+from mec_hub.export.outputs import check_output, output_path
 from mec_hub.fileio import atomic_directory
 from mec_hub.models.encoder import build_backbone, load_state_dict_strict
 from mec_hub.models.heads import build_projector
+from mec_hub.weights.checkpoint import TRAIN_FORMAT, read_checkpoint
 from mec_hub.weights.config import (
     CARD_FILE,
     CONFIG_FILE,
@@ -47,7 +46,6 @@ from mec_hub.weights.config import (
 )
 from mec_hub.weights.integrity import sha256_file
 
-TRAIN_FORMAT = "mec-hub-train/1"
 # timm arguments that act in training only (dropout, drop-path, DropBlock: modules without weights),
 # left out of the published description, which holds what the architecture needs.
 TRAINING_ONLY_ARGS = ("drop_rate", "drop_path_rate", "drop_block_rate")
@@ -80,73 +78,6 @@ class ConversionResult:
     digests: dict[str, str]
     layout: str
     dropped: list[str]
-
-
-def read_checkpoint(path: str | os.PathLike[str]) -> Mapping[str, Any]:
-    """``torch.load(weights_only=True)`` with errors that say what is wrong with the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointReadError(f"{path}: no such checkpoint file")
-    if path.stat().st_size == 0:
-        raise CheckpointReadError(f"{path}: the file is empty")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # garbage bytes make the unpickler fail in many ways (IndexError, KeyError, ...)
-        foreign = _foreign_globals(path) if isinstance(exc, pickle.UnpicklingError) else []
-        if foreign:
-            raise CheckpointReadError(
-                f"{path}: refused as unsafe: unpickling it would import {', '.join(foreign[:3])}, which a tensor "
-                f"checkpoint never holds and which could run code. mec-hub reads checkpoints with "
-                f"torch.load(weights_only=True), tensors only; re-save just the state_dict where the file is trusted"
-            ) from None
-        raise CheckpointReadError(
-            f"{path}: not a readable PyTorch checkpoint, corrupted or truncated ({_unpickler_detail(exc)})"
-        ) from None
-    if not isinstance(obj, Mapping):
-        raise CheckpointReadError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
-    return obj
-
-
-# Globals of a tensor checkpoint (torch's rebuild functions and storages, OrderedDict, ...): anything
-# else a pickle imports is what made torch.load(weights_only=True) refuse it.
-_CHECKPOINT_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode", "builtins.set", "builtins.bytearray")
-
-
-def _foreign_globals(path: Path) -> list[str]:
-    """The globals the pickle(s) in ``path`` would import beyond a tensor checkpoint's, found by
-    reading the opcodes (``pickletools``): nothing is unpickled, nothing runs."""
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                streams = [io.BytesIO(archive.read(n)) for n in archive.namelist() if n.endswith(".pkl")]
-        else:
-            streams = [io.BytesIO(path.read_bytes())]
-    except (OSError, zipfile.BadZipFile, RuntimeError):
-        return []
-    found: list[str] = []
-    for stream in streams:
-        end = len(stream.getbuffer())
-        while stream.tell() < end:  # a legacy torch file is several pickles in a row, then raw storages
-            strings: list[str] = []
-            try:
-                for opcode, arg, _ in pickletools.genops(stream):
-                    if opcode.name == "GLOBAL":
-                        found.append(str(arg).replace(" ", "."))
-                    elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
-                        found.append(f"{strings[-2]}.{strings[-1]}")
-                    elif isinstance(arg, str):
-                        strings.append(arg)
-            except Exception:  # raw storage bytes or garbage: no more pickles to read
-                break
-    return [name for name in dict.fromkeys(found) if not name.startswith(_CHECKPOINT_GLOBALS)]
-
-
-def _unpickler_detail(exc: Exception) -> str:
-    """torch's reason for a failed load, without its advice to load with weights_only=False."""
-    lines = [line.strip() for line in str(exc).splitlines()]
-    kept = [line for line in lines if line and "weights_only" not in line and "pytorch.org" not in line]
-    detail = kept[0] if kept else type(exc).__name__
-    return detail.removeprefix("WeightsUnpickler error:").strip() or type(exc).__name__
 
 
 def _strip_wrappers(key: str) -> str:
@@ -272,7 +203,8 @@ def write_hub_folder(
     """Validate the tensors against the architecture and write the folder atomically.
 
     What the checkpoint says about its architecture and preprocessing is held to the rules of
-    ``config.json`` (``check_build_args``) before timm builds anything from it.
+    ``config.json`` (``check_build_args``) before timm builds anything from it. An output that may
+    not or cannot be written is one ``OutputPathError`` (``mec_hub.export.outputs``).
     """
     check_build_args(
         extracted.architecture, extracted.model_args, extracted.stem, extracted.preprocessing, origin=origin
@@ -301,19 +233,18 @@ def write_hub_folder(
     # One metadata key only: safetensors writes several in hash order, which would make the
     # digest of the same weights differ from one conversion to the next.
     header = {METADATA_KEY: json.dumps(config.to_json_dict(), sort_keys=True)}
-    out_dir = Path(out_dir)
-    try:
-        with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-            save_file(_contiguous(extracted.backbone), str(tmp / MODEL_FILE), metadata=header)
-            digests = {MODEL_FILE: sha256_file(tmp / MODEL_FILE)}
-            if extracted.projector is not None:
-                save_file(_contiguous(extracted.projector), str(tmp / PROJECTOR_FILE), metadata=header)
-                digests[PROJECTOR_FILE] = sha256_file(tmp / PROJECTOR_FILE)
-            config = replace(config, files=digests)
-            (tmp / CONFIG_FILE).write_text(json.dumps(config.to_json_dict(), indent=2) + "\n", encoding="utf-8")
-            (tmp / CARD_FILE).write_text(render_model_card(config, layout=extracted.layout), encoding="utf-8")
-    except FileExistsError:
-        raise CheckpointReadError(f"{out_dir} already exists; pass --overwrite to replace it") from None
+    with (
+        output_path(out_dir, folder=True, overwrite=overwrite) as out_dir,
+        atomic_directory(out_dir, overwrite=overwrite) as tmp,
+    ):
+        save_file(_contiguous(extracted.backbone), str(tmp / MODEL_FILE), metadata=header)
+        digests = {MODEL_FILE: sha256_file(tmp / MODEL_FILE)}
+        if extracted.projector is not None:
+            save_file(_contiguous(extracted.projector), str(tmp / PROJECTOR_FILE), metadata=header)
+            digests[PROJECTOR_FILE] = sha256_file(tmp / PROJECTOR_FILE)
+        config = replace(config, files=digests)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config.to_json_dict(), indent=2) + "\n", encoding="utf-8")
+        (tmp / CARD_FILE).write_text(render_model_card(config, layout=extracted.layout), encoding="utf-8")
     return ConversionResult(out_dir, config, digests, extracted.layout, extracted.dropped)
 
 
@@ -328,6 +259,7 @@ def convert_checkpoint(
     extra_meta: Mapping[str, Any] | None = None,
 ) -> ConversionResult:
     """Read ``checkpoint`` (any supported layout) and write the hub folder ``out_dir``."""
+    check_output(out_dir, folder=True, overwrite=overwrite)  # before the work, not after it
     origin = str(checkpoint)
     extracted = extract_weights(read_checkpoint(checkpoint), source=source, arch=arch, origin=origin)
     meta = {"source_checkpoint": Path(checkpoint).name, **dict(extra_meta or {})}

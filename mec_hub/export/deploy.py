@@ -15,8 +15,11 @@ runtime can reproduce the preprocessing and check the file.
   without ``MECEncoder``'s Python attributes, so ``torch.jit.load`` needs neither mec_hub nor
   timm. A traced convolutional network takes any batch size.
 
-``OnnxRuntimeModel`` runs such an ONNX file with ONNX Runtime as a module ``mec_hub.Embedder``
-drives like any other (``mec-embed --runtime onnxruntime --weights FILE.onnx``).
+``FILE.json``'s format has its one home in ``mec_hub.models.export_sidecar`` (written here, read
+by the runtimes); ``mec_hub.models.onnx_runtime.OnnxRuntimeModel`` runs such an ONNX file with ONNX
+Runtime as a module ``mec_hub.Embedder`` drives like any other (``mec-embed --runtime onnxruntime
+--weights FILE.onnx``). Both stay importable from here for existing callers.
+An output that may not or cannot be written is one ``OutputPathError`` (``mec_hub.export.outputs``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -35,30 +37,37 @@ import numpy as np
 import torch
 from torch import nn
 
-from mec_hub.errors import ChecksumMismatchError, InvalidArgumentError, MecHubError
-from mec_hub.fileio import atomic_write, atomic_write_json
+from mec_hub import __version__
+from mec_hub.errors import InvalidArgumentError, MecHubError
+from mec_hub.export.outputs import check_output, output_path
+from mec_hub.fileio import atomic_write
+from mec_hub.models.export_sidecar import (
+    EXPORT_FORMATS,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    read_export_description,
+    sidecar_path,
+    write_export_description,
+)
+from mec_hub.models.head_names import DEFAULT_HEAD, HEADS
+from mec_hub.models.loading import load
+from mec_hub.models.onnx_runtime import MissingDependencyError, OnnxRuntimeModel, onnx_embedding_model, require
 from mec_hub.weights.config import ModelConfig
 from mec_hub.weights.integrity import sha256_file
 
-FORMATS = ("onnx", "torchscript")
-HEADS = ("backbone", "projector")
-INPUT_NAME, OUTPUT_NAME = "images", "embedding"
+# Importable from here as before; their home is mec_hub.models (see the module's docstring).
+__all__ = [
+    "ExportResult",
+    "MissingDependencyError",
+    "OnnxRuntimeModel",
+    "deployable",
+    "export_model",
+    "onnx_embedding_model",
+    "read_export_description",
+    "sidecar_path",
+]
+
 MIN_OPSET = 18
-ONNX_EXTRA = "pip install 'mec-hub[onnx]'"
-
-
-class MissingDependencyError(MecHubError):
-    """An optional package (the ``onnx`` extra) is not installed."""
-
-
-def sidecar_path(path: str | os.PathLike[str]) -> Path:
-    """``FILE`` -> ``FILE.json``, where the preprocessing and export details of ``FILE`` are written."""
-    return Path(f"{os.fspath(path)}.json")
-
-
-def _require(module: str, what: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        raise MissingDependencyError(f"{what} needs the Python package {module!r}: {ONNX_EXTRA}")
 
 
 @dataclass(frozen=True)
@@ -83,8 +92,8 @@ def deployable(encoder: nn.Module) -> nn.Module:
 
 
 def _export_onnx(module: nn.Module, example: torch.Tensor, out: Path, *, dynamic_batch: bool, opset: int) -> None:
-    _require("onnxscript", "ONNX export")
-    _require("onnx", "ONNX export")
+    require("onnxscript", "ONNX export")
+    require("onnx", "ONNX export")
     dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
     chatter = io.StringIO()
     try:
@@ -141,7 +150,7 @@ def export_model(
     out: str | os.PathLike[str],
     *,
     fmt: str,
-    head: str = "backbone",
+    head: str = DEFAULT_HEAD,
     dynamic_batch: bool = False,
     opset: int | None = None,
     overwrite: bool = False,
@@ -154,8 +163,8 @@ def export_model(
     ``dynamic_batch``: the ONNX file takes any batch size (otherwise batch 1; a TorchScript file
     always takes any). ``opset``: the ONNX opset (default and minimum ``MIN_OPSET``).
     """
-    if fmt not in FORMATS:
-        raise InvalidArgumentError(f"format must be one of {FORMATS}, not {fmt!r}")
+    if fmt not in EXPORT_FORMATS:
+        raise InvalidArgumentError(f"format must be one of {EXPORT_FORMATS}, not {fmt!r}")
     if head not in HEADS:
         raise InvalidArgumentError(f"head must be one of {HEADS}, not {head!r}")
     if opset is not None and fmt != "onnx":
@@ -165,15 +174,10 @@ def export_model(
         raise InvalidArgumentError(f"opset {opset}: the ONNX exporter writes opset {MIN_OPSET} or newer")
     out = Path(out)
     side = sidecar_path(out)
-    existing = [p.name for p in (out, side) if p.exists()]
-    if existing and not overwrite:
-        raise MecHubError(f"{', '.join(existing)} already exist in {out.parent}; pass --overwrite to replace them")
-    if not out.parent.is_dir():
-        raise MecHubError(f"{out.parent} is not a folder")
+    for path in (out, side):  # before the work, not after it
+        check_output(path, folder=False, overwrite=overwrite)
     if fmt == "onnx":
-        _require("onnxscript", "ONNX export")
-
-    from mec_hub.models.loading import load
+        require("onnxscript", "ONNX export")
 
     encoder = load(weights=weights, head=head, **({"sha256": sha256} if sha256 else {}))
     module = deployable(encoder)
@@ -185,130 +189,29 @@ def export_model(
     checked: dict[str, Any] = {}
 
     def write(tmp: Path) -> None:
-        """Export into ``tmp``, then check it against the PyTorch model before it is published."""
+        """Export into ``tmp`` and check it against the PyTorch model; then write ``FILE.json``, before
+        ``FILE`` is published, so that a failure leaves both files as they were."""
         if fmt == "onnx":
             _export_onnx(module, example, tmp, dynamic_batch=dynamic_batch, opset=opset)
         else:
             _export_torchscript(module, example, tmp)
         batch = torch.randn(3 if any_batch else 1, *size, generator=torch.Generator().manual_seed(0))
         checked.update(max_rel_diff=_check(fmt, tmp, module, batch), sha256=sha256_file(tmp))
+        write_export_description(
+            out,
+            config,
+            fmt=fmt,
+            sha256=checked["sha256"],
+            source=encoder.identity,
+            input_size=size,
+            any_batch=any_batch,
+            opset=opset if fmt == "onnx" else None,
+            max_rel_diff=checked["max_rel_diff"],
+            versions={"mec_hub_version": __version__, "torch_version": torch.__version__},
+        )
 
-    atomic_write(out, write)
+    with output_path(out, folder=False, overwrite=overwrite):  # one error naming FILE, whichever write fails
+        check_output(side, folder=False, overwrite=overwrite)
+        atomic_write(out, write)
     max_rel_diff, digest = checked["max_rel_diff"], checked["sha256"]
-
-    from mec_hub import __version__
-
-    description = config.to_json_dict()
-    description["export"] = {
-        "format": fmt,
-        "file": out.name,
-        "sha256": digest,
-        "head": head,
-        "embed_dim": int(encoder.embed_dim),
-        "input": {"name": INPUT_NAME, "shape": ["N" if any_batch else 1, *size]},
-        "output": {"name": OUTPUT_NAME, "shape": ["N" if any_batch else 1, int(encoder.embed_dim)]},
-        "input_is": "float32 RGB, resized and cropped to input_size, scaled to [0, 1], normalised by mean and std",
-        "opset": opset if fmt == "onnx" else None,
-        "source_weights_sha256": encoder.weights_sha256,
-        "max_rel_diff_vs_pytorch": max_rel_diff,
-        "mec_hub_version": __version__,
-        "torch_version": torch.__version__,
-    }
-    atomic_write_json(side, description)
     return ExportResult(out, side, fmt, head, int(encoder.embed_dim), size, digest, max_rel_diff)
-
-
-# --------------------------------------------------------------------------- ONNX Runtime
-
-
-def read_export_description(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``FILE.json`` written beside an exported ``FILE``."""
-    side = sidecar_path(path)
-    try:
-        data = json.loads(side.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MecHubError(
-            f"{side} not found: the preprocessing of an exported model is read from it (mec-hub export writes it)"
-        ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MecHubError(f"{side}: unreadable ({exc})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("export"), dict):
-        raise MecHubError(f"{side}: no 'export' section; write it with mec-hub export")
-    return data
-
-
-class OnnxRuntimeModel(nn.Module):
-    """An exported ONNX file run by ONNX Runtime, as a module: ``(N, 3, H, W)`` tensor in, ``(N, D)`` out.
-
-    Reads ``FILE.json`` for the preprocessing (``pretrained_cfg``), head and dimension, and checks
-    the file against the SHA-256 recorded there. ``weights_sha256`` is the ONNX file's own digest.
-    A file exported with a fixed batch is fed in slices of that batch, the last one padded.
-    ``threads``: ONNX Runtime's intra-op threads (default: PyTorch's, ``torch.get_num_threads()``).
-    """
-
-    runtime = "onnxruntime"
-
-    def __init__(self, path: str | os.PathLike[str], *, threads: int | None = None) -> None:
-        super().__init__()
-        path = Path(path)
-        if not path.is_file():
-            raise MecHubError(f"ONNX file not found: {path}")
-        description = read_export_description(path)
-        export = description["export"]
-        if export.get("format") != "onnx":
-            raise MecHubError(f"{sidecar_path(path)} describes a {export.get('format')!r} export, not an ONNX file")
-        self.config = ModelConfig.from_json_dict(description, origin=str(sidecar_path(path)))
-        digest = sha256_file(path)
-        if export.get("sha256") and export["sha256"] != digest:
-            raise ChecksumMismatchError(str(path), export["sha256"], digest)  # recorded in FILE.json by the export
-        _require("onnxruntime", "--runtime onnxruntime")
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = int(threads or torch.get_num_threads())
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        batch = self.session.get_inputs()[0].shape[0]
-        self.fixed_batch = batch if isinstance(batch, int) and batch > 0 else None
-        self.path = path
-        self.weights_sha256 = digest
-        self.name = self.config.name
-        self.head = str(export.get("head", "backbone"))
-        self.embed_dim = int(export["embed_dim"])
-        self.pretrained_cfg: dict[str, Any] = self.config.pretrained_cfg
-        self.embedding_meta = {"runtime": self.runtime}
-
-    def _run(self, array: np.ndarray) -> np.ndarray:
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: array})[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        array = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        step = self.fixed_batch
-        if step is None or len(array) == step:
-            out = self._run(array)
-        else:
-            blocks = []
-            for start in range(0, len(array), step):
-                chunk = array[start : start + step]
-                padded = np.concatenate([chunk, np.zeros((step - len(chunk), *chunk.shape[1:]), chunk.dtype)])
-                blocks.append(self._run(padded)[: len(chunk)])
-            out = np.concatenate(blocks) if blocks else np.empty((0, self.embed_dim), np.float32)
-        return torch.from_numpy(out).to(x.device)
-
-    def extra_repr(self) -> str:
-        return f"path={str(self.path)!r}, head={self.head!r}, embed_dim={self.embed_dim}"
-
-
-def onnx_embedding_model(
-    model: Any, weights: str | os.PathLike[str] | None, *, head: str, sha256: str | None
-) -> tuple[OnnxRuntimeModel, None, str]:
-    """What ``Embedder`` runs for ``runtime="onnxruntime"``: (module, no registry name, the file's path)."""
-    if isinstance(model, str | os.PathLike) and weights is None:
-        model, weights = None, model
-    if model is not None or weights is None:
-        raise InvalidArgumentError("runtime='onnxruntime' takes the exported .onnx file as weights=, and no model=")
-    if sha256 is not None:
-        raise InvalidArgumentError("sha256= is for weights files; an exported file is checked against its FILE.json")
-    module = OnnxRuntimeModel(weights)
-    if head != "backbone" and head != module.head:
-        raise InvalidArgumentError(f"head={head!r}, but {weights} was exported with head {module.head!r}")
-    return module, None, str(Path(weights).resolve())

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from mec_hub.errors import IncompatibleWeightsError
+from mec_hub.export.outputs import output_path
 from mec_hub.fileio import atomic_write
 
 AUTHOR = "mec-hub"
@@ -111,17 +112,18 @@ class _PortablePickler(pickle.Pickler):
 
 
 def write_detectron2(arrays: Mapping[str, np.ndarray], out: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-    """Write the pickle Detectron2 reads (``{"model": arrays, "__author__", "matching_heuristics"}``)."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(out)
+    """Write the pickle Detectron2 reads (``{"model": arrays, "__author__", "matching_heuristics"}``).
+
+    An output that may not or cannot be written is one ``OutputPathError`` (``mec_hub.export.outputs``).
+    """
     payload = {"model": dict(arrays), "__author__": AUTHOR, "matching_heuristics": True}
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
             _PortablePickler(fh, protocol=PICKLE_PROTOCOL).dump(payload)
 
-    return atomic_write(out, write)
+    with output_path(out, folder=False, overwrite=overwrite) as path:
+        return atomic_write(path, write)
 
 
 def detectron2_config(architecture: str, mean: Sequence[float], std: Sequence[float]) -> list[str]:

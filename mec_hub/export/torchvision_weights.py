@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from mec_hub.errors import IncompatibleWeightsError
+from mec_hub.export.outputs import output_path
 from mec_hub.fileio import atomic_write
 from mec_hub.models.encoder import load_state_dict_strict
 
@@ -45,8 +46,9 @@ def torchvision_state_dict(
 def write_torchvision(
     state: Mapping[str, torch.Tensor], out: str | os.PathLike[str], *, overwrite: bool = False
 ) -> Path:
-    """``torch.save`` the state dict (tensors only: ``torch.load(weights_only=True)`` reads it)."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(out)
-    return atomic_write(out, lambda tmp: torch.save(dict(state), tmp))
+    """``torch.save`` the state dict (tensors only: ``torch.load(weights_only=True)`` reads it).
+
+    An output that may not or cannot be written is one ``OutputPathError`` (``mec_hub.export.outputs``).
+    """
+    with output_path(out, folder=False, overwrite=overwrite) as path:
+        return atomic_write(path, lambda tmp: torch.save(dict(state), tmp))

@@ -19,11 +19,13 @@ import torch
 from safetensors.torch import load_file
 
 from mec_hub.errors import CheckpointReadError, IncompatibleWeightsError, InvalidArgumentError
-from mec_hub.export.convert import ExtractedWeights, extract_weights, read_checkpoint
+from mec_hub.export.convert import ExtractedWeights, extract_weights
 from mec_hub.export.detectron2 import detectron2_config, to_detectron2, write_detectron2
+from mec_hub.export.outputs import check_output
 from mec_hub.export.torchvision_weights import torchvision_state_dict, write_torchvision
 from mec_hub.models.encoder import build_backbone, load_state_dict_strict
 from mec_hub.models.loading import without_classifier
+from mec_hub.weights.checkpoint import read_checkpoint
 from mec_hub.weights.config import preprocessing_fields
 from mec_hub.weights.registry import model_info
 from mec_hub.weights.sources import fetch_weights, parse_weights_spec, record_location
@@ -58,22 +60,20 @@ def export_backbone(
     """Write the backbone of ``path`` as ``framework`` ("detectron2" or "torchvision") reads it."""
     if framework not in FRAMEWORKS:
         raise InvalidArgumentError(f"framework must be one of {FRAMEWORKS}, not {framework!r}")
+    check_output(out, folder=False, overwrite=overwrite)  # before the work, not after it
     origin = str(path)
     extracted = read_backbone(path, source=source, arch=arch)
     _require_standard(extracted, framework, origin=origin)
     lines: list[str] = []
-    try:
-        if framework == "detectron2":
-            arrays = to_detectron2(extracted.backbone, origin=origin)
-            written = write_detectron2(arrays, out, overwrite=overwrite)
-            prep = preprocessing_fields(extracted.preprocessing)
-            lines = detectron2_config(extracted.architecture, prep["mean"], prep["std"])
-            count = len(arrays)
-        else:
-            state = torchvision_state_dict(extracted.architecture, extracted.backbone, origin=origin)
-            written, count = write_torchvision(state, out, overwrite=overwrite), len(state)
-    except FileExistsError:
-        raise CheckpointReadError(f"{out} already exists; pass --overwrite to replace it") from None
+    if framework == "detectron2":
+        arrays = to_detectron2(extracted.backbone, origin=origin)
+        written = write_detectron2(arrays, out, overwrite=overwrite)
+        prep = preprocessing_fields(extracted.preprocessing)
+        lines = detectron2_config(extracted.architecture, prep["mean"], prep["std"])
+        count = len(arrays)
+    else:
+        state = torchvision_state_dict(extracted.architecture, extracted.backbone, origin=origin)
+        written, count = write_torchvision(state, out, overwrite=overwrite), len(state)
     return TransferResult(
         out=written,
         framework=framework,
