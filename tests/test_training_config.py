@@ -23,6 +23,7 @@ from conftest import write_noise_images
 from safetensors.torch import load_file
 
 import training.pretrain as pretrain
+from training import loop
 from training.config import TrainConfig, parse_args
 from training.metrics import read_metrics
 from training.model import build_mec_model
@@ -233,14 +234,14 @@ def test_the_cpu_smoke_recipe_keeps_the_series_convergent():
 def first_step_model(monkeypatch) -> dict:
     """Patch the training step to record the model's state as the first step receives it."""
     seen: dict = {}
-    real_step = pretrain.train_step
+    real_step = loop.train_step
 
     def recording_step(model, *args, **kwargs):
         if not seen:
             seen.update({k: v.detach().clone() for k, v in model.state_dict().items()})
         return real_step(model, *args, **kwargs)
 
-    monkeypatch.setattr(pretrain, "train_step", recording_step)
+    monkeypatch.setattr(loop, "train_step", recording_step)
     return seen
 
 
@@ -370,6 +371,35 @@ def test_extend_epochs_continues_a_finished_run_with_the_longer_schedule(finishe
     done = checkpoint(out)
     assert done["step"] == 6 and len(done["config"]["schedule_restarts"]) == 1
     assert done["export"]["meta"]["epochs"] == 3 and "extended from 2 to 3" in done["export"]["meta"]["schedule"]
+
+
+def test_extend_epochs_trains_the_added_epochs_at_the_lr_of_the_longer_schedule(
+    finished, images, tmp_path, monkeypatch
+):
+    """Every added step's lr (as the optimizer used it) and teacher momentum, against the closed forms of a
+    4-epoch run: the 1-epoch warm-up once, at the start, then the half cosine over the new total."""
+    out = tmp_path / "extended"
+    shutil.copytree(finished, out)
+    used: list[tuple[float, float]] = []
+    real_step = loop.train_step
+
+    def recording_step(model, update_teacher, criterion, optimizer, views, values, *args, **kwargs):
+        result = real_step(model, update_teacher, criterion, optimizer, views, values, *args, **kwargs)
+        used.append((optimizer.param_groups[0]["lr"], values.teacher_momentum))
+        return result
+
+    monkeypatch.setattr(loop, "train_step", recording_step)
+    assert pretrain.main(arguments(images, out, "--extend-epochs", "4")) == 0
+
+    peak, warmup, total = 0.5 * 8 / 256, 1 * STEPS_PER_EPOCH, 4 * STEPS_PER_EPOCH  # --lr 0.5 at batch 8
+    added = range(2 * STEPS_PER_EPOCH, total)  # the finished run's 4 steps, then 4 new ones
+    expected_lr = [peak * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))) for s in added]
+    expected_momentum = [1 - (1 - 0.996) * 0.5 * (1 + math.cos(math.pi * s / total)) for s in added]
+    assert [lr for lr, _ in used] == pytest.approx(expected_lr, rel=1e-12, abs=0)
+    assert [m for _, m in used] == pytest.approx(expected_momentum, rel=1e-12, abs=0)
+    assert expected_lr[0] == pytest.approx(peak * 0.75, rel=1e-12)  # not 0: no second warm-up
+    logged = {r["step"]: r["lr"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "step"}
+    assert [logged[s + 1] for s in added] == pytest.approx(expected_lr, rel=1e-12, abs=0)
 
 
 def test_a_changed_schedule_without_extend_epochs_is_refused_with_the_way_to_extend(finished, images, capsys):

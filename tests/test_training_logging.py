@@ -29,6 +29,7 @@ import training.pretrain as pretrain
 from mec_hub.models.heads import build_predictor, build_projector
 from mec_hub.models.losses import MECLoss
 from mec_hub.runtime.devices import Precision
+from training import loop
 from training.engine import EpochTotals, StepOutput, StepStats, taylor_fidelity, train_step
 from training.metrics import MetricsLog, read_metrics
 from training.model import Encoder, MECModel
@@ -213,7 +214,7 @@ def test_an_undefined_step_is_counted_in_the_window_and_the_epoch_not_dropped():
     assert summary["taylor_grad_rel_error"] == pytest.approx(max(e[1] for e in errors), rel=1e-6)
     assert summary["spectral_norm_exact"] == pytest.approx(big_norm, rel=1e-6)  # the undefined step's
     value_error, grad_error = max(e[0] for e in errors), max(e[1] for e in errors)
-    assert pretrain._taylor_text(summary) == (
+    assert loop._taylor_text(summary) == (
         f" taylor err {value_error:.2e} (grad {grad_error:.2e}) at |C| {big_norm:.3f}, "
         "undefined on 2 of 4 measured steps (det(I + C) <= 0)"
     )
@@ -222,7 +223,7 @@ def test_an_undefined_step_is_counted_in_the_window_and_the_epoch_not_dropped():
     only_undefined = stats.flush(steps_per_epoch=10)
     assert (only_undefined["taylor_measured_steps"], only_undefined["taylor_undefined_steps"]) == (1, 1)
     assert math.isnan(only_undefined["taylor_rel_error"]) and math.isnan(only_undefined["taylor_grad_rel_error"])
-    assert pretrain._taylor_text(only_undefined) == (
+    assert loop._taylor_text(only_undefined) == (
         f" taylor err n/a at |C| {big_norm:.3f}, undefined on 1 of 1 measured steps (det(I + C) <= 0)"
     )
 

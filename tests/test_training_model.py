@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from mec_hub.export.convert import TRAIN_FORMAT
 from mec_hub.models.losses import MECLossOutput
+from mec_hub.weights.checkpoint import TRAIN_FORMAT
 from training import checkpoint as ckpt
 from training.engine import NonFiniteLossError, StepStats
 from training.metrics import MetricsLog, read_metrics

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import inspect
 import math
 import os
 import shutil
@@ -20,9 +22,10 @@ from PIL import Image
 
 import mec_hub
 import training.pretrain as pretrain
-from mec_hub.models.losses import MECLossOutput
+from mec_hub.models.losses import MECLoss, MECLossOutput
 from training import checkpoint as ckpt
-from training import distributed
+from training import config as train_config
+from training import distributed, loop, recipe, resume
 from training.config import parse_args
 from training.metrics import read_metrics
 
@@ -197,7 +200,7 @@ def test_rerunning_with_another_recipe_is_refused(uninterrupted, images, capsys)
 
 
 def test_a_non_finite_loss_stops_the_run_before_saving(images, tmp_path, monkeypatch, capsys):
-    real_step = pretrain.train_step
+    real_step = loop.train_step
     calls = []
 
     def poisoned_step(*args, **kwargs):
@@ -207,7 +210,7 @@ def test_a_non_finite_loss_stops_the_run_before_saving(images, tmp_path, monkeyp
             return MECLossOutput(out.loss * math.nan, out.coding_length * math.nan, out.spectral_norm)
         return out
 
-    monkeypatch.setattr(pretrain, "train_step", poisoned_step)
+    monkeypatch.setattr(loop, "train_step", poisoned_step)
     assert pretrain.main(arguments(images, tmp_path)) == 1
     err = capsys.readouterr().err
     assert "the loss is nan at step 3 (epoch 2, step 1 of 2)" in err and "--lr" in err and "fp32" in err
@@ -237,7 +240,7 @@ def test_two_processes_with_torchrun(images, tmp_path):
     ],
 )
 def test_exports_name_the_data_set_not_just_its_split_folder(data, expected):
-    assert pretrain.dataset_name(data) == expected
+    assert resume.dataset_name(data) == expected
 
 
 def authors_lamda_schedule(lamda: float, epochs: int, steps_per_epoch: int, warmup_epochs: int = 10) -> np.ndarray:
@@ -287,7 +290,7 @@ def test_without_eps2_a_run_at_batch_256_trains_the_authors_objective(tmp_path):
     argv = ["--data", str(data), "--output-dir", str(tmp_path / "out"), "--arch", "resnet10t", "--image-size", "8",
             "--batch-size", str(m), "--epochs", str(epochs), "--workers", "0", "--device", "cpu"]  # fmt: skip
     args = pretrain.check_args(parse_args(argv, parser), parser, world_size=1)
-    run = pretrain.Run(args, distributed.setup("cpu"), command="test")
+    run = loop.Run(args, distributed.setup("cpu"), command="test")
     assert run.args.dim == d and run.steps_per_epoch == 1 and run.criterion.eps2 == 64.0
     theirs = authors_lamda_schedule(d / (m * 64.0), epochs, 1)  # their lamda = d / (m * eps), eps = 64
     ours = [run.schedules.at(step).lamda_inv for step in range(epochs)]
@@ -302,7 +305,7 @@ def test_without_eps2_a_run_at_batch_256_trains_the_authors_objective(tmp_path):
     got, want = (torch.cat([g.flatten() for g in torch.autograd.grad(x, (p1, p2))]) for x in (out.loss, expected))
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-15)
     # What the default was before (64 x 1024 / m, lamda as at batch 1024) is another objective, not a rescaling.
-    scaled = pretrain.MECLoss(64.0 * 1024 / m, warn_on_divergence=False)(p1, z1, p2, z2, lamda_inv=m * 256.0 / d)
+    scaled = MECLoss(64.0 * 1024 / m, warn_on_divergence=False)(p1, z1, p2, z2, lamda_inv=m * 256.0 / d)
     other = torch.cat([g.flatten() for g in torch.autograd.grad(scaled.loss, (p1, p2))])
     assert torch.nn.functional.cosine_similarity(other, want, dim=0) < 0.99
 
@@ -315,7 +318,7 @@ def test_the_default_eps2_is_the_papers_at_every_batch_and_scaled_is_asked_for(b
     scaled = pretrain.check_args(parse_args([*base, "--eps2", "scaled"], parser), parser, world_size=1)
     assert scaled.eps2 == 64.0 * 1024 / batch
     assert 2048 / (batch * scaled.eps2) == 2048 / (1024 * 64.0)  # lamda as at the paper's batch
-    config = pretrain.recipe_config(scaled, hidden_dim=512, num_images=5000)
+    config = recipe.recipe_config(scaled, hidden_dim=512, num_images=5000)
     assert config["eps2"] == 64.0 * 1024 / batch  # the checkpoint records the number, as resolved
 
 
@@ -352,7 +355,7 @@ def test_a_run_whose_eps2_is_not_the_papers_says_so_at_its_start_and_in_its_conf
     meta = load(out)["export"]["meta"]
     assert meta["eps2"] == 8192.0 and "eps^2 8192 (--eps2 scaled" in meta["recipe"]
     # The paper's value says nothing of the kind.
-    assert pretrain.train_config.eps2_note(64.0, 8) is None
+    assert train_config.eps2_note(64.0, 8) is None
 
 
 def yaml_value(text: str, key: str):
@@ -374,7 +377,7 @@ def test_the_recipe_config_holds_every_option_the_resume_check_compares():
     parser = pretrain.build_parser()
     args = parse_args(["--data", "imgs", "--output-dir", "o", "--arch", "resnet18", "--lr", "0.3"], parser)
     args = pretrain.check_args(args, parser, world_size=1)
-    config = pretrain.recipe_config(args, hidden_dim=512, num_images=5000)
+    config = recipe.recipe_config(args, hidden_dim=512, num_images=5000)
     assert set(config) == {*ckpt.RECIPE_KEYS, "data", "extend_epochs", "schedule_restarts", "init_from"}
     assert config["arch"] == "resnet18" and config["lr"] == 0.3 and config["eps2"] == 64.0
     assert config["hidden_dim"] == 512 and config["num_images"] == 5000 and config["data"] == "imgs"
@@ -385,3 +388,56 @@ def test_the_recipe_config_holds_every_option_the_resume_check_compares():
         "batch_size", "lr", "weight_decay", "momentum", "optimizer", "eps2", "order", "teacher_momentum",
         "warmup_epochs", "lamda_warmup_epochs", "lamda_warmup_factor", "seed", "num_images",
     }  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# what a run says when it cannot go on (issue 21: one line, no traceback)
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_naming_the_intact_previous_one(images, tmp_path, monkeypatch, capsys):
+    """The second checkpoint's write fails with ENOSPC; the first stays as it was, byte for byte."""
+    last = tmp_path / "checkpoint_last.pt"
+    real_save = torch.save
+    previous: list[bytes] = []
+
+    def save_until_the_disk_is_full(obj, f, *args, **kwargs):
+        if last.exists():  # the second checkpoint: the disk is full now
+            previous.append(last.read_bytes())
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
+    assert pretrain.main(arguments(images, tmp_path, "--save-every-steps", "1")) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"{last} at step 2" in err and "[Errno 28]" in err and "ENOSPC" in err
+    assert f"the previous checkpoint {last} (step 1) is intact" in err
+    assert len(previous) == 1 and last.read_bytes() == previous[0]
+    assert load(tmp_path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []  # no half-written file left
+
+
+def test_a_model_argument_the_architecture_does_not_take_is_one_line_before_any_data_is_read(images, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exited:
+        pretrain.main(arguments(images, out, "--model-args", '{"width_multiplier": 0.25}'))
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "resnet10t" in err and "'width_multiplier'" in err
+    # The arguments it does take, as timm's ResNet declares them.
+    accepted = [name for name in inspect.signature(timm.models.resnet.ResNet.__init__).parameters if name != "self"]
+    assert f"it takes: {', '.join(accepted)}" in err
+    assert not out.exists()  # stopped before the run made its folder or listed the images
+
+
+def test_device_cuda_without_a_gpu_is_one_line_and_exit_2(images, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exited:
+        pretrain.main(arguments(images, out, "--device", "cuda"))  # the later --device wins
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("training/pretrain.py: error: --device cuda, but torch") and "sees no GPU" in err
+    assert not out.exists()

@@ -2,7 +2,7 @@
 
 A checkpoint is a plain dict that ``torch.load(weights_only=True)`` reads (tensors, dicts,
 lists, str, int, float, bool, None) and that ``mec_hub.export.convert`` understands
-(``format == mec_hub.export.convert.TRAIN_FORMAT``).
+(``format == mec_hub.weights.checkpoint.TRAIN_FORMAT``).
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 
-from mec_hub.export.convert import TRAIN_FORMAT, extract_weights, read_checkpoint
+from mec_hub.export.convert import extract_weights
 from mec_hub.fileio import atomic_write
 from mec_hub.models.loading import load as load_encoder
 from mec_hub.models.losses import PAPER_EPS2
+from mec_hub.weights.checkpoint import TRAIN_FORMAT, read_checkpoint
 from training.config import recipe_keys, scaled_eps2
 
 LAST = "checkpoint_last.pt"
@@ -43,7 +44,14 @@ def save(path: str | os.PathLike[str], state: Mapping[str, Any]) -> Path:
     """``torch.save`` into a temporary file beside ``path``, then rename: never a half-written checkpoint."""
     if state.get("format") != TRAIN_FORMAT:
         raise ValueError(f"a training checkpoint needs format={TRAIN_FORMAT!r}")
-    return atomic_write(path, lambda tmp: torch.save(dict(state), tmp))
+
+    def write(tmp: Path) -> None:
+        # Our own file object: given a path, torch reports a failed write (a full disk) as a bare
+        # RuntimeError from its C++ writer; given a file, the OSError (ENOSPC) comes through.
+        with open(tmp, "wb") as fh:
+            torch.save(dict(state), fh)
+
+    return atomic_write(path, write)
 
 
 def load(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -13,20 +13,23 @@ import torch
 import torch.distributed as dist
 
 from mec_hub.runtime.distributed import DistEnv, dist_env, join_process_group
+from training.config import ConfigError
 
 
 def setup(device: str = "auto", *, timeout_minutes: float = 30.0) -> DistEnv:
     """Read torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) and join the group.
 
-    NCCL on GPUs, gloo on CPUs. ``device``: ``auto`` (a GPU when there is one), ``cuda`` or ``cpu``.
+    NCCL on GPUs, gloo on CPUs. ``device``: ``auto`` (a GPU when there is one), ``cuda`` or ``cpu``;
+    a device this machine lacks is a :class:`ConfigError` (one line, before anything is read).
     """
     if device not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"--device must be auto, cuda or cpu, not {device!r}")
+        raise ConfigError(f"--device must be auto, cuda or cpu, not {device!r}")
     env = dist_env()
     local_rank = env.local_rank
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda, but torch sees no GPU")
+        build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a build without CUDA"
+        raise ConfigError(f"--device cuda, but torch ({build}) sees no GPU: use --device cpu or auto")
     if use_cuda:
         torch.cuda.set_device(local_rank)
         target = torch.device("cuda", local_rank)

@@ -9,9 +9,13 @@ heads have the official layout (``mec_hub.models.heads``).
 from __future__ import annotations
 
 import copy
+import difflib
+import inspect
+import json
 from collections.abc import Mapping
 from typing import Any
 
+import timm
 import torch
 from torch import Tensor, nn
 
@@ -79,3 +83,46 @@ def build_mec_model(
     features = int(backbone.num_features)
     projector = build_projector(features, hidden_dim or features, dim)
     return MECModel(Encoder(backbone, projector), build_predictor(dim, pred_dim))
+
+
+def _meta_model(arch: str, model_args: Mapping[str, Any]) -> nn.Module:
+    """The timm model built on the meta device: no memory, no weights, no data."""
+    with torch.device("meta"):
+        return timm.create_model(arch, pretrained=False, num_classes=0, **model_args)
+
+
+def model_args_error(arch: str, model_args: Mapping[str, Any]) -> str | None:
+    """Why timm's ``arch`` cannot take ``model_args`` (one line naming the argument and the accepted ones), or None.
+
+    The model is built on the meta device, so a wrong keyword is found before any data is read or
+    memory allocated. Another failure there (an unknown architecture, a model that cannot be built
+    on the meta device) is left to the real build, which says why.
+    """
+    if not model_args:
+        return None
+    try:
+        _meta_model(arch, model_args)
+    except TypeError as exc:
+        problem = str(exc)
+    except Exception:
+        return None
+    else:
+        return None
+    given = json.dumps(dict(model_args))
+    try:
+        model_class = type(_meta_model(arch, {}))
+    except Exception:
+        return f"--model-args {given}: timm cannot build {arch} with them ({problem})"
+    parameters = inspect.signature(model_class.__init__).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return f"--model-args {given}: timm cannot build {arch} ({model_class.__name__}) with them ({problem})"
+    accepted = [p.name for p in parameters if p.name != "self" and p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    unknown = [key for key in model_args if key not in accepted]
+    if not unknown:
+        return f"--model-args {given}: timm cannot build {arch} ({model_class.__name__}) with them ({problem})"
+    close = difflib.get_close_matches(unknown[0], accepted, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return (
+        f"--model-args: architecture {arch} ({model_class.__name__}) takes no argument {unknown[0]!r}{hint}; "
+        f"it takes: {', '.join(accepted)}"
+    )
