@@ -344,19 +344,32 @@ class MECLossOutput(NamedTuple):
     """Estimate of ``max ||C||_2`` over the two pairs, detached; the series needs it below 1."""
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """Synchronous all-gather with gradient: no collective is left running on a backend thread."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        torch.distributed.all_gather(parts, x.contiguous())  # blocking: returns when the rows are here
+        ctx.rank, ctx.rows = rank, x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad)  # blocking; the sum over ranks of this slice's gradient
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
 def _gather_with_grad(x: Tensor) -> Tensor:
     """All ranks' rows, in rank order; the backward sums each slice's gradient over ranks and returns it.
 
-    PyTorch's own autograd-aware gather: the functional collective where this PyTorch has it
-    (``torch.distributed.nn.functional.all_gather`` is deprecated there), the older one otherwise.
+    Synchronous on purpose: the functional collectives (``all_gather_single_autograd``) run on the
+    gloo worker threads while the caller computes, and under gloo on CPU (torch 2.14.1) that
+    corrupted the heap now and then (issue 21 item 17).
     """
-    try:
-        from torch.distributed._functional_collectives import all_gather_single_autograd
-    except ImportError:
-        from torch.distributed.nn.functional import all_gather
-
-        return torch.cat(all_gather(x), dim=0)
-    return all_gather_single_autograd(x.contiguous(), 0, torch.distributed.group.WORLD)
+    return _GatherWithGrad.apply(x)
 
 
 class MECLoss(nn.Module):
