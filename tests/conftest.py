@@ -7,6 +7,7 @@ CIFAR-10 subset, which states no licence, comes from ../shared/data (or MEC_HUB_
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,47 @@ def write_noise_images(root: Path, count: int = 16, size: int = 32) -> Path:
     for i in range(count):
         Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")).save(root / f"{i:02d}.png")
     return root
+
+
+@pytest.fixture
+def memory_cap():
+    """``with memory_cap(extra_bytes):`` caps this process's address space at its current size plus
+    ``extra_bytes`` (``RLIMIT_AS``, soft limit only, restored afterwards), so a reader that believes a
+    hostile header and allocates for it fails with ``MemoryError`` inside the block instead of taking
+    the machine. Skips where ``resource`` is missing (Windows)."""
+    import contextlib
+
+    resource = pytest.importorskip("resource")
+
+    def current_size() -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+    @contextlib.contextmanager
+    def cap(extra_bytes: int = 512 * 1024 * 1024):
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        limit = current_size() + extra_bytes
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+        try:
+            yield limit
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+    return cap
+
+
+@pytest.fixture()
+def opened_files():
+    """Every file this process opens while the list is live (a ``sys.audit`` hook, inert afterwards)."""
+    seen: list[str] = []
+    live = [True]
+
+    def hook(event: str, args: tuple) -> None:
+        if live[0] and event == "open" and isinstance(args[0], str | bytes | os.PathLike):
+            seen.append(os.fsdecode(args[0]))
+
+    sys.addaudithook(hook)
+    yield seen
+    live[0] = False

@@ -103,7 +103,7 @@ def test_a_loaded_module_is_accepted(tiny_weights_dir: Path, photos: list[Path],
         Embedder(plain, device="cpu")
     plain.pretrained_cfg = {"input_size": (3, 16, 16), "crop_pct": 1.0}
     generic = Embedder(plain, device="cpu")
-    assert generic.embed_dim == 4 and generic.identity()["state_dict_sha256"]
+    assert generic.embed_dim == 4 and generic.identity.state_dict_sha256
 
 
 def test_progress_bar_shows_rate(embedder: Embedder, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
@@ -186,3 +186,109 @@ def test_from_meta_refuses_a_record_that_names_no_model(tiny_weights_dir: Path):
         with pytest.raises(MecHubError, match="names no model"):
             Embedder.from_meta(empty, device="cpu")
     assert Embedder.from_meta({}, weights=str(tiny_weights_dir), device="cpu").embed_dim == 512  # named here
+
+
+def test_batches_are_pulled_in_order_and_count_every_item(
+    embedder: Embedder, photos: list[Path], photo_reference: np.ndarray, odd_images_dir: Path, tmp_path: Path
+):
+    """The engine yields batches; a consumer that stops early leaves no worker or blocked signal behind."""
+    import signal
+
+    from mec_hub.embedding.loader import ImageSource
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    items = [str(p) for p in photos[:7]] + [str(broken)] + [str(p) for p in photos[7:]]
+    batches = list(embedder.batches(ImageSource(items, embedder.transform), 2, len(items)))
+    assert [b.end for b in batches] == [7, 12, 17, 19]  # batch_size 5 from item 2; the last one short
+    assert [i for b in batches for i in b.indices] == [i for i in range(2, 19) if i != 7]
+    assert [i for b in batches for i, _ in b.failures] == [7]
+    np.testing.assert_allclose(np.concatenate([b.features for b in batches]), photo_reference[2:], **TOL)
+
+    stream = embedder.batches(ImageSource(items, embedder.transform))
+    next(stream)
+    assert signal.SIGCHLD in signal.pthread_sigmask(signal.SIG_BLOCK, set())  # held while the batch is ours
+    stream.close()
+    assert signal.SIGCHLD not in signal.pthread_sigmask(signal.SIG_BLOCK, set())
+
+
+def test_embed_folder_to_a_parquet_name_writes_parquet(embedder: Embedder, photos_dir: Path, tmp_path: Path,
+                                                       photo_reference: np.ndarray):
+    """The Python API chooses the format from the name, as mec-embed does (not X.parquet.npy)."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    result = embedder.embed_folder(photos_dir, tmp_path / "feats.parquet", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["feats.parquet"]
+    assert result.features == tmp_path / "feats.parquet"
+    table = pq.read_table(tmp_path / "feats.parquet")
+    assert table.column("path").to_pylist() == sorted(p.name for p in photos_dir.iterdir())
+    np.testing.assert_allclose(np.array(table.column("embedding").to_pylist(), np.float32), photo_reference, **TOL)
+
+    embedder.embed_folder(photos_dir, tmp_path / "sharded.parquet", shard_rows=7, progress=False)
+    shards = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("sharded"))
+    assert len(shards) == 3 and [pq.read_metadata(tmp_path / s).num_rows for s in shards] == [7, 7, 4]
+    with pytest.raises(MecHubError, match="shard_rows applies to Parquet output"):
+        embedder.embed_folder(photos_dir, tmp_path / "x.npy", shard_rows=7, progress=False)
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".parquet"])
+def test_the_output_lock_is_held_until_the_files_are_published(
+    embedder: Embedder, photos_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str
+):
+    """A second run cannot take the outputs while the first one is still renaming them into place."""
+    from mec_hub.data.featurefile import FeatureFile
+    from mec_hub.embedding.outputs import OutputError, OutputTarget, ParquetTarget, RunLock
+
+    out = tmp_path / f"feats{suffix}"
+    attempts: list[str] = []
+
+    def try_to_take_the_lock() -> None:
+        try:
+            lock = RunLock(OutputTarget.for_out(out).files)
+            lock.acquire()
+            lock.release()
+            attempts.append("taken")
+        except OutputError:
+            attempts.append("refused")
+
+    real_write, real_publish = FeatureFile.write, ParquetTarget.publish
+
+    def write(*args: Any, **kwargs: Any) -> Any:
+        try_to_take_the_lock()
+        return real_write(*args, **kwargs)
+
+    def publish(self: ParquetTarget) -> Any:
+        try_to_take_the_lock()
+        return real_publish(self)
+
+    monkeypatch.setattr(FeatureFile, "write", staticmethod(write))
+    monkeypatch.setattr(ParquetTarget, "publish", publish)
+    embedder.embed_folder(photos_dir, out, progress=False)
+    assert attempts == (["refused"] if suffix == ".npy" else ["refused", "refused"])
+    try_to_take_the_lock()
+    assert attempts[-1] == "taken"
+
+
+def test_normalized_float16_rows_are_unit_norm_also_for_large_features():
+    """--normalize --out-dtype float16: unit norm to float16 precision, whatever the features' scale."""
+
+    class Loud(torch.nn.Module):  # features with norms in the hundreds, of uneven size per row
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(3, 64)
+            self.pretrained_cfg = {"input_size": (3, 16, 16), "crop_pct": 1.0}
+            self.embed_dim = 64
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 300.0 * (1 + x.abs().mean(dim=(1, 2, 3), keepdim=False)[:, None]) * self.linear(x.mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    images = torch.randn(20, 3, 16, 16) * 3
+    loud = Loud()
+    with torch.no_grad():
+        raw = loud(images).double().numpy()
+    assert np.linalg.norm(raw, axis=1).min() > 100  # the premise: large features
+    rows = Embedder(loud, device="cpu", normalize=True, out_dtype="float16").embed(images)
+    assert rows.dtype == np.float16
+    norms = np.linalg.norm(rows.astype(np.float64), axis=1)
+    np.testing.assert_allclose(norms, 1.0, atol=2e-3)  # float16 keeps ~3 decimal digits per value
+    np.testing.assert_allclose(rows.astype(np.float64), raw / np.linalg.norm(raw, axis=1, keepdims=True), atol=1e-3)

@@ -142,7 +142,7 @@ def test_errors_before_any_work(tiny_weights_dir: Path, tmp_path: Path):
     (tmp_path / "texts" / "notes.txt").write_text("x")
     no_images = run(tmp_path / "texts", "--out", tmp_path / "f.npy", "--weights", tiny_weights_dir, "--device", "cpu")
     assert no_images.exit_code == 1 and "no image files found" in no_images.output
-    assert "1 file(s) without an image extension" in no_images.output
+    assert "1 file(s) or tar member(s) not images, left out" in no_images.output
     assert list(tmp_path.glob("*.npy")) == []
 
 

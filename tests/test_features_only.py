@@ -201,7 +201,7 @@ def test_pool_none_rows_are_the_flattened_maps(tiny_weights_dir: Path):
     rows = embedder.embed(x)
     # The embedder runs channels-last, the reference NCHW: other convolution kernels, float rounding apart.
     np.testing.assert_allclose(rows, fmap.reshape(3, -1).numpy(), rtol=1e-4, atol=1e-4)
-    assert embedder.identity()["pooling"] == {"layer": 2, "pool": "none", "map_shape": [128, 4, 4]}
+    assert embedder.identity.pooling == {"layer": 2, "pool": "none", "map_shape": [128, 4, 4]}
 
 
 def test_cli_pool_none_needs_float16_or_allow_large_and_prints_the_size(tiny_weights_dir: Path, tmp_path: Path):
@@ -265,7 +265,7 @@ def test_from_meta_rebuilds_the_pooling_and_checks_it(tiny_weights_dir: Path, tm
     embedder = Embedder(weights=tiny_weights_dir, device="cpu", num_workers=0, pool="gem", layer=2, gem_p=2.5)
     result = embedder.embed_folder(tmp_path / "imgs", tmp_path / "f.npy")
     rebuilt = Embedder.from_meta(result.meta_path, device="cpu", num_workers=0)
-    assert rebuilt.identity()["pooling"] == {"layer": 2, "pool": "gem", "gem_p": 2.5}
+    assert rebuilt.identity.pooling == {"layer": 2, "pool": "gem", "gem_p": 2.5}
     np.testing.assert_array_equal(rebuilt.embed(_batch(32, 2)), embedder.embed(_batch(32, 2)))
     with pytest.raises(ModelMismatchError, match="pooling"):
         Embedder(weights=tiny_weights_dir, device="cpu", num_workers=0, pool="gem", layer=3).check_matches(result.meta)

@@ -1,10 +1,13 @@
 """``mec-embed``: images in, ``FEATS.npy`` + ``FEATS.paths.txt`` + ``FEATS.meta.json`` out.
 
-Only click is imported at module level, so that ``mec-embed --help`` answers without torch.
+Only click is imported at module level; the engine (torch, timm) is imported inside the command,
+after the options are checked, so that ``--help`` and usage errors answer at once: measured on the
+2-core CI machine under load, 0.3 s for ``mec-embed --help`` against 14-17 s to import the engine.
 """
 
 from __future__ import annotations
 
+import shutil
 from typing import TYPE_CHECKING
 
 import click
@@ -133,16 +136,13 @@ def main(
 
     from mec_hub.embedding.inputs import check_inputs_exist, collect_inputs
     from mec_hub.embedding.job import preflight
-    from mec_hub.embedding.outputs import OutputFiles, ParquetTarget
+    from mec_hub.embedding.outputs import OutputTarget
 
-    # Everything that can be checked without the model, before loading it.
-    parquet = ParquetTarget.for_out(out, shard_rows)
-    if shard_rows is not None and parquet is None:
+    # Everything that can be checked without the model, before loading it (the job checks again).
+    if shard_rows is not None and not out.endswith(".parquet"):
         raise click.UsageError("--shard-rows applies to Parquet output: --out FEATS.parquet")
-    files = OutputFiles.for_out(out) if parquet is None else parquet.staging
-    if parquet is not None:
-        parquet.refuse_clobbering(resume=resume, overwrite=overwrite)
-    preflight(files, resume=resume, overwrite=overwrite)
+    target = OutputTarget.for_out(out, shard_rows)
+    preflight(target, resume=resume, overwrite=overwrite)
     check_inputs_exist(inputs, files_from)
     if max_pixels is not None:
         from PIL import Image
@@ -160,21 +160,15 @@ def main(
         pool=pool, layer=layer, gem_p=gem_p, runtime=runtime,
     )
     if pool == "none":
-        _announce_maps(embedder, len(collected), files.npy.parent, quiet=quiet)
+        _announce_maps(embedder, len(collected), target.files.npy.parent, quiet=quiet)
     try:
         result = embedder.embed_folder(
-            collected, files.npy, recursive=recursive, resume=resume, overwrite=overwrite,
-            progress=False if quiet else None,
+            collected, out, recursive=recursive, resume=resume, overwrite=overwrite,
+            progress=False if quiet else None, shard_rows=shard_rows,
         )
     except EmbeddingInterrupted as exc:
         click.echo(f"mec-embed: {exc}", err=True)
         raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
-    if parquet is not None and dist_env().is_main and result.num_embedded:
-        import dataclasses
-
-        written = parquet.publish()
-        shown = written[0] if len(written) == 1 else written[0].with_name(f"{written[0].name} ... {written[-1].name}")
-        result = dataclasses.replace(result, features=shown, paths=written[0], meta_path=written[0])
 
     talk = not quiet and dist_env().is_main
     if talk:
@@ -206,9 +200,7 @@ def _check_model_options(
 
 def _announce_maps(embedder: Embedder, count: int, folder: Path, *, quiet: bool) -> None:
     """Say how large the --pool none output will be, and refuse it where it cannot fit."""
-    import shutil
-
-    import numpy as np
+    import numpy as np  # here, like the engine: --help answers without numpy or torch
 
     nbytes = count * embedder.embed_dim * np.dtype(embedder.out_dtype).itemsize
     c, h, w = embedder.model.map_shape
@@ -245,7 +237,9 @@ def _report(result: EmbedResult) -> None:
         if len(failed) > SHOWN_FAILURES:
             click.echo(f"    ... and {len(failed) - SHOWN_FAILURES} more", err=True)
     if meta.get("num_skipped_non_images"):
-        click.echo(f"  {meta['num_skipped_non_images']} file(s) without an image extension left out", err=True)
+        click.echo(f"  {meta['num_skipped_non_images']} file(s) or tar member(s) not images, left out", err=True)
+    for entry in meta.get("skipped", [])[:SHOWN_FAILURES]:
+        click.echo(f"    {entry['path']}: {entry['reason']}", err=True)
 
 
 if __name__ == "__main__":

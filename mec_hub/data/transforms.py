@@ -33,6 +33,6 @@ def get_transform(model_or_name: Any) -> Callable[[Any], Any]:
 
     Accepts what ``mec_hub.load`` returns, a registry name, a ``ModelConfig`` or a ``pretrained_cfg``.
     """
-    from timm.data import create_transform
+    from timm.data import create_transform  # here: timm's import takes seconds; reading preprocessing needs none of it
 
     return create_transform(is_training=False, **resolve_preprocessing(model_or_name))

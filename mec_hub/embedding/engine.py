@@ -14,13 +14,11 @@ cast to ``out_dtype``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
+import copy
 import numbers
 import os
 import warnings
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -31,44 +29,28 @@ from torch import nn
 
 from mec_hub.data.featurefile import FeatureMeta
 from mec_hub.data.images import ImageDecodeError
+from mec_hub.data.transforms import get_transform, resolve_preprocessing
 from mec_hub.embedding import DEFAULT_BATCH_SIZE
 from mec_hub.embedding.job import EmbedResult, ProgressCallback, run_job
 from mec_hub.embedding.loader import ImageSource
-from mec_hub.embedding.runner import Batch, BatchRunner, Commit, device_settings
+from mec_hub.embedding.optimize import fold_batchnorm
+from mec_hub.embedding.runner import Batch, BatchRunner, device_settings
 from mec_hub.errors import InvalidArgumentError, MecHubError
+from mec_hub.models import loading
+from mec_hub.models.features import PooledStage
+from mec_hub.models.head_names import HEADS
+from mec_hub.models.onnx_runtime import onnx_embedding_model
+from mec_hub.models.protocol import identity_of, state_dict_sha256
 from mec_hub.runtime.devices import PRECISIONS, cpu_has_bf16, decoding_plan, default_num_workers, resolve_device
+from mec_hub.weights.identity import ModelIdentity, weights_origin
+from mec_hub.weights.registry import is_registered
 
 OUT_DTYPES = {"float32": np.float32, "float16": np.float16}
-HEADS = ("backbone", "projector")
 RUNTIMES = ("torch", "onnxruntime")
 
 
 class ModelMismatchError(MecHubError):
     """The model rebuilt from a meta file is not the one that made the features."""
-
-
-def state_dict_sha256(module: nn.Module) -> str:
-    """Digest of a module's parameters and buffers (names, dtypes, shapes, values)."""
-    sha = hashlib.sha256()
-    for key, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        sha.update(f"{key}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        sha.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return sha.hexdigest()
-
-
-def _weights_to_record(weights: str | os.PathLike[str] | None) -> tuple[str | None, str | None]:
-    """(registry name, loadable weights string) for the meta file: local paths made absolute."""
-    if weights is None:
-        return None, None
-    from mec_hub.weights.sources import parse_weights_spec
-
-    spec = parse_weights_spec(weights)
-    if spec.kind == "registry":
-        return spec.value, None
-    if spec.kind in ("file", "folder"):
-        return None, str(Path(spec.value).resolve())
-    return None, str(spec)
 
 
 class Embedder:
@@ -97,7 +79,7 @@ class Embedder:
             flattened ``C x H x W`` map) instead of the model's own output (see
             ``mec_hub.models.features.PooledStage``).
         runtime: ``"torch"``, or ``"onnxruntime"`` to run an ONNX file written by ``mec-hub export``
-            (``weights`` names it; fp32, as exported, see ``mec_hub.export.deploy``).
+            (``weights`` names it; fp32, as exported, see ``mec_hub.models.onnx_runtime``).
     """
 
     def __init__(
@@ -154,14 +136,10 @@ class Embedder:
         if runtime == "onnxruntime":
             if pool is not None or layer is not None or precision != "fp32":
                 raise ValueError("runtime='onnxruntime' runs the exported file as it is: fp32, no pool= or layer=")
-            from mec_hub.export.deploy import onnx_embedding_model
-
             self.model, self.name, self.weights = onnx_embedding_model(model, weights, head=head, sha256=sha256)
         else:
             self.model, self.name, self.weights = self._load(model, weights, head, sha256)
         if pool is not None or layer is not None:
-            from mec_hub.models.features import PooledStage
-
             self.model = PooledStage(self.model, layer=layer, pool=pool or "avg", gem_p=gem_p)
         self.head = str(getattr(self.model, "head", head))
         cfg = getattr(self.model, "pretrained_cfg", None)
@@ -170,15 +148,17 @@ class Embedder:
                 f"{type(self.model).__name__} has no pretrained_cfg (its preprocessing); load it with "
                 "mec_hub.load, or set module.pretrained_cfg = {'input_size': ..., 'mean': ..., ...}"
             )
-        self.pretrained_cfg: dict[str, Any] = json.loads(json.dumps(dict(cfg)))
-        from mec_hub.data.transforms import get_transform, resolve_preprocessing
-
+        self.pretrained_cfg: dict[str, Any] = copy.deepcopy(dict(cfg))
         self.input_size = tuple(resolve_preprocessing(self.pretrained_cfg)["input_size"])
         self.transform = get_transform(self.pretrained_cfg)
         self.weights_sha256: str | None = getattr(self.model, "weights_sha256", None)
-        self._state_dict_sha256: str | None = None
+        # Made once, from the model as loaded (before it is folded or moved), and passed on.
+        identity = getattr(self.model, "identity", None)
+        if not isinstance(identity, ModelIdentity):  # a user's own module
+            identity = identity_of(self.model, embed_dim=self._probe_embed_dim(self.model))
+        self.identity: ModelIdentity = identity.replace(model=self.name, weights=self.weights, head=self.head)
+        self.embed_dim = self.identity.embed_dim
         self._prepare_model(optimize and runtime == "torch")
-        self.embed_dim = self._probe_embed_dim()
 
     # -- model ------------------------------------------------------------------------------
 
@@ -193,22 +173,16 @@ class Embedder:
             own_head = getattr(model, "head", None)
             if own_head is not None and head != "backbone" and head != own_head:
                 raise ValueError(f"head={head!r}, but the given model's head is {own_head!r}")
-            from mec_hub.weights.registry import is_registered
-
             name = getattr(model, "name", None)
             return model, (name if isinstance(name, str) and is_registered(name) else None), None
-        import mec_hub
-        from mec_hub.models.loading import DEFAULT_MODEL
-        from mec_hub.weights.registry import is_registered
-
         if model is not None and not isinstance(model, str):
             raise TypeError(f"model must be a registry name or an nn.Module, not {type(model).__name__}")
         if model is not None and weights is None and not is_registered(model):
             model, weights = None, model  # a weights spec given as the model: a path, hf-hub:..., a URL
         if model is None and weights is None:
-            model = DEFAULT_MODEL
-        name_from_weights, weights_text = _weights_to_record(weights)
-        module = mec_hub.load(model, weights=weights, head=head, device="cpu", sha256=sha256)
+            model = loading.DEFAULT_MODEL  # read when called: the loader's default, wherever it is set
+        name_from_weights, weights_text = weights_origin(weights)
+        module = loading.load(model, weights=weights, head=head, device="cpu", sha256=sha256)
         return module, model or name_from_weights, weights_text
 
     def _prepare_model(self, optimize: bool) -> None:
@@ -216,8 +190,6 @@ class Embedder:
         self.model.eval()
         folded = 0
         if optimize:
-            from mec_hub.embedding.optimize import fold_batchnorm
-
             self._runner, folded = fold_batchnorm(self.model)
         else:
             self._runner = self.model
@@ -227,43 +199,27 @@ class Embedder:
         if self.channels_last:
             self._runner.to(memory_format=torch.channels_last)
 
-    def _probe_embed_dim(self) -> int:
-        dim = getattr(self.model, "embed_dim", None)
-        if isinstance(dim, int):
-            return dim
+    def _probe_embed_dim(self, model: nn.Module) -> int | None:
+        """The dimension a model without ``embed_dim`` outputs, from one forward pass of zeros."""
+        if isinstance(getattr(model, "embed_dim", None), int):
+            return None
+        device = next((t.device for t in model.parameters()), torch.device("cpu"))
+        model.eval()
         with torch.inference_mode():
-            probe = self._forward(torch.zeros(1, *self.input_size))
+            probe = model(torch.zeros(1, *self.input_size, device=device))
+        if probe.dim() != 2:
+            raise MecHubError(f"the model returned shape {tuple(probe.shape)}; expected (N, D) features")
         return int(probe.shape[1])
 
-    @property
-    def state_dict_sha256(self) -> str:
-        """Digest of the weights as loaded, for models without a weights file digest (computed once)."""
-        if self._state_dict_sha256 is None:
-            self._state_dict_sha256 = state_dict_sha256(self.model)
-        return self._state_dict_sha256
-
-    def identity(self) -> dict[str, Any]:
-        """How to rebuild this model, as recorded in FEATS.meta.json."""
-        info: dict[str, Any] = {
-            "model": self.name,
-            "weights": self.weights,
-            "weights_sha256": self.weights_sha256,
+    def record(self) -> dict[str, Any]:
+        """The model and embedding fields of FEATS.meta.json: the identity, then how it was run."""
+        return {
+            **self.identity.to_json(),
+            "normalize": self.normalize,
+            "precision": self.precision,
+            "out_dtype": self.out_dtype,
+            "optimizations": self.optimizations,
         }
-        if self.weights_sha256 is None:
-            info["state_dict_sha256"] = self.state_dict_sha256
-        config = getattr(self.model, "config", None)
-        info.update(
-            architecture=getattr(config, "architecture", type(self.model).__name__),
-            head=self.head,
-            embed_dim=self.embed_dim,
-            normalize=self.normalize,
-            precision=self.precision,
-            out_dtype=self.out_dtype,
-            preprocessing=self.pretrained_cfg,
-            optimizations=self.optimizations,
-        )
-        info.update(getattr(self.model, "embedding_meta", None) or {})  # pooling, runtime
-        return info
 
     # -- forward ----------------------------------------------------------------------------
 
@@ -296,14 +252,14 @@ class Embedder:
             return np.empty((0, self.embed_dim), OUT_DTYPES[self.out_dtype])
         return self._to_numpy(features)
 
-    def run_batches(
-        self, source: ImageSource, start: int, end: int, commit: Commit, *, num_workers: int | None = None
-    ) -> None:
-        """Embed ``source[start:end]`` in order, one ``commit(batch)`` per batch (see ``runner.BatchRunner``).
+    def batches(
+        self, source: ImageSource, start: int = 0, end: int | None = None, *, num_workers: int | None = None
+    ) -> Iterator[Batch]:
+        """Embed ``source[start:end]`` in order, yielding one ``Batch`` per batch (see ``runner.BatchRunner``).
 
         ``num_workers`` overrides this embedder's number of decoding processes for this call.
         """
-        BatchRunner(
+        return BatchRunner(
             self._forward,
             self._finish,
             device=self.device,
@@ -312,7 +268,7 @@ class Embedder:
             input_size=self.input_size,
             decode_threads=self.decode_threads,
             worker_niceness=self.worker_niceness,
-        ).run(source, start, end, commit)
+        ).batches(source, start, len(source) if end is None else end)
 
     # -- public API -------------------------------------------------------------------------
 
@@ -339,16 +295,13 @@ class Embedder:
         in_memory = any(isinstance(x, Image.Image) for x in sources)
         workers = 0 if in_memory or len(sources) <= self.batch_size else self.num_workers
         blocks = []
-
-        def keep(batch: Batch) -> None:
+        for batch in self.batches(ImageSource(sources, self.transform), num_workers=workers):
             if batch.failures:
                 index, reason = batch.failures[0]
                 where = sources[index] if isinstance(sources[index], str) else f"image #{index}"
                 more = f" (and {len(batch.failures) - 1} more in the same batch)" if len(batch.failures) > 1 else ""
                 raise ImageDecodeError(reason + more, path=str(where))
             blocks.append(batch.features)
-
-        self.run_batches(ImageSource(sources, self.transform), 0, len(sources), keep, num_workers=workers)
         return np.concatenate(blocks)
 
     def _embed_tensor(self, images: torch.Tensor) -> np.ndarray:
@@ -379,9 +332,11 @@ class Embedder:
         overwrite: bool = False,
         progress: bool | None = None,
         on_commit: ProgressCallback | None = None,
+        shard_rows: int | None = None,
     ) -> EmbedResult:
-        """Embed every image named by ``inputs`` into ``out`` (``.npy``) plus ``.paths.txt`` and
-        ``.meta.json`` beside it; see ``mec_hub.embedding.job.run_job`` for the options.
+        """Embed every image named by ``inputs`` into ``out``: ``X.npy`` plus ``X.paths.txt`` and
+        ``X.meta.json`` beside it, or ``X.parquet`` (in shards of ``shard_rows`` rows, if given);
+        see ``mec_hub.embedding.job.run_job`` for the options.
         """
         return run_job(
             self,
@@ -393,6 +348,7 @@ class Embedder:
             overwrite=overwrite,
             progress=progress,
             on_commit=on_commit,
+            shard_rows=shard_rows,
         )
 
     @classmethod
@@ -439,26 +395,22 @@ class Embedder:
     def check_matches(self, meta: Mapping[str, Any] | FeatureMeta) -> None:
         """Raise ``ModelMismatchError`` unless this model is the one recorded in ``meta``."""
         meta = _as_feature_meta(meta)
-        problems = []
-        want_sha, have_sha = meta.weights_sha256, self.weights_sha256
-        if want_sha and have_sha and want_sha != have_sha:
-            problems.append(f"weights SHA-256 {have_sha[:12]}... instead of {want_sha[:12]}...")
-        elif (
-            meta.state_dict_sha256 and not (want_sha and have_sha) and self.state_dict_sha256 != meta.state_dict_sha256
-        ):
-            problems.append("different weights (state_dict digest)")
-        for key, want, have in (("head", meta.head, self.head), ("embed_dim", meta.embed_dim, self.embed_dim)):
-            if want is not None and want != have:
-                problems.append(f"{key} {have!r} instead of {want!r}")
-        ours = getattr(self.model, "embedding_meta", None) or {}
-        for key in ("pooling", "runtime"):  # absent from both for the model's own output run by torch
-            if meta.extra.get(key) != ours.get(key):
-                problems.append(f"{key} {ours.get(key)!r} instead of {meta.extra.get(key)!r}")
-        if meta.preprocessing is not None:
-            from mec_hub.data.transforms import resolve_preprocessing
-
-            if resolve_preprocessing(dict(meta.preprocessing)) != resolve_preprocessing(self.pretrained_cfg):
-                problems.append(f"preprocessing {self.pretrained_cfg} instead of {meta.preprocessing}")
+        ours = self.identity
+        if meta.state_dict_sha256 and not (meta.weights_sha256 and ours.weights_sha256) and not ours.state_dict_sha256:
+            ours = ours.replace(state_dict_sha256=state_dict_sha256(self.model))
+        # What the meta records is compared; what it leaves out (a file from another writer) is not.
+        recorded = ours.replace(
+            weights_sha256=meta.weights_sha256,
+            state_dict_sha256=meta.state_dict_sha256,
+            pooling=meta.extra.get("pooling"),
+            runtime=meta.extra.get("runtime"),
+            **{
+                key: value
+                for key in ("head", "embed_dim", "preprocessing")
+                if (value := getattr(meta, key)) is not None
+            },
+        )
+        problems = ours.differences(recorded)
         if problems:
             raise ModelMismatchError(
                 "the model does not match the one that made these features: " + "; ".join(problems)

@@ -22,16 +22,21 @@ The job knows the embedder only through ``JobEmbedder``, the few things it needs
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import errno
 import os
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+import torch
+from tqdm.auto import tqdm
+
+from mec_hub import __version__
 from mec_hub.data.featurefile import (
     FORMAT,
     FORMAT_VERSION,
@@ -52,16 +57,16 @@ from mec_hub.embedding.checkpoint import (
     truncate,
 )
 from mec_hub.embedding.inputs import CollectedInputs, InputError, collect_inputs
+from mec_hub.embedding.loader import ImageSource, StringTable
 from mec_hub.embedding.npy_writer import NpyRowWriter, read_npy_header
-from mec_hub.embedding.outputs import OutputError, OutputFiles, RunLock, check_output_location
+from mec_hub.embedding.outputs import OutputError, OutputFiles, OutputTarget, RunLock, check_output_location
 from mec_hub.errors import MecHubError
 from mec_hub.runtime.distributed import DistEnv, ProcessGroup, batch_aligned_slice, dist_env
+from mec_hub.weights.identity import ModelIdentity
 
 if TYPE_CHECKING:
-    import torch
-
     from mec_hub.embedding.loader import ImageSource
-    from mec_hub.embedding.runner import Batch, Commit
+    from mec_hub.embedding.runner import Batch
 
 T = TypeVar("T")
 
@@ -73,13 +78,14 @@ class JobEmbedder(Protocol):
     device: torch.device  # its kind (``.type``) is recorded in the meta file
     transform: Callable[[Any], Any]  # PIL image -> the preprocessed tensor the model takes
 
-    def identity(self) -> dict[str, Any]:
-        """The model fields of ``FeatureMeta``: model, weights, weights_sha256 (or state_dict_sha256),
-        architecture, head, embed_dim, normalize, precision, out_dtype, preprocessing, optimizations."""
+    identity: ModelIdentity  # the model: weights, head, dimension, preprocessing
+
+    def record(self) -> dict[str, Any]:
+        """The model fields of ``FeatureMeta``: the identity's, then normalize, precision, out_dtype, optimizations."""
         ...
 
-    def run_batches(self, source: ImageSource, start: int, end: int, commit: Commit) -> None:
-        """Embed ``source[start:end]`` in order, calling ``commit(batch)`` once per batch."""
+    def batches(self, source: ImageSource, start: int, end: int) -> Iterator[Batch]:
+        """Embed ``source[start:end]`` in order, yielding one ``Batch`` per batch."""
         ...
 
 
@@ -135,12 +141,14 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def preflight(files: OutputFiles, *, resume: bool, overwrite: bool) -> None:
+def preflight(target: OutputTarget, *, resume: bool, overwrite: bool) -> None:
     """The checks that need no model: a writable place, and no silent clobbering."""
     if resume and overwrite:
         raise OutputError("--resume and --overwrite exclude each other: continue the old run, or replace it")
-    check_output_location(files)
-    _refuse_clobbering(files, resume=resume, overwrite=overwrite)
+    if target.parquet is not None:
+        target.parquet.refuse_clobbering(resume=resume, overwrite=overwrite)
+    check_output_location(target.files)
+    _refuse_clobbering(target.files, resume=resume, overwrite=overwrite)
 
 
 def _refuse_clobbering(files: OutputFiles, *, resume: bool, overwrite: bool) -> None:
@@ -177,28 +185,26 @@ def result_digest(fingerprint: dict[str, Any]) -> str:
 
 def make_fingerprint(embedder: JobEmbedder, collected: CollectedInputs, world_size: int) -> dict[str, Any]:
     """Everything that decides the numbers in the output; a resume must match it exactly."""
-    from mec_hub import __version__
-
-    identity = embedder.identity()
+    record = embedder.record()
     fingerprint = {
         "inputs_sha256": collected.digest(),
         "num_inputs": len(collected),
-        "weights_sha256": identity["weights_sha256"],
-        "state_dict_sha256": identity.get("state_dict_sha256"),
-        "head": identity["head"],
-        "embed_dim": identity["embed_dim"],
-        "preprocessing": identity["preprocessing"],
-        "precision": identity["precision"],
-        "normalize": identity["normalize"],
-        "out_dtype": identity["out_dtype"],
-        "optimizations": identity["optimizations"],
+        "weights_sha256": record["weights_sha256"],
+        "state_dict_sha256": record.get("state_dict_sha256"),
+        "head": record["head"],
+        "embed_dim": record["embed_dim"],
+        "preprocessing": record["preprocessing"],
+        "precision": record["precision"],
+        "normalize": record["normalize"],
+        "out_dtype": record["out_dtype"],
+        "optimizations": record["optimizations"],
         "batch_size": embedder.batch_size,
         "world_size": world_size,
         "decoding": describe_decoding(),
         "mec_hub_version": __version__,
     }
     # A pooled stage or another runtime (only in the runs that use them: other fingerprints stay as they were).
-    fingerprint.update({key: identity[key] for key in ("pooling", "runtime") if key in identity})
+    fingerprint.update({key: record[key] for key in ("pooling", "runtime") if key in record})
     return fingerprint
 
 
@@ -295,7 +301,7 @@ def _reopen(path: Path, dim: int, dtype: str, rows: int) -> NpyRowWriter:
 
 def _embed_slice(
     embedder: JobEmbedder,
-    identity: dict[str, Any],
+    model_fields: dict[str, Any],
     collected: CollectedInputs,
     part: Any,
     state: PartState,
@@ -305,9 +311,7 @@ def _embed_slice(
     on_commit: ProgressCallback | None = None,
 ) -> None:
     """Embed ``collected.items[state.items_done:state.end]``, checkpointing after every batch."""
-    from mec_hub.embedding.loader import ImageSource, StringTable
-
-    dim, dtype = identity["embed_dim"], identity["out_dtype"]
+    dim, dtype = model_fields["embed_dim"], model_fields["out_dtype"]
     folder = part.data.parent
     with _writing(folder):
         if state.rows_done == 0 and state.items_done == state.start and state.publishing is None:
@@ -324,8 +328,6 @@ def _embed_slice(
     source = ImageSource(
         StringTable([it.path for it in items]), embedder.transform, names=StringTable([it.name for it in items])
     )
-    from tqdm.auto import tqdm
-
     bar = tqdm(
         total=state.end - state.start,
         initial=state.items_done - state.start,
@@ -337,25 +339,22 @@ def _embed_slice(
         smoothing=0.05,
     )
 
-    def commit(batch: Batch) -> None:
-        """Rows and failures to disk and synced, then (only then) the checkpoint that counts them."""
-        nonlocal num_failed
-        with _writing(folder):
-            writer.append(batch.features)
-            append_failures(failed_log, batch.failures)
-            writer.sync()
-            sync_file(failed_log)
-            bar.update(batch.end - state.items_done)
-            state.items_done, state.rows_done, state.failed_bytes = batch.end, writer.rows, failed_log.tell()
-            state.save(part.state)
-        if batch.failures:
-            num_failed += len(batch.failures)
-            bar.set_postfix(failed=num_failed, refresh=False)
-        if on_commit is not None:
-            on_commit(Progress(state.items_done - state.start, state.end - state.start, num_failed))
-
     try:
-        embedder.run_batches(source, state.items_done, state.end, commit)
+        for batch in embedder.batches(source, state.items_done, state.end):
+            # Rows and failures to disk and synced, then (only then) the checkpoint that counts them.
+            with _writing(folder):
+                writer.append(batch.features)
+                append_failures(failed_log, batch.failures)
+                writer.sync()
+                sync_file(failed_log)
+                bar.update(batch.end - state.items_done)
+                state.items_done, state.rows_done, state.failed_bytes = batch.end, writer.rows, failed_log.tell()
+                state.save(part.state)
+            if batch.failures:
+                num_failed += len(batch.failures)
+                bar.set_postfix(failed=num_failed, refresh=False)
+            if on_commit is not None:
+                on_commit(Progress(state.items_done - state.start, state.end - state.start, num_failed))
     except KeyboardInterrupt:
         raise EmbeddingInterrupted(
             f"interrupted: {state.items_done - state.start} of {state.end - state.start} images done and kept; "
@@ -372,7 +371,7 @@ def _embed_slice(
 
 def _build_meta(
     embedder: JobEmbedder,
-    identity: dict[str, Any],
+    model_fields: dict[str, Any],
     collected: CollectedInputs,
     files: OutputFiles,
     *,
@@ -383,25 +382,24 @@ def _build_meta(
     started_at: str,
     run_id: str,
 ) -> FeatureMeta:
-    import torch
-
-    from mec_hub import __version__
-
     record: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "features": files.npy.name,
         "paths": files.paths_txt.name,
-        "shape": [rows, identity["embed_dim"]],
+        "shape": [rows, model_fields["embed_dim"]],
         "run_id": run_id,
     }
-    record.update(identity)
+    record.update(model_fields)
     record.update(
         num_inputs=len(collected),
         num_embedded=rows,
         num_failed=len(failures),
         num_skipped_non_images=collected.skipped,
         failed=[{"path": collected.items[i].name, "reason": reason} for i, reason in failures],
+        # tar members that are not regular files (symlink, folder, device, FIFO, hard link to nothing):
+        # counted in num_skipped_non_images, listed here with their reason
+        skipped=[{"path": name, "reason": reason} for name, reason in collected.skipped_members],
         inputs=collected.sources,
         files_from=collected.files_from,
         recursive=recursive,
@@ -415,12 +413,12 @@ def _build_meta(
         started_at=started_at,
         finished_at=_now(),
     )
-    return FeatureMeta.from_json(record, origin="the embedder's identity")
+    return FeatureMeta.from_json(record, origin="the embedder's record")
 
 
 def _finalize(
     embedder: JobEmbedder,
-    identity: dict[str, Any],
+    model_fields: dict[str, Any],
     collected: CollectedInputs,
     files: OutputFiles,
     env: DistEnv,
@@ -437,7 +435,7 @@ def _finalize(
     failures: list[tuple[int, str]] = []
     for part, state in zip(parts, states, strict=True):
         failures.extend(read_failures(part.failed, state.failed_bytes))
-    first, dim, dtype = parts[0], identity["embed_dim"], identity["out_dtype"]
+    first, dim, dtype = parts[0], model_fields["embed_dim"], model_fields["out_dtype"]
     if first.data.exists():
         writer = _reopen(first.data, dim, dtype, states[0].rows_done)
         try:
@@ -466,7 +464,7 @@ def _finalize(
 
     meta = _build_meta(
         embedder,
-        identity,
+        model_fields,
         collected,
         files,
         rows=rows,
@@ -493,11 +491,15 @@ def run_job(
     overwrite: bool = False,
     progress: bool | None = None,
     on_commit: ProgressCallback | None = None,
+    shard_rows: int | None = None,
 ) -> EmbedResult:
     """Embed the images named by ``inputs`` (folders, files, globs, or a ``CollectedInputs``) into ``out``.
 
     Writes ``out`` (``.npy``, N x D), ``.paths.txt`` (line i = image of row i) and ``.meta.json``
-    (model, options, counts, failures). Files that cannot be read are skipped and listed in the
+    (model, options, counts, failures); for an ``out`` ending in ``.parquet``, one Parquet file
+    (columns ``path`` and ``embedding``, the meta in its key-value metadata) or, with
+    ``shard_rows``, ``FEATS-00000-of-000NN.parquet`` ... of at most that many rows each, converted
+    from a hidden ``.npy`` set once it is complete. Files that cannot be read are skipped and listed in the
     meta file with a reason. ``resume`` continues an interrupted run with the same inputs and
     options; ``overwrite`` replaces existing outputs (only once the new ones are complete).
     ``progress``: show a progress bar (default: when stderr is a terminal). ``on_commit``: called
@@ -506,21 +508,22 @@ def run_job(
     Under torchrun each process embeds its own slice (and calls its own ``on_commit``) and the
     first one writes the files.
     """
-    files = OutputFiles.for_out(out)
+    target = OutputTarget.for_out(out, shard_rows)
+    files = target.files
     env = dist_env()
-    preflight(files, resume=resume, overwrite=overwrite)
+    preflight(target, resume=resume, overwrite=overwrite)
     if isinstance(inputs, CollectedInputs):
         collected = inputs
     else:
         collected = collect_inputs(inputs, files_from=files_from, recursive=recursive)
     if not collected.items:
-        skipped = f" ({collected.skipped} file(s) without an image extension left out)" if collected.skipped else ""
+        skipped = f" ({collected.skipped} file(s) or tar member(s) not images, left out)" if collected.skipped else ""
         where = ", ".join([*collected.sources, *([collected.files_from] if collected.files_from else [])])
         raise InputError(f"no image files found in {where}{skipped}")
     group = ProcessGroup(env)
     lock = RunLock(files)
     try:
-        identity = embedder.identity()
+        model_fields = embedder.record()
         fingerprint = make_fingerprint(embedder, collected, env.world_size)
         digests = group.all_gather(fingerprint_digest(fingerprint))
         if len(set(digests)) > 1:
@@ -538,7 +541,8 @@ def run_job(
                 _remove_parts(files)
             group.barrier()
             assert plan.meta is not None
-            return EmbedResult(files.npy, files.paths_txt, files.meta_json, plan.meta, already_complete=True)
+            result = EmbedResult(files.npy, files.paths_txt, files.meta_json, plan.meta, already_complete=True)
+            return _published(result, target, env)
         if overwrite and env.is_main:
             _remove_parts(files)
         group.barrier()
@@ -555,7 +559,7 @@ def run_job(
         label = "embedding" if env.world_size == 1 else f"embedding (process 1 of {env.world_size}, its share)"
         _embed_slice(
             embedder,
-            identity,
+            model_fields,
             collected,
             files.part(env.rank, env.world_size),
             state,
@@ -569,7 +573,7 @@ def run_job(
         if env.is_main:
             try:
                 with _writing(files.npy.parent):
-                    outcome = _finalize(embedder, identity, collected, files, env, fingerprint, recursive=recursive)
+                    outcome = _finalize(embedder, model_fields, collected, files, env, fingerprint, recursive=recursive)
             except BaseException as exc:
                 group.broadcast_from_main(str(exc) or type(exc).__name__)
                 raise
@@ -578,7 +582,19 @@ def run_job(
             outcome = group.broadcast_from_main(None)
             if isinstance(outcome, str):
                 raise MecHubError(f"the first process could not write the outputs: {outcome}")
-        return EmbedResult(files.npy, files.paths_txt, files.meta_json, outcome)
+        return _published(EmbedResult(files.npy, files.paths_txt, files.meta_json, outcome), target, env)
     finally:
-        lock.release()
+        lock.release()  # after the last rename: no other run takes the outputs while they are published
         group.close()
+
+
+def _published(result: EmbedResult, target: OutputTarget, env: DistEnv) -> EmbedResult:
+    """The result as published: the ``.npy`` set itself, or the Parquet file(s) made from it."""
+    if target.parquet is None or not result.num_embedded:
+        return result
+    if not env.is_main:
+        return dataclasses.replace(result, features=target.parquet.path, paths=target.parquet.path,
+                                   meta_path=target.parquet.path)
+    written = target.parquet.publish()
+    shown = written[0] if len(written) == 1 else written[0].with_name(f"{written[0].name} ... {written[-1].name}")
+    return dataclasses.replace(result, features=shown, paths=written[0], meta_path=written[0])

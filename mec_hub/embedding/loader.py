@@ -20,14 +20,18 @@ two batches.)
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import multiprocessing
 import os
 import signal
 import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -56,8 +60,6 @@ def die_with_parent(parent_pid: int) -> None:
     if not sys.platform.startswith("linux"):
         return
     try:
-        import ctypes
-
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1  # <linux/prctl.h>
         if libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
@@ -90,8 +92,6 @@ class StringTable(Sequence[str]):
     """
 
     def __init__(self, strings: Sequence[str]) -> None:
-        import numpy as np
-
         encoded = [os.fsencode(s) for s in strings]
         self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
         np.cumsum([len(b) for b in encoded], out=self._offsets[1:])
@@ -147,8 +147,6 @@ class ImageSource(Dataset):
         if self.threads <= 1 or len(indices) <= 1:
             return [self[i] for i in indices]
         if self._pool is None or self._pool_pid != os.getpid():  # a forked worker needs its own threads
-            from concurrent.futures import ThreadPoolExecutor
-
             self._pool, self._pool_pid = ThreadPoolExecutor(self.threads, "mec-decode"), os.getpid()
         return list(self._pool.map(self.__getitem__, indices))
 
@@ -283,8 +281,6 @@ def _decode_in_child(source: ImageSource, connection: Any, max_pixels: int | Non
 
 def decode_one_isolated(source: ImageSource, index: int) -> Sample:
     """``source[index]`` decoded in a process of its own; its death or a hang is that item's failure."""
-    import multiprocessing
-
     timeout = decode_timeout()
     names = None if source.names is None else [source.names[index]]
     single = ImageSource([source.items[index]], source.transform, names)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import copy
 from collections import Counter
 
+import torch.fx as fx
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
 def fold_batchnorm(module: nn.Module) -> tuple[nn.Module, int]:
@@ -22,9 +24,6 @@ def fold_batchnorm(module: nn.Module) -> tuple[nn.Module, int]:
     else are folded (subclasses such as timm's ``BatchNormAct2d`` or padded ``Conv2dSame`` do
     more than their base class and are left alone). ``module`` itself is not modified.
     """
-    import torch.fx as fx
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
     try:
         traced = fx.symbolic_trace(copy.deepcopy(module).eval())
     except Exception:  # control flow on tensors, unsupported ops: run the model as it is

@@ -25,7 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from mec_hub.data.featurefile import META_SUFFIX, PARQUET_SUFFIX, PATHS_SUFFIX, sidecar
+from mec_hub.data.featurefile import (
+    META_SUFFIX,
+    PARQUET_SUFFIX,
+    PATHS_SUFFIX,
+    FeatureFile,
+    parquet_shards,
+    sidecar,
+    write_parquet,
+)
 from mec_hub.errors import MecHubError
 
 
@@ -121,8 +129,6 @@ class ParquetTarget:
         return OutputFiles(self.path.with_name(f".{self.path.name}.npy"))
 
     def existing(self) -> list[Path]:
-        from mec_hub.data.featurefile import parquet_shards
-
         return ([self.path] if self.path.exists() else []) + parquet_shards(self.path)
 
     def refuse_clobbering(self, *, resume: bool, overwrite: bool) -> None:
@@ -135,8 +141,6 @@ class ParquetTarget:
 
     def publish(self) -> list[Path]:
         """Convert the finished hidden set to Parquet, then remove it."""
-        from mec_hub.data.featurefile import FeatureFile, write_parquet
-
         staged = self.staging
         try:
             written = write_parquet(FeatureFile.open(staged.npy), self.path, shard_rows=self.shard_rows)
@@ -153,6 +157,25 @@ class ParquetTarget:
         for path in reversed(staged.finals):  # the meta first: the set no longer counts as finished
             path.unlink(missing_ok=True)
         return written
+
+
+@dataclass(frozen=True)
+class OutputTarget:
+    """What ``out`` names: an ``.npy`` set written in place, or Parquet written through a hidden
+    ``.npy`` set (``files`` is where the run writes, ``parquet`` where it publishes). The one
+    place the output format is chosen, for the Python API and the CLI alike."""
+
+    files: OutputFiles
+    parquet: ParquetTarget | None = None
+
+    @classmethod
+    def for_out(cls, out: str | os.PathLike[str], shard_rows: int | None = None) -> OutputTarget:
+        parquet = ParquetTarget.for_out(out, shard_rows)
+        if parquet is None:
+            if shard_rows is not None:
+                raise OutputError(f"shard_rows applies to Parquet output (a FEATS.parquet name), not {os.fspath(out)}")
+            return cls(OutputFiles.for_out(out))
+        return cls(parquet.staging, parquet)
 
 
 def check_output_location(files: OutputFiles) -> None:
@@ -202,7 +225,7 @@ class RunLock:
 
     def acquire(self) -> None:
         try:
-            import fcntl
+            import fcntl  # POSIX only: imported here so that the module loads on Windows
         except ImportError:  # Windows: no advisory locks; the user keeps runs apart
             return
         folder = os.stat(self.path.parent)  # the same folder under any name it is given

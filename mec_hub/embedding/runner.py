@@ -1,8 +1,8 @@
 """Ordered batches through a model, with decoding ahead of it and recovery from broken decoders.
 
-``BatchRunner.run(source, start, end, commit)`` embeds ``source[start:end]`` and calls
-``commit(batch)`` once per batch, in order. It alone tracks how far the run got: each ``Batch``
-carries ``end``, the index the next batch starts from, which is what a checkpoint records.
+``BatchRunner.batches(source, start, end)`` embeds ``source[start:end]`` and yields one ``Batch``
+per batch, in order; the caller consumes them (writes, checkpoints, counts) in a plain loop. Each
+``Batch`` carries ``end``, the index the next batch starts from, which is what a checkpoint records.
 
 Decoding runs in DataLoader worker processes (``loader.py``). If one of them dies or stalls (a
 file that crashes or hangs the decoder), the batch after the last commit is decoded again one
@@ -40,9 +40,6 @@ class Batch:
     end: int
 
 
-Commit = Callable[[Batch], None]
-
-
 @contextlib.contextmanager
 def device_settings(device: torch.device) -> Iterator[None]:
     """Global settings for a run on ``device``, restored after it: cuDNN autotuning for fixed-size batches."""
@@ -76,8 +73,14 @@ class BatchRunner:
     decode_threads: int = 1
     worker_niceness: int = 0
 
-    def run(self, source: ImageSource, start: int, end: int, commit: Commit) -> None:
-        """Embed ``source[start:end]`` in order, one ``commit(batch)`` per batch."""
+    def batches(self, source: ImageSource, start: int, end: int) -> Iterator[Batch]:
+        """Embed ``source[start:end]`` in order, yielding one ``Batch`` per batch.
+
+        A batch counts as taken once the consumer asks for the next one: if a decoding worker
+        dies, decoding restarts after the last batch taken. While the consumer holds a batch
+        (writing it, checkpointing), a worker's death is not delivered, so it cannot interrupt
+        that work half-way; the consumer should not keep a batch long (the workers wait).
+        """
         source.threads = self.decode_threads
         position = start
         with device_settings(self.device):
@@ -92,28 +95,30 @@ class BatchRunner:
                     pin_memory=self.device.type == "cuda",
                     niceness=self.worker_niceness,
                 )
-                batches = self._batches(loader)
+                through_model = self._through_model(loader)
                 try:
-                    for batch in batches:
+                    for batch in through_model:
                         with worker_deaths_deferred():
-                            commit(batch)
-                            position = batch.end
+                            yield batch
+                            position = batch.end  # inside: a death delivered on leaving must not re-run it
                     continue
                 except RuntimeError as exc:
                     if self.num_workers == 0 or not is_worker_failure(exc):
                         raise
                 finally:
-                    batches.close()
+                    through_model.close()
                 if position >= end:
                     break
                 stop = min(position + self.batch_size, end)
                 isolated = decode_isolated(source, range(position, stop), Collate(self.input_size))
-                for batch in self._batches([isolated]):
+                for batch in self._through_model([isolated]):
                     with worker_deaths_deferred():
-                        commit(batch)
+                        yield batch
                         position = batch.end
 
-    def _batches(self, loader: Iterable[tuple[list[int], torch.Tensor, list[tuple[int, str]]]]) -> Iterator[Batch]:
+    def _through_model(
+        self, loader: Iterable[tuple[list[int], torch.Tensor, list[tuple[int, str]]]]
+    ) -> Iterator[Batch]:
         """The loader's batches through the model, in order.
 
         On CUDA the next batch is queued on the GPU before the previous one is copied back, so

@@ -22,8 +22,8 @@ from mec_hub.evaluation.inputs import InvalidFeaturesError
 from mec_hub.models.encoder import MECEncoder
 from mec_hub.models.loading import load
 from mec_hub.runtime.devices import resolve_device
+from mec_hub.weights.identity import weights_origin
 from mec_hub.weights.registry import is_registered
-from mec_hub.weights.sources import parse_weights_spec
 
 # What the report says about a model, in this order (after "model" and "weights").
 _MODEL_KEYS = ("weights_sha256", "pretrained", "architecture", "head", "embed_dim", "preprocessing")
@@ -68,26 +68,22 @@ def check_same_source(train: LabelledFeatures, val: LabelledFeatures, *, train_n
 
 def _features_meta(model: MECEncoder, weights: str | None, *, pretrained: bool, head: str) -> dict[str, Any]:
     """What made the features, in the vocabulary of mec-embed's FEATS.meta.json (so search can use them)."""
-    if weights is not None and pretrained:
-        spec = parse_weights_spec(weights)
-        if spec.kind == "registry":
-            weights = None
-        elif spec.kind in ("file", "folder"):
-            weights = str(Path(spec.value).resolve())
-        else:
-            weights = str(spec)
+    identity = model.identity.replace(
+        model=model.name if model.name and is_registered(model.name) else None, head=head, state_dict_sha256=None
+    )
+    if pretrained:
+        identity = identity.replace(weights=weights_origin(weights)[1])
+    else:
+        identity = identity.replace(weights_sha256=None)
+    record = identity.to_json()
     return {
-        "model": model.name if model.name and is_registered(model.name) else None,
-        "weights": weights if pretrained else None,
-        "weights_sha256": model.weights_sha256 if pretrained else None,
+        **{key: record[key] for key in ("model", "weights", "weights_sha256")},
         "pretrained": pretrained,
-        "architecture": model.config.architecture,
-        "head": head,
-        "embed_dim": model.embed_dim,
+        **{key: record[key] for key in ("architecture", "head", "embed_dim")},
         "normalize": False,
         "precision": "fp32",
         "out_dtype": "float32",
-        "preprocessing": model.pretrained_cfg,
+        "preprocessing": record["preprocessing"],
     }
 
 

@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.optim import Lars
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -56,16 +57,16 @@ from torchvision import transforms
 
 from mec_hub.data.datasets import GlobalBatchSampler, LabelledImages, derive_seed
 from mec_hub.data.transforms import get_transform, resolve_preprocessing
-from mec_hub.errors import MecHubError
+from mec_hub.errors import CheckpointReadError, MecHubError
 from mec_hub.evaluation.features import extract_features, list_image_folder
 from mec_hub.evaluation.inputs import rank_classes, topk_hits
 from mec_hub.evaluation.report import EvalReport
 from mec_hub.evaluation.splits import load_eval_model, model_section
 from mec_hub.evaluation.subsets import balanced_subset, read_subset_file, write_subset_file
-from mec_hub.export.convert import CheckpointReadError, read_checkpoint
 from mec_hub.fileio import atomic_write
 from mec_hub.runtime.devices import Precision, resolve_device
 from mec_hub.runtime.distributed import DistEnv, batch_aligned_slice, dist_env, join_process_group
+from mec_hub.weights.checkpoint import read_checkpoint
 
 CHECKPOINT = "checkpoint_last.pt"
 REPORT = "report.json"
@@ -218,8 +219,6 @@ def build_optimizer(recipe: Recipe, model: Classifier) -> torch.optim.Optimizer:
     kwargs = {"lr": head_lr, "momentum": recipe.momentum, "weight_decay": recipe.weight_decay}
     if recipe.larc_trust is None:
         return torch.optim.SGD(groups, **kwargs)
-    from timm.optim import Lars
-
     # timm's Lars with always_adapt=True and trust_clip=False is apex's LARC(SGD) with clip=False: the
     # gradient (plus wd * w) scaled by trust * ||w|| / (||g|| + wd ||w|| + eps) where both norms are
     # non-zero, then momentum SGD (tests/test_eval_supervised.py holds one step to the authors' loop).

@@ -10,8 +10,11 @@ import torch
 from torch import nn
 
 from mec_hub.errors import IncompatibleWeightsError, InvalidArgumentError
+from mec_hub.models.head_names import HEADS
 from mec_hub.models.heads import build_projector
+from mec_hub.models.protocol import identity_of
 from mec_hub.weights.config import STEMS, ModelConfig
+from mec_hub.weights.identity import ModelIdentity
 
 # Most parameters a backbone may have (4 GB at fp32, twice timm's largest ResNet). Counted on the
 # meta device before anything is allocated, so that a description asking for an absurd size is
@@ -101,6 +104,12 @@ class MECEncoder(nn.Module):
             return out_dim
         return self.config.num_features
 
+    @property
+    def identity(self) -> ModelIdentity:
+        """What this encoder is (``mec_hub.weights.identity``); for weights not read from a file with
+        a digest (random, or set by hand), the tensors' digest, computed on each call."""
+        return identity_of(self)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.backbone(x)
         if self.projector is not None:
@@ -113,8 +122,8 @@ class MECEncoder(nn.Module):
 
 def build_encoder(config: ModelConfig, *, head: str = "backbone") -> MECEncoder:
     """An encoder with random weights, shaped as ``config`` says."""
-    if head not in ("backbone", "projector"):
-        raise InvalidArgumentError(f"head must be 'backbone' or 'projector', not {head!r}")
+    if head not in HEADS:
+        raise InvalidArgumentError(f"head must be one of {HEADS}, not {head!r}")
     backbone = build_backbone(config.architecture, config.model_args, config.stem)
     actual = getattr(backbone, "num_features", None)
     if actual != config.num_features:

@@ -24,6 +24,8 @@ from torch import nn
 
 from mec_hub.errors import IncompatibleWeightsError, InvalidArgumentError
 from mec_hub.models.encoder import MECEncoder, load_state_dict_strict, use_small_image_stem
+from mec_hub.models.protocol import identity_of
+from mec_hub.weights.identity import ModelIdentity
 
 POOLS = ("avg", "gem", "none")
 GEM_EPS = 1e-6  # GeM clamps the map at this value before the power, as in the paper's code
@@ -133,8 +135,8 @@ class PooledStage(nn.Module):
     ``"gem"``: ``(mean(clamp(x, eps) ** p)) ** (1 / p)`` over the map (``p=1`` is the mean, large
     ``p`` tends to the maximum); ``"none"``: the ``C x H x W`` map flattened to ``(N, C*H*W)``
     (``map_shape`` gives ``(C, H, W)`` at the model's input size). Carries what ``mec_hub.Embedder``
-    reads (``pretrained_cfg``, ``weights_sha256``, ``config``, ``head``, ``embed_dim``) and
-    ``embedding_meta``, which it records in the feature file's meta.
+    reads (``pretrained_cfg``, ``weights_sha256``, ``config``, ``head``, ``embed_dim``) and its
+    ``identity``, whose ``pooling`` (the stage and pooling) the feature file's meta records.
     """
 
     def __init__(self, encoder: MECEncoder, *, layer: int | None = None, pool: str = "avg", gem_p: float = 3.0):
@@ -158,16 +160,15 @@ class PooledStage(nn.Module):
                 fmap = self.features(torch.zeros(1, *self.config.input_size))[0]
             self.map_shape = (int(fmap.shape[1]), int(fmap.shape[2]), int(fmap.shape[3]))
         self.embed_dim = channels if self.map_shape is None else math.prod(self.map_shape)
+        self.pooling: dict[str, Any] = {"layer": self.layer, "pool": self.pool}  # as the meta records it
+        if self.pool == "gem":
+            self.pooling["gem_p"] = self.gem_p
+        if self.map_shape is not None:
+            self.pooling["map_shape"] = list(self.map_shape)
 
     @property
-    def embedding_meta(self) -> dict[str, Any]:
-        """``{"pooling": {...}}``: the stage and pooling, as the feature file's meta records them."""
-        pooling: dict[str, Any] = {"layer": self.layer, "pool": self.pool}
-        if self.pool == "gem":
-            pooling["gem_p"] = self.gem_p
-        if self.map_shape is not None:
-            pooling["map_shape"] = list(self.map_shape)
-        return {"pooling": pooling}
+    def identity(self) -> ModelIdentity:
+        return identity_of(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fmap = self.features(x)[0]

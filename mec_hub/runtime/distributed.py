@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch.distributed as dist
+
 if TYPE_CHECKING:
     import torch
 
@@ -48,7 +50,6 @@ class DistEnv:
 def dist_env() -> DistEnv:
     """Rank and world size from ``torch.distributed`` if initialised, else from torchrun's variables."""
     try:
-        import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             local = int(os.environ.get("LOCAL_RANK", 0))
@@ -70,7 +71,6 @@ def join_process_group(device: torch.device, *, timeout: datetime.timedelta) -> 
     NCCL when ``device`` is a GPU (bound to it, so NCCL sets up eagerly), gloo on CPUs. Returns
     whether the group was created here (the caller then destroys it when done).
     """
-    import torch.distributed as dist
 
     if dist_env().world_size == 1 or dist.is_initialized():
         return False
@@ -98,7 +98,6 @@ class ProcessGroup:
         self._created = False
         if env.world_size == 1:
             return
-        import torch.distributed as dist
 
         if not dist.is_initialized():
             dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
@@ -107,7 +106,6 @@ class ProcessGroup:
     def all_gather(self, obj: Any) -> list[Any]:
         if self.env.world_size == 1:
             return [obj]
-        import torch.distributed as dist
 
         gathered: list[Any] = [None] * self.env.world_size
         dist.all_gather_object(gathered, obj)
@@ -116,7 +114,6 @@ class ProcessGroup:
     def broadcast_from_main(self, obj: Any) -> Any:
         if self.env.world_size == 1:
             return obj
-        import torch.distributed as dist
 
         box = [obj]
         dist.broadcast_object_list(box, src=0)
@@ -124,13 +121,11 @@ class ProcessGroup:
 
     def barrier(self) -> None:
         if self.env.world_size > 1:
-            import torch.distributed as dist
 
             dist.barrier()
 
     def close(self) -> None:
         if self._created:
-            import torch.distributed as dist
 
             dist.destroy_process_group()
             self._created = False

@@ -17,6 +17,19 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import urlparse
 
+from huggingface_hub import constants, hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
+from safetensors import safe_open
+
+from mec_hub import __version__
 from mec_hub.errors import (
     CheckpointReadError,
     InvalidArgumentError,
@@ -78,9 +91,6 @@ def split_revision(repo: str) -> tuple[str, str | None]:
 
 def check_repo_id(repo_id: str) -> str:
     """``repo_id`` if the Hub would accept it (huggingface_hub's validator), else a one-line error."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     try:
         validate_repo_id(repo_id)
     except HFValidationError as exc:
@@ -159,8 +169,6 @@ def default_cache_dir() -> Path:
 
 
 def _offline() -> bool:
-    from huggingface_hub import constants
-
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("MEC_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
@@ -182,17 +190,6 @@ def hf_download(
     name: str | None = None,
     required: bool = True,
 ) -> Path | None:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    from mec_hub import __version__
-
     where = f"{HF_PREFIX}{repo_id}" + (f"@{revision}" if revision else "")
     try:
         path = hf_hub_download(
@@ -223,7 +220,7 @@ def hf_download(
 
 def url_download(url: str, *, cache_dir: str | os.PathLike[str] | None, name: str | None = None) -> Path:
     """Download ``url`` once into the cache; later calls (and offline runs) reuse the cached file."""
-    import torch.hub
+    import torch.hub  # here: torch takes seconds to import, and `mec-hub list` or a local load needs none of it
 
     filename = Path(urlparse(url).path).name or "weights.safetensors"
     if not filename.endswith(".safetensors"):
@@ -256,8 +253,6 @@ def _config_beside(model_file: Path, *, origin: str) -> ModelConfig:
     """Config of a lone safetensors file: ``config.json`` beside it, else its own header metadata."""
     if (model_file.parent / CONFIG_FILE).is_file():
         return read_config(model_file.parent)
-    from safetensors import safe_open
-
     try:
         with safe_open(str(model_file), framework="pt") as fh:
             metadata = fh.metadata()
