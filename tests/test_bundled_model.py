@@ -86,6 +86,7 @@ def _first_per_class(root: Path, per_class: int, tmp: Path) -> Path:
     return tmp
 
 
+@pytest.mark.slow
 def test_bundled_model_knn_clears_random_weights_by_far(cifar_dir, tmp_path):
     """kNN (DINO protocol), bank = cifar10-subset/train, queries = the first 50 test images of each class."""
     train = cifar_dir / "train"

@@ -30,6 +30,7 @@ def test_slices_are_contiguous_whole_batches():
             assert max(sizes) - min(sizes) <= 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo on Windows is not tested")
 def test_two_processes_equal_one(tiny_weights_dir: Path, odd_images_dir: Path, tmp_path: Path):
     images = tmp_path / "imgs"

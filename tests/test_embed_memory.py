@@ -29,6 +29,7 @@ print(json.dumps({"peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 GROWTH_BOUND_MIB = 8
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss is in KiB on Linux")
 def test_peak_memory_does_not_grow_with_n(tmp_path: Path):
     from PIL import Image

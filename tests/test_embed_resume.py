@@ -68,6 +68,7 @@ def assert_same_outputs(out: Path, reference: Path) -> None:
     assert meta["num_failed"] == 2
 
 
+@pytest.mark.slow
 def test_sigkill_between_writing_rows_and_checkpointing(
     images: Path, tiny_weights_dir: Path, uninterrupted: Path, tmp_path: Path
 ):

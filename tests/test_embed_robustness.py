@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from embed_support import make_images, run_cli_subprocess
 
@@ -14,6 +15,7 @@ from mec_hub.cli.embed import main
 from mec_hub.embedding.loader import DECODE_TIMEOUT_ENV
 
 
+@pytest.mark.slow
 def test_a_crashing_and_a_hanging_file_become_failures(tiny_weights_dir: Path, tmp_path: Path):
     images = tmp_path / "imgs"
     paths = make_images(images, 9)

@@ -140,6 +140,7 @@ def test_missing_and_unreadable_shards_are_named(dataset: tuple[Path, Path], tmp
         collect_inputs([str(bad)])
 
 
+@pytest.mark.slow
 def test_kill_and_resume_in_the_middle_of_a_shard(dataset: tuple[Path, Path], tiny_weights_dir: Path, tmp_path: Path):
     shards, _ = dataset
     pattern = shards / "{000000..000001}.tar"
@@ -167,6 +168,7 @@ def test_kill_and_resume_in_the_middle_of_a_shard(dataset: tuple[Path, Path], ti
     assert meta["num_failed"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo on Windows is not tested")
 def test_two_processes_split_the_shards(dataset: tuple[Path, Path], tiny_weights_dir: Path, tmp_path: Path):
     shards, _ = dataset

@@ -456,6 +456,7 @@ def test_the_cli_runs_the_paper_protocol_and_refuses_the_probes_options(folders,
     assert neither.exit_code == 2 and "give --labels-fraction F or --subset FILE" in neither.output
 
 
+@pytest.mark.slow
 def test_two_torchrun_processes_fine_tune_and_count_each_validation_image_once(folders, tiny_weights_dir, tmp_path):
     train, val = folders
     command = [

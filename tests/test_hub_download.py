@@ -143,6 +143,7 @@ def _run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300)
 
 
+@pytest.mark.slow
 def test_offline_mode_uses_the_cache_and_explains_an_empty_one(hub, folders, tmp_path):
     cache = tmp_path / "hf"
     mec_hub.load(weights=f"hf-hub:{REPO}", cache_dir=cache, endpoint=hub.endpoint)

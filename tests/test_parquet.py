@@ -96,6 +96,7 @@ def test_shard_rows_needs_parquet(tiny_weights_dir: Path, tmp_path: Path):
     assert result.exit_code == 2 and "--shard-rows" in result.output
 
 
+@pytest.mark.slow
 def test_kill_and_resume(reference: Path, tiny_weights_dir: Path, tmp_path: Path):
     out = tmp_path / "f.parquet"
     run = [PHOTOS, "--out", out, "--weights", tiny_weights_dir, "--device", "cpu", "-b", BATCH, "-j", 1, "-q"]

@@ -179,6 +179,7 @@ def images(tmp_path_factory) -> Path:
     return write_noise_images(tmp_path_factory.mktemp("images"))
 
 
+@pytest.mark.slow
 def test_pretraining_on_two_processes_reaches_the_one_process_weights(images, tmp_path, monkeypatch):
     two, one = tmp_path / "two", tmp_path / "one"
     mp.spawn(_pretrain_worker, args=(free_port(), str(images), str(two)), nprocs=WORLD, join=True)

@@ -217,6 +217,7 @@ def test_a_non_finite_loss_stops_the_run_before_saving(images, tmp_path, monkeyp
     assert load(tmp_path)["step"] == 2  # the end of epoch 1, before the bad step
 
 
+@pytest.mark.slow
 def test_two_processes_with_torchrun(images, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT),
