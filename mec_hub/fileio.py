@@ -17,7 +17,7 @@ import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -227,6 +227,19 @@ def read_json(
     return parse_json(read_bounded(path, max_bytes, what="JSON file"), str(path), max_bytes=max_bytes,
                       max_depth=max_depth)
 
+
+
+def json_plain(value: Any) -> Any:
+    """``value`` in JSON's own types: mappings as dicts, tuples and lists as lists, a deep copy.
+
+    What ``json.loads(json.dumps(value))`` gives for the values the project writes, without
+    printing and parsing: a record built here compares equal to the same record read back.
+    """
+    if isinstance(value, Mapping):
+        return {str(key): json_plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_plain(item) for item in value]
+    return value
 
 #: A JSON-lines file (training metrics) larger than this is refused before it is read.
 MAX_JSON_LINES_BYTES = 1024 * 1024 * 1024

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from mec_hub.errors import MalformedFileError
-from mec_hub.fileio import atomic_write_text, parse_json
+from mec_hub.fileio import atomic_write_text, json_plain, parse_json, read_bounded
 from mec_hub.models.encoder import STEMS
 from mec_hub.models.losses import PAPER_EPS2
 from mec_hub.runtime.devices import PRECISIONS
@@ -383,7 +383,7 @@ class TrainConfig:
             elif isinstance(value, Path):
                 value = str(value)
             elif isinstance(value, dict):
-                value = json.loads(json.dumps(value))  # a plain copy
+                value = json_plain(value)  # a plain copy
             out[f.name] = value
         return out
 
@@ -500,6 +500,10 @@ def checked_values(mapping: Mapping[str, Any], *, source: str) -> dict[str, Any]
     return out
 
 
+#: A --config file larger than this is refused before it is read (the recipe's own files are ~1 KB).
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
 def import_yaml(purpose: str) -> types.ModuleType:
     try:
         import yaml
@@ -512,9 +516,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """The options in a YAML file, checked (:class:`ConfigError` names the file and the key)."""
     yaml = import_yaml(f"--config {path}")
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
+        # A regular file of bounded size: a FIFO or a device as --config is refused, not waited on.
+        text = read_bounded(path, MAX_CONFIG_BYTES, what="config file").decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file") from None
+    except MalformedFileError as exc:  # names the file and why (a FIFO, too large, unreadable)
+        raise ConfigError(f"--config {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
         mapping = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -522,6 +531,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}: not valid YAML{where} ({problem})") from None
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        raise ConfigError(f"{path}: not valid YAML (nested too deeply)") from None
     return checked_values(mapping if mapping is not None else {}, source=str(path))
 
 

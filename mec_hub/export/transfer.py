@@ -15,9 +15,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
-
 from mec_hub.errors import CheckpointReadError, IncompatibleWeightsError, InvalidArgumentError
 from mec_hub.export.convert import ExtractedWeights, extract_weights
 from mec_hub.export.detectron2 import detectron2_config, to_detectron2, write_detectron2
@@ -29,6 +26,7 @@ from mec_hub.weights.checkpoint import read_checkpoint
 from mec_hub.weights.config import preprocessing_fields
 from mec_hub.weights.registry import model_info
 from mec_hub.weights.sources import fetch_weights, parse_weights_spec, record_location
+from mec_hub.weights.tensors import read_safetensors
 
 FRAMEWORKS = ("detectron2", "torchvision")
 # A missing path with one of these suffixes is a missing checkpoint, not a model name.
@@ -131,12 +129,12 @@ def _read_weights_spec(origin: str, *, arch: str | None) -> ExtractedWeights:
             raise
         return ExtractedWeights(
             architecture=arch,
-            backbone=_load(Path(spec.value), origin=origin),
+            backbone=read_safetensors(spec.value, origin=origin),
             projector=None,
             layout="safetensors state dict",
         )
     config = local.config
-    state = _load(local.model_file, origin=origin)
+    state = read_safetensors(local.model_file, origin=origin)
     backbone = without_classifier(state, config.classifier)
     return ExtractedWeights(
         architecture=arch or config.architecture,
@@ -150,9 +148,3 @@ def _read_weights_spec(origin: str, *, arch: str | None) -> ExtractedWeights:
         dropped=sorted(set(state) - set(backbone)),
     )
 
-
-def _load(path: Path, *, origin: str) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as exc:  # safetensors raises its own error types for bad files
-        raise CheckpointReadError(f"{origin}: cannot read {path} as safetensors ({exc})") from None

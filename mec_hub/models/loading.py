@@ -7,10 +7,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from mec_hub.errors import CheckpointReadError, InvalidArgumentError
+from mec_hub.errors import InvalidArgumentError
 from mec_hub.models.encoder import MECEncoder, build_encoder, load_state_dict_strict
 from mec_hub.models.features import feature_model
 from mec_hub.runtime.devices import resolve_device
@@ -23,17 +22,9 @@ from mec_hub.weights.sources import (
     parse_weights_spec,
     record_location,
 )
+from mec_hub.weights.tensors import read_safetensors
 
 DEFAULT_MODEL = "mec_resnet18_cifar10s"
-
-
-def _read_safetensors(path: os.PathLike[str] | str, *, origin: str) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as exc:  # safetensors raises SafetensorError, OSError, ... for bad files
-        raise CheckpointReadError(
-            f"{origin}: cannot read {path} as safetensors, corrupted or truncated ({exc})"
-        ) from None
 
 
 def without_classifier(state: dict[str, torch.Tensor], classifier: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -121,13 +112,13 @@ def load(
     )
     encoder = build_encoder(local.config, head=head)
     target = f"{local.config.architecture} backbone"
-    state = without_classifier(_read_safetensors(local.model_file, origin=local.origin), local.config.classifier)
+    state = without_classifier(read_safetensors(local.model_file, origin=local.origin), local.config.classifier)
     load_state_dict_strict(encoder.backbone, state, origin=local.origin, target=target)
     if encoder.projector is not None:
         assert local.projector_file is not None
         load_state_dict_strict(
             encoder.projector,
-            _read_safetensors(local.projector_file, origin=local.origin),
+            read_safetensors(local.projector_file, origin=local.origin),
             origin=local.origin,
             target="MEC projector",
         )

@@ -12,7 +12,6 @@ meta file reads back as an identity (``from_json``) without a translation table.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mec_hub.errors import InvalidArgumentError, MalformedFileError
+from mec_hub.fileio import json_plain
 from mec_hub.weights.config import preprocessing_fields
 from mec_hub.weights.sources import parse_weights_spec
 
@@ -65,8 +65,7 @@ class ModelIdentity:
             value = getattr(self, key)
             if key in _OPTIONAL_KEYS and value is None:
                 continue
-            # JSON's own types (lists, not tuples), so that a record read back compares equal.
-            out[key] = json.loads(json.dumps(dict(value))) if isinstance(value, Mapping) else value
+            out[key] = json_plain(value)  # lists, not tuples: a record read back compares equal
         return out
 
     @classmethod

@@ -27,7 +27,6 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.utils import validate_repo_id
-from safetensors import safe_open
 
 from mec_hub import __version__
 from mec_hub.errors import (
@@ -48,6 +47,7 @@ from mec_hub.weights.config import (
 from mec_hub.weights.integrity import verify_sha256
 from mec_hub.weights.record import ModelRecord
 from mec_hub.weights.registry import is_registered, model_info, unknown_model_message
+from mec_hub.weights.tensors import read_safetensors_metadata
 
 HF_PREFIX = "hf-hub:"
 BUNDLED_PREFIX = "bundled:"
@@ -253,12 +253,7 @@ def _config_beside(model_file: Path, *, origin: str) -> ModelConfig:
     """Config of a lone safetensors file: ``config.json`` beside it, else its own header metadata."""
     if (model_file.parent / CONFIG_FILE).is_file():
         return read_config(model_file.parent)
-    try:
-        with safe_open(str(model_file), framework="pt") as fh:
-            metadata = fh.metadata()
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise CheckpointReadError(f"{origin}: not a readable safetensors file ({exc})") from None
-    config = config_from_safetensors_metadata(metadata, origin=origin)
+    config = config_from_safetensors_metadata(read_safetensors_metadata(model_file, origin=origin), origin=origin)
     if config is None:
         raise CheckpointReadError(
             f"{origin}: the file does not say which architecture it holds; put it in a folder with "
