@@ -256,7 +256,7 @@ def test_eval_errors(tmp_path: Path, tiny_weights_dir: Path):
     mixed = run("eval", "knn", *feats, "--train", tmp_path, "--val", tmp_path)
     assert mixed.exit_code == 2 and "not both" in mixed.output
     no_model = run("eval", "knn", "--train", tmp_path, "--val", tmp_path)
-    assert no_model.exit_code == 1 and "--model NAME or --weights SPEC" in no_model.output
+    assert no_model.exit_code == 2 and "--model NAME or --weights SPEC" in no_model.output
 
 
 def test_help_does_not_import_torch():

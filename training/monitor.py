@@ -10,6 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
+import mec_hub
+from mec_hub.evaluation.features import extract_image_folder
+from mec_hub.evaluation.knn import knn_classify
+
 
 class KnnMonitor:
     """Extracts backbone features of ``train_dir`` and ``val_dir`` (ImageFolder layouts) and votes.
@@ -31,7 +35,6 @@ class KnnMonitor:
         num_workers: int = 0,
         device: str | torch.device = "cpu",
     ) -> None:
-        import mec_hub
 
         for option, folder in (("--knn-train", train_dir), ("--knn-val", val_dir)):
             if not Path(folder).is_dir():
@@ -43,8 +46,6 @@ class KnnMonitor:
 
     @torch.no_grad()
     def __call__(self, backbone: nn.Module) -> float:
-        from mec_hub.evaluation.features import extract_image_folder
-        from mec_hub.evaluation.knn import knn_classify
 
         was_training = backbone.training
         backbone.eval()

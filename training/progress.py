@@ -31,6 +31,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO, TypeVar
 
+from tqdm import tqdm
+
 TRAIN_LOG = "train.log"
 
 T = TypeVar("T")
@@ -69,8 +71,6 @@ class _Tee(io.TextIOBase):
         return len(text)
 
     def _emit(self, text: str) -> None:
-        from tqdm import tqdm
-
         # A bar on the terminal's stderr is cleared while whole lines are printed, and redrawn below them.
         with tqdm.external_write_mode(file=sys.stderr):
             self._primary.write(text)
@@ -231,8 +231,6 @@ class Progress:
         """The loader's batches of ``epoch`` (0-based), timing each wait; a bar of the epoch when enabled."""
         self._epoch_start = self._clock()
         if self.bar_enabled:
-            from tqdm import tqdm
-
             self._bar = tqdm(
                 total=self.steps_per_epoch,
                 initial=self.step - epoch * self.steps_per_epoch,

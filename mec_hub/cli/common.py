@@ -9,6 +9,8 @@ from typing import Any, TypeVar
 
 import click
 
+from mec_hub.errors import MecHubError
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -23,8 +25,6 @@ def friendly_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from mec_hub.errors import MecHubError
-
         try:
             return func(*args, **kwargs)
         except MecHubError as exc:

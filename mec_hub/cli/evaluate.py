@@ -145,6 +145,13 @@ def _check_writable(flag: str, target: str | None) -> None:
         raise UserError(f"{flag} {target}: cannot write in {existing}")
 
 
+def _model_options(opts: dict[str, Any], hint: str) -> dict[str, Any]:
+    """The model the options name, as the evaluation functions take it; a usage error if none is named."""
+    if opts["model_name"] is None and opts["weights"] is None:
+        raise click.UsageError(f"give --model NAME or --weights SPEC {hint}")
+    return {"name": opts["model_name"], "weights": opts["weights"], "random_init": opts["random_init"]}
+
+
 def _splits(opts: dict[str, Any]) -> tuple[EvalSplits, torch.device]:
     """The train and val features the options name, with the device to evaluate on."""
     from mec_hub.evaluation.splits import EvalSplits
@@ -184,14 +191,10 @@ def _splits(opts: dict[str, Any]) -> tuple[EvalSplits, torch.device]:
     for flag in ("train_labels", "val_labels"):
         if opts[flag]:
             raise click.UsageError(f"--{flag.replace('_', '-')} goes with --train-features/--val-features")
-    if opts["model_name"] is None and opts["weights"] is None:
-        raise UserError("give --model NAME or --weights SPEC with --train/--val, or --train-features/--val-features")
     splits = EvalSplits.from_image_folders(
         opts["train_dir"],
         opts["val_dir"],
-        name=opts["model_name"],
-        weights=opts["weights"],
-        random_init=opts["random_init"],
+        **_model_options(opts, "with --train/--val, or --train-features/--val-features"),
         head=opts["head"],
         seed=opts["seed"],
         batch_size=opts["batch_size"] or 256,
@@ -281,9 +284,7 @@ def _training_options(func: Callable[..., Any]) -> Callable[..., Any]:
             help="Epochs between validations (always after the last).",
         ),
     ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+    return _apply(func, options)
 
 
 # Options of the probe on cached features; refused with --protocol paper, which trains on images.
@@ -307,8 +308,7 @@ def _run_training(recipe_name: str, opts: dict[str, Any], **recipe_options: Any)
 
     if opts["train_dir"] is None or opts["val_dir"] is None:
         raise click.UsageError("give --train DIR and --val DIR (ImageFolders): this evaluation trains on images")
-    if opts["model_name"] is None and opts["weights"] is None:
-        raise click.UsageError("give --model NAME or --weights SPEC")
+    model = _model_options(opts, "(this evaluation trains on its features)")
     if opts["output_dir"] is None:
         raise click.UsageError("give --output-dir DIR: the run's checkpoint and report go there")
     _check_writable("--out", opts["out_path"])
@@ -317,9 +317,7 @@ def _run_training(recipe_name: str, opts: dict[str, Any], **recipe_options: Any)
         opts["train_dir"],
         opts["val_dir"],
         output_dir=opts["output_dir"],
-        name=opts["model_name"],
-        weights=opts["weights"],
-        random_init=opts["random_init"],
+        **model,
         epochs=opts["epochs"],
         batch_size=opts["batch_size"],
         lr=opts["lr"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -75,8 +76,6 @@ def search_cmd(features: str, queries: tuple[str, ...], rows: tuple[int, ...], i
     for why in exact_because:
         click.echo(f"Note: {why}", err=True)
     if grid_path:
-        from pathlib import Path
-
         from mec_hub.apps.grid import Cell, draw_grid, save_picture
 
         cells = [

@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 from torch import nn
 from torchvision.datasets.folder import make_dataset
+from tqdm.auto import tqdm
 
 from mec_hub.data.featurefile import (
     PARQUET_SUFFIX,
@@ -45,6 +46,7 @@ from mec_hub.data.featurefile import (
     sidecar,
 )
 from mec_hub.data.images import IMAGE_EXTENSIONS
+from mec_hub.data.transforms import get_transform
 from mec_hub.embedding.loader import ImageSource
 from mec_hub.embedding.runner import BatchRunner
 from mec_hub.errors import MecHubError
@@ -111,8 +113,6 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def default_transform(model: nn.Module) -> Callable[[Image.Image], torch.Tensor]:
-    from mec_hub.data.transforms import get_transform
-
     try:
         return get_transform(model)
     except TypeError:
@@ -155,8 +155,6 @@ def extract_features(
     failed: list[tuple[int, str]] = []
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(paths), desc="features", unit="img", leave=False)
 
     def forward(images: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ files made earlier are read (``EvalSplits.from_feature_files``: from ``mec-embed
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from mec_hub.data.featurefile import PATHS_SUFFIX, sidecar
+from mec_hub.data.featurefile import PATHS_SUFFIX, FeatureMeta, sidecar
 from mec_hub.evaluation.features import LabelledFeatures, extract_image_folder, load_feature_file, save_feature_file
 from mec_hub.evaluation.inputs import InvalidFeaturesError
 from mec_hub.models.encoder import MECEncoder
@@ -58,7 +59,7 @@ def check_same_source(train: LabelledFeatures, val: LabelledFeatures, *, train_n
             f"{train_name} has {train.features.shape[1]} dimensions but {val_name} has "
             f"{val.features.shape[1]}; they must come from the same model"
         )
-    sha_train, sha_val = train.meta.get("weights_sha256"), val.meta.get("weights_sha256")
+    sha_train, sha_val = (part.feature_meta.weights_sha256 if part.feature_meta else None for part in (train, val))
     if sha_train and sha_val and sha_train != sha_val:
         raise InvalidFeaturesError(
             f"{train_name} and {val_name} were made with different weights "
@@ -66,8 +67,8 @@ def check_same_source(train: LabelledFeatures, val: LabelledFeatures, *, train_n
         )
 
 
-def _features_meta(model: MECEncoder, weights: str | None, *, pretrained: bool, head: str) -> dict[str, Any]:
-    """What made the features, in the vocabulary of mec-embed's FEATS.meta.json (so search can use them)."""
+def _features_meta(model: MECEncoder, weights: str | None, *, pretrained: bool, head: str) -> FeatureMeta:
+    """What made the features, as mec-embed's FEATS.meta.json says it (so search can use them)."""
     identity = model.identity.replace(
         model=model.name if model.name and is_registered(model.name) else None, head=head, state_dict_sha256=None
     )
@@ -75,16 +76,8 @@ def _features_meta(model: MECEncoder, weights: str | None, *, pretrained: bool, 
         identity = identity.replace(weights=weights_origin(weights)[1])
     else:
         identity = identity.replace(weights_sha256=None)
-    record = identity.to_json()
-    return {
-        **{key: record[key] for key in ("model", "weights", "weights_sha256")},
-        "pretrained": pretrained,
-        **{key: record[key] for key in ("architecture", "head", "embed_dim")},
-        "normalize": False,
-        "precision": "fp32",
-        "out_dtype": "float32",
-        "preprocessing": record["preprocessing"],
-    }
+    fixed = {"pretrained": pretrained, "normalize": False, "precision": "fp32", "out_dtype": "float32"}
+    return FeatureMeta.from_json({**identity.to_json(), **fixed})
 
 
 def model_section(
@@ -92,11 +85,11 @@ def model_section(
 ) -> dict[str, Any]:
     """The report's ``model`` section for a model loaded by :func:`load_eval_model` from ``name``/``weights``."""
     given = str(weights) if weights is not None else name
-    meta = _features_meta(model, given, pretrained=not random_init, head=head)
+    meta = _features_meta(model, given, pretrained=not random_init, head=head).to_json()
     return {
         "model": model.name,
         "weights": None if random_init or weights is None else str(weights),
-        **{key: meta[key] for key in _MODEL_KEYS},
+        **{key: meta.get(key) for key in _MODEL_KEYS},
     }
 
 
@@ -114,7 +107,7 @@ class EvalSplits:
     model: dict[str, Any]
     data: dict[str, Any]
     seconds: dict[str, float] = field(default_factory=dict)
-    feature_meta: dict[str, Any] | None = None
+    feature_meta: FeatureMeta | None = None
 
     @classmethod
     def from_feature_files(
@@ -135,7 +128,10 @@ class EvalSplits:
         val = load_feature_file(val_features, val_labels, classes=train.classes)
         seconds = {"load_features": time.perf_counter() - start}
         check_same_source(train, val, train_name=str(train_features), val_name=str(val_features))
-        model = {key: train.meta.get(key) for key in ("model", "weights", "weights_sha256", "head", "embed_dim")}
+        recorded = train.feature_meta or FeatureMeta()
+        model: dict[str, Any] = {
+            key: getattr(recorded, key) for key in ("model", "weights", "weights_sha256", "head", "embed_dim")
+        }
         model["embed_dim"] = int(train.features.shape[1])
         data = {
             split: {
@@ -206,6 +202,6 @@ class EvalSplits:
         written = []
         for split, part in (("train", self.train), ("val", self.val)):
             source = str(Path(self.data[split]["folder"]).resolve())
-            meta = {**self.feature_meta, "inputs": [source], "base_dir": source}
+            meta = dataclasses.replace(self.feature_meta, inputs=[source], base_dir=source)
             written.append(save_feature_file(part, out / f"{split}.npy", meta))
         return written

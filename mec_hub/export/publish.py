@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError
+
 from mec_hub.errors import ChecksumMismatchError, MecHubError, WeightsNotFoundError
 from mec_hub.weights.config import CARD_FILE, CONFIG_FILE, MODEL_FILE, read_config
 from mec_hub.weights.integrity import sha256_file
@@ -52,8 +55,6 @@ def push_folder(
     files = check_folder(folder)
     if dry_run:
         return PushResult(files)
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi(endpoint=endpoint, token=token)
     try:

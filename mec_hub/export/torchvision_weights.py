@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torchvision import models
 
 from mec_hub.errors import IncompatibleWeightsError
 from mec_hub.export.outputs import output_path
@@ -29,7 +30,6 @@ def torchvision_state_dict(
     origin: str = "backbone",
 ) -> dict[str, torch.Tensor]:
     """The backbone's tensors, checked to fit ``torchvision.models.<architecture>()`` less its ``fc``."""
-    from torchvision import models
 
     if architecture not in models.list_models(module=models):
         raise IncompatibleWeightsError(

@@ -6,10 +6,10 @@ import os
 from typing import Any
 
 from mec_hub.models.encoder import MECEncoder
+from mec_hub.models.loading import load
 
 
 def _load(name: str, pretrained: bool, weights: str | os.PathLike[str] | None, **kwargs: Any) -> MECEncoder:
-    from mec_hub.models.loading import load
 
     return load(name, weights=weights, pretrained=pretrained, **kwargs)
 
