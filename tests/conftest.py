@@ -1,6 +1,6 @@
 """Shared fixtures: small real weights made on the spot, and the read-only data sets.
 
-The photos and odd image files ship with the repository (tests/data, see its SOURCES.md); only the
+The photos and odd image files ship with the repository (tests/assets, see its SOURCES.md); only the
 CIFAR-10 subset, which states no licence, comes from ../shared/data (or MEC_HUB_TEST_DATA).
 """
 
@@ -14,7 +14,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Shipped with the repository: photos/ and odd-images/ (byte-identical copies of ../shared/data's).
-SHIPPED_DATA_DIR = Path(__file__).resolve().parent / "data"
+SHIPPED_DATA_DIR = Path(__file__).resolve().parent / "assets"
 # MEC_HUB_TEST_DATA points the tests at another copy of the data (and lets a test point it nowhere).
 DATA_DIR = Path(os.environ.get("MEC_HUB_TEST_DATA") or REPO_ROOT.parent / "shared" / "data")
 
@@ -38,22 +38,22 @@ def data_dir() -> Path:
 
 
 def _shipped(name: str) -> Path:
-    """``tests/data/<name>``; a failure, never a skip, when it is missing: it comes with every clone."""
+    """``tests/assets/<name>``; a failure, never a skip, when it is missing: it comes with every clone."""
     path = SHIPPED_DATA_DIR / name
     if not path.is_dir():
-        pytest.fail(f"test data not found at {path}: it ships with the repository (tests/data)", pytrace=False)
+        pytest.fail(f"test data not found at {path}: it ships with the repository (tests/assets)", pytrace=False)
     return path
 
 
 @pytest.fixture(scope="session")
 def photos_dir() -> Path:
-    """18 real photos (tests/data/photos). Read-only: a test that changes files copies them first."""
+    """18 real photos (tests/assets/photos). Read-only: a test that changes files copies them first."""
     return _shipped("photos")
 
 
 @pytest.fixture(scope="session")
 def odd_images_dir() -> Path:
-    """30 unusual or broken image files and their MANIFEST.tsv (tests/data/odd-images). Read-only."""
+    """30 unusual or broken image files and their MANIFEST.tsv (tests/assets/odd-images). Read-only."""
     return _shipped("odd-images")
 
 
@@ -62,56 +62,13 @@ def cifar_dir(data_dir: Path) -> Path:
     return _require(data_dir / "cifar10-subset")
 
 
-def make_tiny_hub_folder(out: Path, *, seed: int = 0, input_size: int = 32, name: str = "tiny_resnet18") -> Path:
-    """A converted folder (random ResNet-18 + projector) with small-input preprocessing.
-
-    Weights are random but with non-trivial BatchNorm statistics, so that an eval-mode forward
-    is not the same as a train-mode one and a mix-up of the two shows.
-    """
-    import torch
-    from torch import nn
-
-    from mec_hub.export.convert import ExtractedWeights, write_hub_folder
-    from mec_hub.models.encoder import build_backbone
-    from mec_hub.models.heads import build_projector
-
-    torch.manual_seed(seed)
-    backbone = build_backbone("resnet18")
-    projector = build_projector(512, 256, 128)
-    for module in [*backbone.modules(), *projector.modules()]:
-        if isinstance(module, nn.BatchNorm2d | nn.BatchNorm1d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 1.5)
-            if module.affine:
-                module.weight.data.uniform_(0.5, 1.5)
-                module.bias.data.uniform_(-0.2, 0.2)
-    extracted = ExtractedWeights(
-        architecture="resnet18",
-        backbone=backbone.state_dict(),
-        projector=projector.state_dict(),
-        layout="test fixture",
-        preprocessing={"input_size": (3, input_size, input_size), "crop_pct": 1.0, "interpolation": "bicubic"},
-        meta={"license": "mit"},
-    )
-    write_hub_folder(extracted, out, name=name, overwrite=True)
-    return out
-
-
 @pytest.fixture(scope="session")
 def tiny_weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Session-wide read-only folder; copy it before changing anything in it."""
+    # Imported here, not above: tests/test_data_fixtures.py runs a copy of this file on its own.
+    from tests.support.weights import make_tiny_hub_folder
+
     return make_tiny_hub_folder(tmp_path_factory.mktemp("weights") / "tiny")
-
-
-def write_noise_images(root: Path, count: int = 16, size: int = 32) -> Path:
-    """``count`` PNGs of uniform noise, ``size`` px (seed 0): enough for a tiny pretraining run."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for i in range(count):
-        Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")).save(root / f"{i:02d}.png")
-    return root
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The data fixtures of conftest.py: the photos and odd images come from tests/data whatever
+"""The data fixtures of conftest.py: the photos and odd images come from tests/assets whatever
 MEC_HUB_TEST_DATA says; the CIFAR subset from ../shared/data, a skip when it is missing but a
 failure under CI=true."""
 
@@ -23,12 +23,12 @@ HERE = Path(__file__).resolve().parent
 
 
 def test_photos(photos_dir):
-    assert photos_dir == HERE / "data" / "photos"  # the shipped copy, not MEC_HUB_TEST_DATA's
+    assert photos_dir == HERE / "assets" / "photos"  # the shipped copy, not MEC_HUB_TEST_DATA's
     assert len(list(photos_dir.iterdir())) == 18
 
 
 def test_odd_images(odd_images_dir):
-    assert odd_images_dir == HERE / "data" / "odd-images"
+    assert odd_images_dir == HERE / "assets" / "odd-images"
     assert (odd_images_dir / "MANIFEST.tsv").is_file()
 
 
@@ -42,13 +42,13 @@ def run_with_data(
 ) -> subprocess.CompletedProcess[str]:
     """pytest, in a child, on a test file using the fixtures of a copy of our conftest.py.
 
-    ``shipped``: the child's ``data`` folder links to tests/data (read-only use), as in a clone.
+    ``shipped``: the child's ``assets`` folder links to tests/assets (read-only use), as in a clone.
     """
     project = tmp_path / "project"
     project.mkdir(exist_ok=True)
     shutil.copy(CONFTEST, project / "conftest.py")
-    if shipped and not (project / "data").exists():
-        (project / "data").symlink_to(HERE / "data", target_is_directory=True)
+    if shipped and not (project / "assets").exists():
+        (project / "assets").symlink_to(HERE / "assets", target_is_directory=True)
     (project / "pytest.ini").write_text("[pytest]\n")
     (project / "test_needs_data.py").write_text(NEEDS_DATA)
     env = {k: v for k, v in os.environ.items() if k not in ("CI", "PYTEST_ADDOPTS")}
@@ -114,4 +114,4 @@ def test_missing_shipped_data_fails_even_outside_ci(tmp_path: Path):
     result = run_with_data(tmp_path, tmp_path / "data", ci=None, shipped=False)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "1 passed, 2 errors" in result.stdout and "skipped" not in result.stdout, result.stdout
-    assert f"test data not found at {tmp_path / 'project' / 'data' / 'photos'}: it ships with" in result.stdout
+    assert f"test data not found at {tmp_path / 'project' / 'assets' / 'photos'}: it ships with" in result.stdout

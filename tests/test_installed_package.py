@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support.paths import REPO_ROOT
 
 # Run by the installed copy; every number it checks is computed here with plain torch.
 CHECK = r"""
@@ -73,8 +73,8 @@ def test_mec_loss_imports_from_a_non_editable_install_outside_the_repository(tmp
     source = tmp_path / "source"
     source.mkdir()
     for name in ("pyproject.toml", "README.md", "LICENSE"):
-        shutil.copy2(REPO / name, source / name)
-    shutil.copytree(REPO / "mec_hub", source / "mec_hub", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy2(REPO_ROOT / name, source / name)
+    shutil.copytree(REPO_ROOT / "mec_hub", source / "mec_hub", ignore=shutil.ignore_patterns("__pycache__"))
     target = tmp_path / "installed"
     pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index"]
     pip += ["--disable-pip-version-check", "--target", str(target), str(source)]

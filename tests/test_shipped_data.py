@@ -1,5 +1,5 @@
-"""The test data shipped in tests/data: byte-identical to ../shared/data's, each file's origin and
-licence in tests/data/SOURCES.md, and none of it in the wheel."""
+"""The test data shipped in tests/assets: byte-identical to ../shared/data's, each file's origin and
+licence in tests/assets/SOURCES.md, and none of it in the wheel."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-SHIPPED = HERE / "data"
+from tests.support.paths import ASSETS_DIR, REPO_ROOT
+
+SHIPPED = ASSETS_DIR
 FOLDERS = ("photos", "odd-images")
 
 
 def shipped_files() -> list[str]:
-    """Every file under tests/data's image folders, as ``folder/name``."""
+    """Every file under tests/assets's image folders, as ``folder/name``."""
     return sorted(f"{folder}/{p.name}" for folder in FOLDERS for p in (SHIPPED / folder).iterdir())
 
 
@@ -49,7 +49,7 @@ def test_shipped_copies_are_byte_identical_to_the_shared_data(data_dir: Path, fo
     here = SHIPPED / folder
     assert sorted(p.name for p in here.iterdir()) == sorted(p.name for p in shared.iterdir())
     differing = [p.name for p in sorted(shared.iterdir()) if (here / p.name).read_bytes() != p.read_bytes()]
-    assert differing == [], f"tests/data/{folder} differs from {shared}: {differing}"
+    assert differing == [], f"tests/assets/{folder} differs from {shared}: {differing}"
 
 
 def test_sources_names_every_shipped_file_with_its_licence():
@@ -65,11 +65,11 @@ def test_sources_names_every_shipped_file_with_its_licence():
 
 def test_git_keeps_every_shipped_file_byte_exact():
     """No text conversion (CRLF) for any file: odd-images/ holds a text file named .jpg and the manifest."""
-    if shutil.which("git") is None or not (REPO / ".git").exists():
+    if shutil.which("git") is None or not (REPO_ROOT / ".git").exists():
         pytest.skip("not a git checkout")
     result = subprocess.run(
-        ["git", "check-attr", "text", "--", *(f"tests/data/{f}" for f in shipped_files())],
-        cwd=REPO,
+        ["git", "check-attr", "text", "--", *(f"tests/assets/{f}" for f in shipped_files())],
+        cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=30,
@@ -80,13 +80,13 @@ def test_git_keeps_every_shipped_file_byte_exact():
 
 
 def test_the_wheel_does_not_ship_the_test_data(tmp_path: Path):
-    # Build from a copy of the wheel's inputs plus tests/data, so that nothing is written into the repository.
+    # Build from a copy of the wheel's inputs plus tests/assets, so that nothing is written into the repository.
     source = tmp_path / "source"
     source.mkdir()
     for name in ("pyproject.toml", "README.md", "LICENSE"):
-        shutil.copy2(REPO / name, source / name)
-    shutil.copytree(REPO / "mec_hub", source / "mec_hub", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(SHIPPED, source / "tests" / "data")
+        shutil.copy2(REPO_ROOT / name, source / name)
+    shutil.copytree(REPO_ROOT / "mec_hub", source / "mec_hub", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(SHIPPED, source / "tests" / "assets")
     command = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--no-index"]
     command += ["--disable-pip-version-check", "--wheel-dir", str(tmp_path / "dist"), str(source)]
     built = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=tmp_path, check=False)

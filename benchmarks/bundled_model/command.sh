@@ -3,7 +3,7 @@
 # 100 epochs in 1 h 37 min; it was killed once at epoch 33 and resumed by rerunning the command).
 # Its log is metrics.jsonl beside this file. The recipe is training/configs/mec_resnet18_cifar10s.yaml;
 # the command below resolves to the same options as the one that was run, before config files
-# existed (tests/test_training_config.py checks that the two agree):
+# existed (tests/training/test_config.py checks that the two agree):
 # As run:
 #   python training/pretrain.py --data ../shared/data/cifar10-subset/train --output-dir runs/mec_resnet18_cifar10s \
 #       --arch resnet18 --model-args '{"channels": [32, 64, 128, 224]}' --image-size 48 --augmentation mocov3-noblur \

@@ -221,7 +221,7 @@ def build_optimizer(recipe: Recipe, model: Classifier) -> torch.optim.Optimizer:
         return torch.optim.SGD(groups, **kwargs)
     # timm's Lars with always_adapt=True and trust_clip=False is apex's LARC(SGD) with clip=False: the
     # gradient (plus wd * w) scaled by trust * ||w|| / (||g|| + wd ||w|| + eps) where both norms are
-    # non-zero, then momentum SGD (tests/test_eval_supervised.py holds one step to the authors' loop).
+    # non-zero, then momentum SGD (tests/evaluation/test_supervised.py holds one step to the authors' loop).
     return Lars(groups, **kwargs, trust_coeff=recipe.larc_trust, trust_clip=False, always_adapt=True)
 
 
