@@ -9,7 +9,9 @@ wraps it in a Starlette application (the optional extra ``mec-hub[serve]``):
 * ``GET /api/neighbours?row=I&k=K``: ``{"query": {"row": I, ...}, "neighbours": [{"rank", "row", "score", "path"}]}``;
 * ``POST /api/search?k=K``: the body is the bytes of one image file; the same answer without a query row;
 * ``GET /thumb/I``: a JPEG thumbnail of row ``I``;
-* ``/``: the page (``mec_hub/apps/static``: plain HTML, CSS and JS).
+* ``GET /image/I``: row ``I``'s image as a JPEG, full size up to ``FULL_SIZE`` pixels a side;
+* ``/``: the page (``mec_hub/apps/static``: plain HTML, CSS and JS), under a Content-Security-Policy
+  that lets it load nothing but this server's own files (and the ``blob:`` image of an upload).
 
 What a hostile browser (or a web page it visits) cannot do:
 
@@ -72,16 +74,22 @@ WIDE_SAMPLE_WEIGHT = 4
 MAX_CONCURRENT_UPLOADS = 2  # uploads read, decoded and embedded at once; more are a 503
 UPLOAD_TIMEOUT_S = 30.0  # the whole body must arrive within this
 RETRY_AFTER_S = 5
-MAX_CONCURRENT_THUMBS = 4  # thumbnails decoded at once; more wait their turn
+MAX_CONCURRENT_THUMBS = 4  # row images (thumbnails, full size) decoded at once; more wait their turn
 MAX_MEMBER_BYTES = 64 * 1024 * 1024  # a tar member larger than this gets no thumbnail
 TAR_LISTINGS_CACHED = 8
 THUMB_SIZE = 192
+FULL_SIZE = 2048  # the full-size view: a larger image is scaled down to this many pixels a side
 THUMB_CACHE_ENTRIES = 1024
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
 UPLOAD_CONTENT_TYPES = ("application/octet-stream", "image/")
 UPLOAD_MARK_HEADER = "x-requested-with"  # what the page's own script sends with an upload ("mec-hub")
 SERVE_EXTRA_HINT = "pip install 'mec-hub[serve]'"
 NO_IMAGE = "no image to show for this row"  # the one answer for "not there", "not yours" and "not an image"
+# The page's own script, style sheet, API and images; the uploaded query is shown from a blob: URL.
+PAGE_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; connect-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 _TRUSTED_HOST = "mec_hub.trusted_host"
 
 log = logging.getLogger("mec_hub.serve")
@@ -353,32 +361,41 @@ class NeighbourBrowser:
             raise ImageDecodeError(f"tar member of {member.size} bytes, over the {MAX_MEMBER_BYTES} limit")
         return decode_image_bytes(member.read())
 
-    def thumbnail(self, row: Any) -> bytes:
-        """A JPEG of row ``row``'s image, at most ``thumb_size`` pixels a side (kept in a bounded cache).
+    def _jpeg(self, i: int, size: int, quality: int) -> bytes:
+        """Row ``i``'s image as a JPEG at most ``size`` pixels a side (never enlarged).
 
         A row whose image cannot be shown, for whatever reason, is the same 404 (``NO_IMAGE``): the
         answer does not tell a file outside the set's folders from one that does not exist.
         """
+        with self._thumb_slots:
+            try:
+                image = self._decode_row(i)
+            except (MecHubError, OSError) as exc:
+                log.info("row %d (%s): no image: %s", i, self.features.paths[i], exc)
+                raise RequestError(NO_IMAGE, 404) from None
+            image.thumbnail((size, size))
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=quality)
+        return buffer.getvalue()
+
+    def thumbnail(self, row: Any) -> bytes:
+        """A JPEG of row ``row``'s image, at most ``thumb_size`` pixels a side (kept in a bounded cache)."""
         i = self.row_number(row)
         with self._thumbs_lock:
             if i in self._thumbs:
                 self._thumbs.move_to_end(i)
                 return self._thumbs[i]
-        with self._thumb_slots:
-            try:
-                image = self._decode_row(i)
-            except (MecHubError, OSError) as exc:
-                log.info("row %d (%s): no thumbnail: %s", i, self.features.paths[i], exc)
-                raise RequestError(NO_IMAGE, 404) from None
-            image.thumbnail((self.thumb_size, self.thumb_size))
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=85)
-        data = buffer.getvalue()
+        data = self._jpeg(i, self.thumb_size, 85)
         with self._thumbs_lock:
             self._thumbs[i] = data
             while len(self._thumbs) > self.cache_entries:
                 self._thumbs.popitem(last=False)
         return data
+
+    def full_image(self, row: Any) -> bytes:
+        """A JPEG of row ``row``'s image at its own size, scaled down to ``FULL_SIZE`` pixels a side when
+        larger (not cached); the same ``NO_IMAGE`` 404 as ``thumbnail``."""
+        return self._jpeg(self.row_number(row), FULL_SIZE, 90)
 
 
 def _say(line: str) -> None:
@@ -493,7 +510,9 @@ def create_app(browser: NeighbourBrowser, *, hosts: Sequence[str] = LOCAL_HOSTS,
         return guarded
 
     async def page(request: Request) -> Response:
-        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+        return FileResponse(
+            STATIC_DIR / "index.html", media_type="text/html", headers={"Content-Security-Policy": PAGE_POLICY}
+        )
 
     async def info(request: Request) -> Response:
         meta = browser.features.meta
@@ -546,6 +565,10 @@ def create_app(browser: NeighbourBrowser, *, hosts: Sequence[str] = LOCAL_HOSTS,
         data = await run_in_threadpool(browser.thumbnail, request.path_params["row"])
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
+    async def image(request: Request) -> Response:
+        data = await run_in_threadpool(browser.full_image, request.path_params["row"])
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         message = f"no such page: {request.url.path}" if exc.status_code == 404 else exc.detail
@@ -583,6 +606,7 @@ def create_app(browser: NeighbourBrowser, *, hosts: Sequence[str] = LOCAL_HOSTS,
         Route("/api/neighbours", api(neighbours)),
         Route("/api/search", api(search), methods=["POST"]),
         Route("/thumb/{row:int}", api(thumb)),
+        Route("/image/{row:int}", api(image)),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
     return Starlette(
