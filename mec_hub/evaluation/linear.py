@@ -42,6 +42,7 @@ from mec_hub.evaluation.inputs import (
     rank_classes,
     topk_accuracy,
 )
+from mec_hub.progress import progress_bar
 
 DEFAULT_WEIGHT_DECAYS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
@@ -168,11 +169,14 @@ def linear_probe(
     max_iter: int = 1000,
     num_classes: int | None = None,
     device: str | torch.device | None = None,
+    progress: bool | None = None,
 ) -> LinearProbeResult:
     """Fit a linear classifier on ``train_features`` (N, D) and evaluate it on ``val_features`` (Q, D).
 
     See the module docstring for the protocol. Give one weight decay (or ``holdout_fraction=0``)
-    to skip the sweep. Runs on ``device`` (default: that of ``train_features``).
+    to skip the sweep. Runs on ``device`` (default: that of ``train_features``). ``progress``: a bar
+    on standard error counting the fits, with an ETA (default: when standard error is a terminal,
+    ``mec_hub.progress.progress_enabled``).
     """
     weight_decays = [float(wd) for wd in weight_decays]
     if not weight_decays or any(wd < 0 for wd in weight_decays):
@@ -191,6 +195,7 @@ def linear_probe(
     sweep: dict[float, float] = {}
     chosen = sorted(weight_decays)[len(weight_decays) // 2]
     holdout_size = 0
+    fit_index = held_index = None
     if len(weight_decays) > 1 and holdout_fraction > 0:
         fit_index, held_index = stratified_holdout(labels, holdout_fraction, seed)
         fit_index, held_index = fit_index.to(device), held_index.to(device)
@@ -198,25 +203,32 @@ def linear_probe(
         if holdout_size == 0:
             notes.append(f"too few training features to hold any out; used weight decay {chosen:g}")
             warnings.warn(notes[-1], stacklevel=2)
-        else:
+    elif len(weight_decays) == 1:
+        chosen = weight_decays[0]
+
+    sweeping = fit_index is not None and holdout_size > 0
+    fits = (len(weight_decays) if sweeping else 0) + 1  # the sweep's, then the final one
+    with progress_bar(total=fits, desc="linear probe", unit="fit", progress=progress, leave=False) as bar:
+        if sweeping:
             # From strong to weak decay, each fit starting where the previous one ended (a
             # regularisation path): the same optima as from zero, in far fewer iterations.
             fitted = None
             for wd in sorted(weight_decays, reverse=True):
+                bar.set_postfix_str(f"weight decay {wd:g}")
                 fitted = fit_logistic_regression(
                     train[fit_index], labels[fit_index], num_classes, weight_decay=wd, max_iter=max_iter,
                     start=fitted,
                 )
                 sweep[wd] = _accuracy(fitted, train[held_index], labels[held_index])
+                bar.update()
             sweep = {wd: sweep[wd] for wd in weight_decays}
             chosen = max(sweep, key=lambda wd: (sweep[wd], wd))
-            if len(sweep) > 2 and chosen in (min(sweep), max(sweep)) and len(set(sweep.values())) > 1:
-                notes.append(f"the best weight decay, {chosen:g}, is at the edge of the grid; widen it")
-                warnings.warn(notes[-1], stacklevel=2)
-    elif len(weight_decays) == 1:
-        chosen = weight_decays[0]
-
-    final = fit_logistic_regression(train, labels, num_classes, weight_decay=chosen, max_iter=max_iter)
+        bar.set_postfix_str(f"final fit, weight decay {chosen:g}")
+        final = fit_logistic_regression(train, labels, num_classes, weight_decay=chosen, max_iter=max_iter)
+        bar.update()
+    if len(sweep) > 2 and chosen in (min(sweep), max(sweep)) and len(set(sweep.values())) > 1:
+        notes.append(f"the best weight decay, {chosen:g}, is at the edge of the grid; widen it")
+        warnings.warn(notes[-1], stacklevel=2)
     if not final.converged:
         notes.append(f"L-BFGS stopped at max_iter={max_iter} before converging")
         warnings.warn(notes[-1], stacklevel=2)

@@ -1,19 +1,29 @@
-"""Deployment exports: an ONNX or TorchScript file mapping normalised images to the embedding.
+"""Deployment exports: an ONNX, torch.export or TorchScript file mapping normalised images to the embedding.
 
-``export_model`` writes ``FILE`` (``.onnx`` or a TorchScript ``.pt``), which takes a float32
+``export_model`` writes ``FILE`` (``.onnx``, a ``torch.export`` program ``.pt2`` or a TorchScript
+``.pt``), which takes a float32
 ``(N, 3, H, W)`` batch, already resized, cropped and normalised as the weights expect, and returns
 the ``(N, D)`` embedding of the chosen head; and ``FILE.json`` beside it: the model's
 ``config.json`` (``pretrained_cfg`` is the preprocessing, in timm's vocabulary) with an ``export``
-section (format, head, D, input and output names, batch, opset, the file's SHA-256), so that any
-runtime can reproduce the preprocessing and check the file.
+section (format, head, D, input and output names, batch, opset, the file's SHA-256, and the
+preprocessing as explicit steps: resize rule, crop, scaling, mean and std, channel order, layout),
+so that any runtime can reproduce the preprocessing and check the file.
 
 * ONNX goes through ``torch.onnx.export(dynamo=True)``: the exporter PyTorch maintains (the
   TorchScript-based ``dynamo=False`` one still works in torch 2.14 but is deprecated); it needs
   ``onnxscript`` (the ``onnx`` extra). It writes opset 18 or newer (older opsets go through ONNX's
   version converter, which fails on ResNets' ReduceMean) into one file (no external data).
-* TorchScript goes through ``torch.jit.trace`` of the plain backbone (and projector) modules,
-  without ``MECEncoder``'s Python attributes, so ``torch.jit.load`` needs neither mec_hub nor
-  timm. A traced convolutional network takes any batch size.
+* ``pt2`` goes through ``torch.export.export`` of the plain backbone (and projector) modules,
+  with a dynamic batch dimension (``torch.export.Dim``), saved by ``torch.export.save``:
+  ``torch.export.load(FILE).module()`` runs it without mec_hub or timm. The format PyTorch
+  maintains for deployment (AOTInductor, ExecuTorch start from such a program).
+* TorchScript (deprecated by PyTorch; kept while torch ships ``torch.jit``, with a
+  ``FutureWarning``) goes through ``torch.jit.trace`` of the same modules, so ``torch.jit.load``
+  needs neither mec_hub nor timm. A traced convolutional network takes any batch size.
+
+Before ``FILE`` is published, it is loaded back and run on random batches (sizes 1 and 3 where it
+takes any batch): an output further than ``MAX_REL_DIFF`` from the PyTorch model's is an error, and
+nothing is written.
 
 ``FILE.json``'s format has its one home in ``mec_hub.models.export_sidecar`` (written here, read
 by the runtimes); ``mec_hub.models.onnx_runtime.OnnxRuntimeModel`` runs such an ONNX file with ONNX
@@ -38,6 +48,7 @@ import torch
 from torch import nn
 
 from mec_hub import __version__
+from mec_hub.data.transforms import preprocessing_rule
 from mec_hub.errors import InvalidArgumentError, MecHubError
 from mec_hub.export.outputs import check_output, output_path
 from mec_hub.fileio import atomic_write
@@ -68,6 +79,16 @@ __all__ = [
 ]
 
 MIN_OPSET = 18
+#: Largest ``max|exported - pytorch| / max|pytorch|`` on the check batches before a file is published.
+MAX_REL_DIFF = 1e-4
+#: Batch sizes an export that takes any batch is checked on.
+CHECK_BATCH_SIZES = (1, 3)
+#: Formats whose file takes any batch size, whatever ``dynamic_batch`` says.
+ANY_BATCH_FORMATS = ("pt2", "torchscript")
+TORCHSCRIPT_DEPRECATED = (
+    "TorchScript is deprecated by PyTorch: prefer --format pt2 (a torch.export program, loaded with "
+    "torch.export.load(FILE).module()); torchscript stays while torch ships torch.jit"
+)
 
 
 @dataclass(frozen=True)
@@ -124,15 +145,53 @@ def _export_torchscript(module: nn.Module, example: torch.Tensor, out: Path) -> 
     traced.save(str(out))
 
 
+def _export_pt2(module: nn.Module, example: torch.Tensor, out: Path) -> None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(
+                module, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},), strict=False
+            )
+    except Exception as exc:
+        raise MecHubError(
+            f"torch.export failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
+    with open(out, "wb") as fh:  # a file object: torch.export.save warns about a path not ending in .pt2
+        torch.export.save(program, fh)
+
+
+def _run_pt2(path: Path, batch: torch.Tensor) -> np.ndarray:
+    with open(path, "rb") as fh:
+        program = torch.export.load(fh)
+    with torch.no_grad():
+        return program.module()(batch).numpy()
+
+
 def _max_rel_diff(reference: torch.Tensor, other: np.ndarray) -> float:
     ref = reference.detach().numpy().astype(np.float64)
     return float(np.abs(other.astype(np.float64) - ref).max() / max(np.abs(ref).max(), 1e-12))
 
 
-def _check(fmt: str, path: Path, module: nn.Module, batch: torch.Tensor) -> float | None:
-    """Max relative difference between the written file and ``module`` on ``batch``."""
+def _check(fmt: str, path: Path, module: nn.Module, batches: list[torch.Tensor]) -> float | None:
+    """Max relative difference between the written file and ``module`` over ``batches`` (None: no
+    runtime to run the file here); more than ``MAX_REL_DIFF`` is a ``MecHubError``."""
+    diffs = [_check_one(fmt, path, module, batch) for batch in batches]
+    if None in diffs:
+        return None
+    worst = max(d for d in diffs if d is not None)
+    if not worst <= MAX_REL_DIFF:  # NaN fails too
+        raise MecHubError(
+            f"the {fmt} export differs from the PyTorch model by {worst:.2e} (relative; at most "
+            f"{MAX_REL_DIFF:g} allowed) on random batches; nothing was written"
+        )
+    return worst
+
+
+def _check_one(fmt: str, path: Path, module: nn.Module, batch: torch.Tensor) -> float | None:
     with torch.no_grad():
         reference = module(batch)
+    if fmt == "pt2":
+        return _max_rel_diff(reference, _run_pt2(path, batch))
     if fmt == "torchscript":
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated", category=FutureWarning)
@@ -156,19 +215,19 @@ def export_model(
     overwrite: bool = False,
     sha256: str | None = None,
 ) -> ExportResult:
-    """Write ``out`` (``fmt`` ``"onnx"`` or ``"torchscript"``) and ``out.json`` for the model ``weights``
-    names (any spec ``mec_hub.load`` takes: registry name, folder, file, ``hf-hub:...``, URL),
-    verified as ``mec_hub.load`` verifies it.
+    """Write ``out`` (``fmt`` ``"onnx"``, ``"pt2"`` or the deprecated ``"torchscript"``) and ``out.json``
+    for the model ``weights`` names (any spec ``mec_hub.load`` takes: registry name, folder, file,
+    ``hf-hub:...``, URL), verified as ``mec_hub.load`` verifies it.
 
-    ``dynamic_batch``: the ONNX file takes any batch size (otherwise batch 1; a TorchScript file
-    always takes any). ``opset``: the ONNX opset (default and minimum ``MIN_OPSET``).
+    ``dynamic_batch``: the ONNX file takes any batch size (otherwise batch 1; a pt2 or TorchScript
+    file always takes any). ``opset``: the ONNX opset (default and minimum ``MIN_OPSET``).
     """
     if fmt not in EXPORT_FORMATS:
         raise InvalidArgumentError(f"format must be one of {EXPORT_FORMATS}, not {fmt!r}")
     if head not in HEADS:
         raise InvalidArgumentError(f"head must be one of {HEADS}, not {head!r}")
     if opset is not None and fmt != "onnx":
-        raise InvalidArgumentError("--opset is for ONNX exports only")
+        raise InvalidArgumentError("opset= is for ONNX exports only", arguments=("opset",))
     opset = MIN_OPSET if opset is None else int(opset)
     if opset < MIN_OPSET:
         raise InvalidArgumentError(f"opset {opset}: the ONNX exporter writes opset {MIN_OPSET} or newer")
@@ -178,14 +237,14 @@ def export_model(
         check_output(path, folder=False, overwrite=overwrite)
     if fmt == "onnx":
         require("onnxscript", "ONNX export")
-
     encoder = load(weights=weights, head=head, **({"sha256": sha256} if sha256 else {}))
     module = deployable(encoder)
     config: ModelConfig = encoder.config
     c, h, w = (int(n) for n in config.input_size)
     size = (c, h, w)
-    any_batch = dynamic_batch or fmt == "torchscript"  # a traced network takes any batch
+    any_batch = dynamic_batch or fmt in ANY_BATCH_FORMATS
     example = torch.zeros(2 if any_batch else 1, *size)  # a dynamic batch dimension needs an example above 1
+    preprocessing = preprocessing_rule(config)  # before the export: a transform it cannot describe stops it
     checked: dict[str, Any] = {}
 
     def write(tmp: Path) -> None:
@@ -193,10 +252,13 @@ def export_model(
         ``FILE`` is published, so that a failure leaves both files as they were."""
         if fmt == "onnx":
             _export_onnx(module, example, tmp, dynamic_batch=dynamic_batch, opset=opset)
+        elif fmt == "pt2":
+            _export_pt2(module, example, tmp)
         else:
             _export_torchscript(module, example, tmp)
-        batch = torch.randn(3 if any_batch else 1, *size, generator=torch.Generator().manual_seed(0))
-        checked.update(max_rel_diff=_check(fmt, tmp, module, batch), sha256=sha256_file(tmp))
+        generator = torch.Generator().manual_seed(0)
+        batches = [torch.randn(n, *size, generator=generator) for n in (CHECK_BATCH_SIZES if any_batch else (1,))]
+        checked.update(max_rel_diff=_check(fmt, tmp, module, batches), sha256=sha256_file(tmp))
         write_export_description(
             out,
             config,
@@ -208,10 +270,13 @@ def export_model(
             opset=opset if fmt == "onnx" else None,
             max_rel_diff=checked["max_rel_diff"],
             versions={"mec_hub_version": __version__, "torch_version": torch.__version__},
+            preprocessing=preprocessing,
         )
 
     with output_path(out, folder=False, overwrite=overwrite):  # one error naming FILE, whichever write fails
         check_output(side, folder=False, overwrite=overwrite)
         atomic_write(out, write)
     max_rel_diff, digest = checked["max_rel_diff"], checked["sha256"]
+    if fmt == "torchscript":  # once written: a failed export stays one error line
+        warnings.warn(TORCHSCRIPT_DEPRECATED, FutureWarning, stacklevel=2)
     return ExportResult(out, side, fmt, head, int(encoder.embed_dim), size, digest, max_rel_diff)
