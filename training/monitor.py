@@ -70,3 +70,7 @@ class KnnMonitor:
             num_classes=len(train.classes),
         )
         return float(result.top1)
+
+    def settings(self) -> dict[str, Any]:
+        """What a figure of this monitor is: its protocol and folders (plain data, for a checkpoint)."""
+        return {"k": self.k, "temperature": self.temperature, "bank": str(self.train_dir), "val": str(self.val_dir)}

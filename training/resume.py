@@ -37,6 +37,8 @@ from training.schedules import EXTENSION_RULE
 if TYPE_CHECKING:
     from training.loop import Run
 
+# The terms of weights trained here: mec-hub's own license (LICENSE); the card adds the data's own terms.
+TRAINED_HERE_LICENSE = "MIT (mec-hub's license, see its LICENSE file; trained with training/pretrain.py)"
 SPLIT_FOLDER_NAMES = {"train", "training", "val", "valid", "validation", "test", "images"}
 
 
@@ -56,7 +58,12 @@ def state_dict(run: Run) -> dict[str, Any]:
         "stem": run.args.stem,
         "model": run.model.state_dict(),
         "export": export_info(
-            run.config, step=run.step, steps_per_epoch=run.steps_per_epoch, command=run.command, knn_top1=run.knn_top1
+            run.config,
+            step=run.step,
+            steps_per_epoch=run.steps_per_epoch,
+            command=run.command,
+            knn_top1=run.knn_top1,
+            knn_measured=run.knn_measured,
         ),
         "step": run.step,
         "steps_per_epoch": run.steps_per_epoch,
@@ -65,6 +72,7 @@ def state_dict(run: Run) -> dict[str, Any]:
         "optimizer": run.optimizer.state_dict(),
         "scaler": run.scaler.state_dict() if run.scaler is not None else None,
         "knn_top1": run.knn_top1,
+        "knn_measured": run.knn_measured,
         # Unlogged steps and epoch totals, so that a resumed run logs what an uninterrupted one does.
         "metrics_state": {"window": run.stats.state_dict(), "epoch": run.epoch_totals.state_dict()},
         "loss_state": run.criterion.state_dict(),
@@ -83,6 +91,7 @@ def load_state_dict(run: Run, state: dict[str, Any]) -> None:
     run.step = int(state["step"])
     run.saved_step = run.step
     run.knn_top1 = state.get("knn_top1")
+    run.knn_measured = state.get("knn_measured")
     run.stats.load_state_dict(state["metrics_state"]["window"], run.env.device)
     run.epoch_totals.load_state_dict(state["metrics_state"]["epoch"])
     run.criterion.load_state_dict(state["loss_state"])
@@ -201,8 +210,17 @@ def dataset_name(data: str) -> str:
 
 
 def export_info(
-    config: dict[str, Any], *, step: int, steps_per_epoch: int, command: str, knn_top1: float | None
+    config: dict[str, Any],
+    *,
+    step: int,
+    steps_per_epoch: int,
+    command: str,
+    knn_top1: float | None,
+    knn_measured: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """What the export's ``config.json`` and card say of the run: its recipe, data, license (mec-hub's,
+    with the data's own terms: the card's), and the kNN monitor's last figure with how and when it was
+    measured (``knn_measured``: ``KnnMonitor.settings`` and the step)."""
     epochs_done = step / steps_per_epoch
     epochs = ckpt.total_epochs(config)
     dataset = dataset_name(config["data"])
@@ -229,6 +247,7 @@ def export_info(
         ),
         "command": command,
         "paper": PAPER,
+        "license": TRAINED_HERE_LICENSE,
     }
     if config.get("schedule_restarts"):
         meta["schedule"] = "; ".join(restart_text(r) for r in config["schedule_restarts"]) + " (" + EXTENSION_RULE + ")"
@@ -237,6 +256,19 @@ def export_info(
     if knn_top1 is not None:
         meta["knn_top1"] = round(knn_top1, 2)
         meta["metrics_source"] = "kNN monitor of training/pretrain.py (k-NN on the --knn-val folder)"
+    if knn_top1 is not None and knn_measured is not None:
+        at = knn_measured["step"]
+        meta["knn_top1_protocol"] = (
+            f"weighted kNN: cosine, k={knn_measured['k']}, T={knn_measured['temperature']:g}, DINO's protocol, "
+            f"on the run's evaluation preprocessing"
+        )
+        meta["eval_data"] = (
+            f"{dataset_name(knn_measured['val'])} (classified), bank {dataset_name(knn_measured['bank'])}"
+        )
+        meta["metrics_source"] = (
+            f"measured by the kNN monitor of training/pretrain.py (--knn-train/--knn-val) at step {at} "
+            f"(epoch {at / steps_per_epoch:g}) of this run"
+        )
     return {"preprocessing": eval_preprocessing(config["image_size"]), "meta": meta}
 
 

@@ -45,11 +45,18 @@ from mec_hub.weights.config import (
     preprocessing_fields,
 )
 from mec_hub.weights.integrity import sha256_file
+from mec_hub.weights.registry import is_registered, model_info
 
 # timm arguments that act in training only (dropout, drop-path, DropBlock: modules without weights),
 # left out of the published description, which holds what the architecture needs.
 TRAINING_ONLY_ARGS = ("drop_rate", "drop_path_rate", "drop_block_rate")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# What the authors' layout says about the weights' terms: their repository is under the MIT license and
+# names no other terms for its checkpoints, which its code trains on ImageNet-1k (whose own terms apply too).
+AUTHORS_LICENSE = (
+    "MIT (github.com/xinliu20/MEC, the authors' code and checkpoints; it names no other terms for the weights)"
+)
+AUTHORS_DATASET = "ImageNet-1k (the authors' training data)"
 
 
 @dataclass
@@ -145,9 +152,15 @@ def extract_weights(
     if any(k.startswith(("encoder.", "teacher.")) for k in state):
         encoder = _select(state, official_prefix)
         if not encoder:
-            raise CheckpointReadError(f"{origin}: no {official_prefix}* weights for --from {source}")
+            raise CheckpointReadError(
+                f"{origin}: no {official_prefix}* weights for source={source!r}", arguments=("source",)
+            )
         backbone, projector = _split_encoder(encoder)
-        meta: dict[str, Any] = {"converted_from": f"official MEC checkpoint, {source} ({official_prefix[:-1]}.*)"}
+        meta: dict[str, Any] = {
+            "converted_from": f"official MEC checkpoint, {source} ({official_prefix[:-1]}.*)",
+            "dataset": AUTHORS_DATASET,
+            "license": AUTHORS_LICENSE,
+        }
         if isinstance(checkpoint.get("epoch"), int):
             meta["epochs"] = checkpoint["epoch"]
         return ExtractedWeights(
@@ -159,7 +172,9 @@ def extract_weights(
         )
 
     if source == "teacher":
-        raise CheckpointReadError(f"{origin}: a plain state dict has no teacher; drop --from teacher")
+        raise CheckpointReadError(
+            f"{origin}: a plain state dict has no teacher; drop source='teacher'", arguments=("source",)
+        )
     for prefix in ("backbone.", "encoder."):
         if state and all(k.startswith(prefix) for k in state):
             state = _select(state, prefix)
@@ -258,9 +273,28 @@ def convert_checkpoint(
     overwrite: bool = False,
     extra_meta: Mapping[str, Any] | None = None,
 ) -> ConversionResult:
-    """Read ``checkpoint`` (any supported layout) and write the hub folder ``out_dir``."""
+    """Read ``checkpoint`` (any supported layout) and write the hub folder ``out_dir``.
+
+    ``name`` of a registered model says the checkpoint is that model's: its record's description
+    (license, figures with their protocol and source, paper) is the card's, under what the
+    checkpoint itself says.
+    """
     check_output(out_dir, folder=True, overwrite=overwrite)  # before the work, not after it
     origin = str(checkpoint)
     extracted = extract_weights(read_checkpoint(checkpoint), source=source, arch=arch, origin=origin)
+    if name is not None and is_registered(name):
+        record = model_info(name)
+        if record.config.architecture != extracted.architecture:
+            raise IncompatibleWeightsError(
+                f"{origin} holds a {extracted.architecture}, but model {name!r} of the registry is a "
+                f"{record.config.architecture}: convert it under another name"
+            )
+        epochs, recorded = extracted.meta.get("epochs"), record.meta.get("epochs")
+        if epochs is not None and recorded is not None and epochs != recorded:
+            raise IncompatibleWeightsError(
+                f"{origin} was trained for {epochs} epochs, but model {name!r} of the registry for {recorded}: "
+                f"its figures are not this checkpoint's; convert it under another name"
+            )
+        extracted = replace(extracted, meta={**record.meta, **extracted.meta})
     meta = {"source_checkpoint": Path(checkpoint).name, **dict(extra_meta or {})}
     return write_hub_folder(extracted, out_dir, name=name, overwrite=overwrite, origin=origin, extra_meta=meta)

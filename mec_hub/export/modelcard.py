@@ -5,6 +5,11 @@ loading snippet), ``license``, ``tags``, ``pipeline_tag``, the pretraining ``dat
 ``model-index`` holding the top-1 figures of ``config.meta``, each named with its protocol (the Hub
 shows them on the model page), and the source of the figures. All of it comes from the
 ``ModelConfig`` alone, so the card of a folder can be written again from its ``config.json``.
+
+The license is the first word of ``meta["license"]`` (``other`` when none is recorded), and the card
+says beside it that the training data's own terms apply to the weights' use. The Hub repo is not
+known before a push: the card names it ``ORG/NAME`` (``REPO_PLACEHOLDER``), which ``mec-hub push``
+fills with the repo id it pushes to (``for_repo``).
 """
 
 from __future__ import annotations
@@ -27,6 +32,17 @@ _DATASETS = (
     (re.compile(r"cifar[-_ ]?100", re.IGNORECASE), "cifar100", "CIFAR-100"),
     (re.compile(r"cifar[-_ ]?10(?!\d)", re.IGNORECASE), "cifar10", "CIFAR-10"),
 )
+# The terms of each recognised data set and where they are stated (Hub id -> "... apply").
+_CIFAR_TERMS = (
+    "its page (https://www.cs.toronto.edu/~kriz/cifar.html) states no license; any terms its authors set apply"
+)
+DATA_TERMS = {
+    "imagenet-1k": "ImageNet's terms of access (https://image-net.org/download) apply",
+    "cifar100": _CIFAR_TERMS,
+    "cifar10": _CIFAR_TERMS,
+}
+# The Hub repo in a card written before it is pushed; ``for_repo`` puts the repo id in its place.
+REPO_PLACEHOLDER = "ORG/NAME"
 # meta key -> metric name in the model-index: each key is one protocol's top-1 accuracy, in percent, and
 # the name says which (the model-index groups results by task and dataset, so the protocol lives in the name).
 METRICS = {
@@ -71,7 +87,6 @@ _META_LABELS = {
     "command": "Command",
     "source_checkpoint": "Source checkpoint",
     "converted_from": "Converted from",
-    "license": "License",
     "paper": "Paper",
 }
 
@@ -87,6 +102,31 @@ def _hub_dataset(text: Any) -> tuple[str, str] | None:
 def _license(meta: Mapping[str, Any]) -> str:
     first = str(meta.get("license", "other")).split(" ")[0].lower()
     return first if first in HUB_LICENSES else "other"
+
+
+def _label(key: str, meta: Mapping[str, Any]) -> str:
+    """A Details label; a figure measured with other settings than the usual names them (``KEY_protocol``)."""
+    protocol = meta.get(f"{key}_protocol")
+    return f"{METRICS[key]} ({protocol})" if key in METRICS and protocol else _META_LABELS[key]
+
+
+def _license_lines(meta: Mapping[str, Any]) -> list[str]:
+    """The license, and the training data whose own terms apply to the use of the weights as well."""
+    stated = meta.get("license")
+    if not stated:
+        words = "No license is recorded for these weights (`license: other`)."
+    elif _license(meta) == "other":
+        words = f"{stated} (not a license id the Hub knows: `license: other`)."
+    else:
+        words = f"{stated}."
+    lines = ["## License", "", words]
+    data = meta.get("dataset")
+    known = _hub_dataset(meta.get("dataset")) or _hub_dataset(meta.get("pretraining"))
+    if known is not None:
+        lines += ["", f"Trained on {known[1]}: {DATA_TERMS[known[0]]} to the use of these weights as well."]
+    elif data:
+        lines += ["", f"Trained on {data}: the data's own terms apply to the use of these weights as well."]
+    return [*lines, ""]
 
 
 def _source_url(meta: Mapping[str, Any]) -> str | None:
@@ -177,24 +217,25 @@ def _body(config: ModelConfig, *, layout: str) -> list[str]:
         "## Details",
         "",
     ]
-    lines += [f"- **{label}**: {config.meta[key]}" for key, label in _META_LABELS.items() if key in config.meta]
+    lines += [f"- **{_label(key, config.meta)}**: {config.meta[key]}" for key in _META_LABELS if key in config.meta]
+    lines += ["", *_license_lines(config.meta)]
+    repo = REPO_PLACEHOLDER
     lines += [
-        "",
         "## Usage",
         "",
         "```python",
         "import mec_hub",
-        "model = mec_hub.load(weights='hf-hub:ORG/NAME')  # or a local folder",
+        f"model = mec_hub.load(weights='hf-hub:{repo}')  # or a local folder",
         "transform = mec_hub.get_transform(model)",
         "",
         "import timm  # without mec-hub",
-        "model = timm.create_model('hf-hub:ORG/NAME', pretrained=True)",
+        f"model = timm.create_model('hf-hub:{repo}', pretrained=True)",
         "```",
         "",
     ]
     if _transfers(config):
         lines += [
-            "For detection: `mec-hub convert hf-hub:ORG/NAME --to detectron2 --out model.pkl` (Detectron2's "
+            f"For detection: `mec-hub convert hf-hub:{repo} --to detectron2 --out model.pkl` (Detectron2's "
             "MODEL.WEIGHTS) or `--to torchvision --out model.pth` (torchvision, MMDetection).",
             "",
         ]
@@ -215,3 +256,8 @@ def model_card(config: ModelConfig, *, layout: str) -> ModelCard:
 def render_model_card(config: ModelConfig, *, layout: str) -> str:
     """The ``README.md`` text."""
     return str(model_card(config, layout=layout))
+
+
+def for_repo(card_text: str, repo_id: str) -> str:
+    """The card as pushed to ``repo_id``: every ``REPO_PLACEHOLDER`` replaced by the repo id."""
+    return card_text.replace(REPO_PLACEHOLDER, repo_id)

@@ -1,14 +1,21 @@
-"""Publish a converted folder to the Hugging Face Hub (``create_repo`` + ``upload_folder``)."""
+"""Publish a converted folder to the Hugging Face Hub (``create_repo`` + one ``create_commit``).
+
+The model card is pushed as it reads for the repo it goes to: the repo id in place of the
+placeholder the folder's card holds (``mec_hub.export.modelcard.for_repo``); the folder itself is
+left as it is, and every other file goes byte for byte.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import HfApi
+from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
 from mec_hub.errors import ChecksumMismatchError, MecHubError, WeightsNotFoundError
+from mec_hub.export.modelcard import for_repo
 from mec_hub.weights.config import CARD_FILE, CONFIG_FILE, MODEL_FILE, read_config
 from mec_hub.weights.integrity import sha256_file
 from mec_hub.weights.sources import check_repo_id
@@ -53,6 +60,8 @@ def push_folder(
 ) -> PushResult:
     check_repo_id(repo_id)  # before anything, and in a dry run too: the id the real push would use
     files = check_folder(folder)
+    card = for_repo((folder / CARD_FILE).read_text(encoding="utf-8"), repo_id).encode("utf-8")
+    files = [(CARD_FILE, len(card), hashlib.sha256(card).hexdigest()) if f[0] == CARD_FILE else f for f in files]
     if dry_run:
         return PushResult(files)
 
@@ -62,12 +71,16 @@ def push_folder(
         if revision is not None:
             # The Hub refuses a commit to a branch that does not exist yet ("Invalid rev id").
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-        info = api.upload_folder(
-            folder_path=str(folder),
-            repo_id=repo_id,
-            revision=revision,
+        operations = [
+            CommitOperationAdd(path_in_repo=name, path_or_fileobj=card if name == CARD_FILE else str(folder / name))
+            for name, _, _ in files
+        ]
+        info = api.create_commit(
+            repo_id,
+            operations,
             commit_message=commit_message or f"Upload MEC weights ({read_config(folder).architecture})",
-            allow_patterns=[name for name, _, _ in files],
+            revision=revision,
+            repo_type="model",
         )
     except HfHubHTTPError as exc:
         raise MecHubError(f"push to {repo_id} failed: {exc}") from None

@@ -2,22 +2,25 @@
 
 A spec is one of: a registry name (``mec_resnet50``), a local ``.safetensors`` file, a local
 folder (``config.json`` + ``model.safetensors``), ``hf-hub:org/name[@revision]``, an
-``https://`` URL of a ``.safetensors`` file, or ``bundled:NAME`` (a folder shipped inside this
-package). Downloads go through huggingface_hub (its cache, ``HF_HUB_OFFLINE``, revision pins)
+``https://`` URL of a ``.safetensors`` file, ``bundled:NAME`` (a folder shipped inside this
+package), or ``"DEFAULT"`` (torchvision's word: the model's own published weights, as when no
+weights are given). Downloads go through huggingface_hub (its cache, ``HF_HUB_OFFLINE``, revision pins)
 or ``torch.hub.download_url_to_file``. Only safetensors are ever read from a download.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
+import re
 import urllib.error
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from urllib.parse import urlparse
 
-from huggingface_hub import constants, hf_hub_download
+from huggingface_hub import constants, hf_hub_download, hf_hub_url, try_to_load_from_cache
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
@@ -36,6 +39,7 @@ from mec_hub.errors import (
     UnknownModelError,
     WeightsNotFoundError,
 )
+from mec_hub.progress import progress_enabled
 from mec_hub.weights.config import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -45,19 +49,22 @@ from mec_hub.weights.config import (
     read_config,
 )
 from mec_hub.weights.integrity import verify_sha256
+from mec_hub.weights.reach import unreachable
 from mec_hub.weights.record import ModelRecord
 from mec_hub.weights.registry import is_registered, model_info, unknown_model_message
 from mec_hub.weights.tensors import read_safetensors_metadata
 
 HF_PREFIX = "hf-hub:"
 BUNDLED_PREFIX = "bundled:"
+#: The spec meaning "the model's own published weights", as torchvision's ``weights="DEFAULT"``.
+DEFAULT_WEIGHTS = "DEFAULT"
 
 
 @dataclass(frozen=True)
 class WeightsSpec:
     """A parsed location of weights (what ``parse_weights_spec`` makes of a string)."""
 
-    kind: str  # "registry" | "bundled" | "file" | "folder" | "hf-hub" | "url"
+    kind: str  # "default" | "registry" | "bundled" | "file" | "folder" | "hf-hub" | "url"
     value: str
     revision: str | None = None
 
@@ -99,12 +106,22 @@ def check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
+def is_default_weights(spec: object) -> bool:
+    """Whether ``spec`` is ``"DEFAULT"``: the model's own published weights (for no model named,
+    the default model's), exactly as if no weights were given. Only the string: a path is a path."""
+    return isinstance(spec, str) and spec == DEFAULT_WEIGHTS
+
+
 def parse_weights_spec(spec: str | os.PathLike[str]) -> WeightsSpec:
+    """What a weights spec names (see the module docstring); ``"DEFAULT"`` is kind ``"default"``,
+    which each caller resolves to the published location of the model it loads."""
     if not isinstance(spec, str | os.PathLike):
         raise TypeError(
-            f"weights must be a str or os.PathLike (a model name, file, folder, hf-hub:org/name or URL), "
-            f"not {type(spec).__name__}: {spec!r}"
+            f"weights must be a str or os.PathLike (a model name, file, folder, hf-hub:org/name, URL "
+            f"or {DEFAULT_WEIGHTS!r}), not {type(spec).__name__}: {spec!r}"
         )
+    if is_default_weights(spec):
+        return WeightsSpec("default", DEFAULT_WEIGHTS)
     text = os.fspath(spec)
     if text.startswith(HF_PREFIX):
         repo_id, revision = split_revision(text[len(HF_PREFIX) :])
@@ -142,8 +159,9 @@ def record_location(record: ModelRecord) -> WeightsSpec:
         where = f" ({locations[0]} is pinned to neither a revision nor a SHA-256)" if locations else ""
         raise WeightsNotFoundError(
             f"model {record.name!r} has no published weights to download yet{where}. Convert the "
-            f"official checkpoint with `mec-hub convert CHECKPOINT --out DIR`, then pass --weights DIR "
-            f"(weights=DIR in Python) or set {record.source_env_var}=DIR."
+            f"official checkpoint with `mec-hub convert CHECKPOINT --out DIR`, then pass weights=DIR "
+            f"or set {record.source_env_var}=DIR.",
+            arguments=("weights",),
         )
     return parse_weights_spec(locations[0])
 
@@ -168,16 +186,83 @@ def default_cache_dir() -> Path:
     return Path(base) / "mec_hub"
 
 
-def _offline() -> bool:
-    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("MEC_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+def _offline_reason() -> str | None:
+    """Why nothing may be downloaded: huggingface_hub's ``HF_HUB_OFFLINE`` (its own constant) or ``MEC_HUB_OFFLINE``."""
+    if constants.HF_HUB_OFFLINE:
+        return "offline mode is on (HF_HUB_OFFLINE=1)"
+    if os.environ.get("MEC_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return "offline mode is on (MEC_HUB_OFFLINE=1)"
+    return None
 
 
-def _not_cached_message(what: str, name: str | None) -> str:
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def _not_cached_message(what: str, name: str | None, *, why: str | None = None, repo_id: str | None = None) -> str:
+    """What to do about ``what`` missing from the cache: ``why`` (offline mode, or the server that cannot
+    be reached and why) decides the advice; ``None`` when the reason is not known. ``repo_id``: a Hub file."""
     fetch = f"`mec-hub download {name}`" if name else "the same command"
+    folder = f" (a folder: `hf download {repo_id} --local-dir DIR`)" if repo_id else ""
+    if why is not None and why.startswith("offline mode"):
+        return (
+            f"{what} is not in the local cache, and {why}: nothing is downloaded. Run {fetch} once while "
+            f"online, or pass local weights with weights=PATH{folder}."
+        )
+    if why is not None:
+        offline = " (HF_HUB_OFFLINE=1 then loads it without asking the network)" if repo_id else ""
+        return (
+            f"{what} cannot be downloaded: {why}, and no copy is cached. Run {fetch} on a connected machine "
+            f"and copy its cache here{offline}, or pass local weights with weights=PATH{folder}."
+        )
     return (
         f"{what} is not in the local cache and cannot be downloaded (offline, or the server cannot be "
-        f"reached). Run {fetch} once while online, or pass local weights with --weights PATH."
+        f"reached). Run {fetch} once while online, or pass local weights with weights=PATH{folder}."
     )
+
+
+def _hub_offline_reason(
+    repo_id: str,
+    revision: str | None,
+    filenames: tuple[str, ...],
+    *,
+    cache_dir: str | os.PathLike[str] | None,
+    endpoint: str | None,
+) -> str | None:
+    """Why the Hub is not to be asked for ``filenames`` (they then come from the cache alone), or ``None``.
+
+    Offline mode (huggingface_hub's ``HF_HUB_OFFLINE``, or ``MEC_HUB_OFFLINE``) asks nothing; files
+    cached at a pinned commit need nothing; otherwise the endpoint is asked once, briefly
+    (``mec_hub.weights.reach``), so that an unreachable one fails at once instead of after
+    huggingface_hub's retries, or falls back to the cache as huggingface_hub itself does.
+    """
+    offline = _offline_reason()
+    if offline is not None:
+        return offline
+    if revision is not None and _COMMIT.fullmatch(revision):
+        cached = [try_to_load_from_cache(repo_id, f, cache_dir=cache_dir, revision=revision) for f in filenames]
+        if all(path is not None for path in cached):
+            return "every file is cached at this commit"
+    base = endpoint or constants.ENDPOINT
+    why = unreachable(hf_hub_url(repo_id, MODEL_FILE, revision=revision, endpoint=endpoint))
+    return None if why is None else f"the Hub at {base} cannot be reached ({why})"
+
+
+def _hf_progress() -> dict[str, type]:
+    """``hf_hub_download``'s bar follows mec_hub's rule (``progress_enabled``): huggingface_hub's own
+    bar class (``HF_HUB_DISABLE_PROGRESS_BARS`` still silences it), disabled when the rule says no."""
+    if "tqdm_class" not in inspect.signature(hf_hub_download).parameters:
+        return {}  # an older huggingface_hub: its own default
+    from huggingface_hub.utils import tqdm as hf_tqdm
+
+    if progress_enabled():
+        return {"tqdm_class": hf_tqdm}
+
+    class _Silent(hf_tqdm):  # type: ignore[misc,valid-type]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    return {"tqdm_class": _Silent}
 
 
 def hf_download(
@@ -189,8 +274,23 @@ def hf_download(
     endpoint: str | None,
     name: str | None = None,
     required: bool = True,
+    offline: str | None = None,
 ) -> Path | None:
+    """``filename`` of the repo, from huggingface_hub's cache or downloaded into it; ``offline`` (why the
+    Hub is not asked: ``_hub_offline_reason``) takes it from the cache alone, the copy of ``revision``
+    that huggingface_hub's own fallback would read, without a request of any kind."""
     where = f"{HF_PREFIX}{repo_id}" + (f"@{revision}" if revision else "")
+    if offline is not None:
+        # Not hf_hub_download(local_files_only=True): its request headers alone may ask the endpoint (telemetry).
+        cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
+        if isinstance(cached, str):
+            return Path(cached)
+        if cached is None:
+            message = _not_cached_message(f"{filename} of {where}", name, why=offline, repo_id=repo_id)
+            raise WeightsNotFoundError(message, arguments=("weights",))
+        if not required:  # the cache knows this revision has no such file
+            return None
+        raise WeightsNotFoundError(f"{where} has no file {filename!r}")
     try:
         path = hf_hub_download(
             repo_id,
@@ -200,9 +300,11 @@ def hf_download(
             endpoint=endpoint,
             library_name="mec-hub",
             library_version=__version__,
+            **_hf_progress(),
         )
     except LocalEntryNotFoundError:
-        raise WeightsNotFoundError(_not_cached_message(f"{filename} of {where}", name)) from None
+        message = _not_cached_message(f"{filename} of {where}", name, repo_id=repo_id)
+        raise WeightsNotFoundError(message, arguments=("weights",)) from None
     except RevisionNotFoundError:
         raise WeightsNotFoundError(f"{where}: revision {revision!r} does not exist") from None
     except RepositoryNotFoundError:
@@ -229,16 +331,19 @@ def url_download(url: str, *, cache_dir: str | os.PathLike[str] | None, name: st
     target = folder / filename
     if target.is_file():
         return target
-    if _offline():
-        raise WeightsNotFoundError(_not_cached_message(url, name))
+    why = _offline_reason()
+    if why is None and (reason := unreachable(url)) is not None:
+        why = f"the server {urlparse(url).netloc} cannot be reached ({reason})"  # at once, not after retries
+    if why is not None:
+        raise WeightsNotFoundError(_not_cached_message(url, name, why=why), arguments=("weights",))
     folder.mkdir(parents=True, exist_ok=True)
     try:
         # download_url_to_file writes to a temporary file and renames it when complete.
-        torch.hub.download_url_to_file(url, str(target), progress=False)
+        torch.hub.download_url_to_file(url, str(target), progress=progress_enabled())
     except urllib.error.HTTPError as exc:
         raise WeightsNotFoundError(f"{url}: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError) as exc:
-        raise WeightsNotFoundError(_not_cached_message(url, name) + f" ({exc})") from None
+        raise WeightsNotFoundError(_not_cached_message(url, name) + f" ({exc})", arguments=("weights",)) from None
     return target
 
 
@@ -285,7 +390,9 @@ def _fetch_files(
         has_projector = projector.is_file() and model_file.name == MODEL_FILE
         return model_file, (projector if has_projector else None), None, False
     if spec.kind == "hf-hub":
-        kwargs = dict(revision=spec.revision, cache_dir=cache_dir, endpoint=endpoint, name=name)
+        wanted = (CONFIG_FILE, MODEL_FILE, *((PROJECTOR_FILE,) if want_projector else ()))
+        offline = _hub_offline_reason(spec.value, spec.revision, wanted, cache_dir=cache_dir, endpoint=endpoint)
+        kwargs = dict(revision=spec.revision, cache_dir=cache_dir, endpoint=endpoint, name=name, offline=offline)
         config_path = hf_download(spec.value, CONFIG_FILE, required=False, **kwargs)  # type: ignore[arg-type]
         model_file = hf_download(spec.value, MODEL_FILE, **kwargs)  # type: ignore[arg-type]
         projector = hf_download(spec.value, PROJECTOR_FILE, **kwargs) if want_projector else None  # type: ignore[arg-type]
