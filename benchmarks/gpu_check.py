@@ -73,7 +73,7 @@ def end_to_end(arch: str, image_size: int, device: str, tiny: bool) -> dict[str,
         args = [
             "--data", str(data), "--output-dir", str(out), "--arch", arch, "--image-size", str(image_size),
             "--batch-size", str(batch), "--epochs", "4", "--warmup-epochs", "1", "--lamda-warmup-epochs", "1",
-            "--max-steps", str(steps), "--log-every", "4", "--workers", "0" if tiny else "4", "--device", device,
+            "--max-steps", str(steps), "--log-every", "4", "--num-workers", "0" if tiny else "4", "--device", device,
             "--precision", "bf16", "--channels-last", "--no-tensorboard",
             # The paper's eps^2 at batch 128 (lamda 1/4); the tiny batch of 8 needs the scaled one (lamda >= 0.5 stops).
             "--eps2", "scaled" if tiny else "64",

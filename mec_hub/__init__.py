@@ -17,6 +17,7 @@ _LAZY = {
     "ModelRecord": "mec_hub.weights.record",
     "ModelConfig": "mec_hub.weights.config",
     "load": "mec_hub.models.loading",
+    "create_model": "mec_hub.models.loading",
     "get_transform": "mec_hub.data.transforms",
     "MECEncoder": "mec_hub.models.encoder",
     "MECLoss": "mec_hub.models.losses",

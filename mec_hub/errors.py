@@ -1,15 +1,30 @@
 """Errors a user can act on.
 
 Every failure that bad input or a bad environment can cause is one of these, with a message that
-names the file, model or argument and says what to do. The CLI prints the message alone (no
-traceback) and exits with status 1.
+names the file, model or argument (as Python spells it: ``weights=``) and says what to do. The CLI
+prints the message alone (no traceback), each argument it names spelled as the flag that sets it
+(``--weights``), and exits with status 1.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class MecHubError(Exception):
-    """Base class of all errors raised on purpose by mec_hub."""
+    """Base class of all errors raised on purpose by mec_hub.
+
+    A message names the arguments it speaks of as Python spells them: ``weights=`` (the argument),
+    ``overwrite=True``, ``weights='DIR'`` or ``weights=DIR`` (one with a value). ``arguments`` lists
+    those names (``("weights",)``), so that the command line can say the same with its flags
+    (``--weights``, ``--overwrite``, ``--weights DIR``; ``mec_hub.cli.common.cli_message``).
+    """
+
+    arguments: tuple[str, ...] = ()
+
+    def __init__(self, *args: object, arguments: Iterable[str] = ()) -> None:
+        super().__init__(*args)
+        self.arguments = tuple(arguments)
 
 
 class InvalidArgumentError(MecHubError, ValueError):

@@ -1,10 +1,14 @@
 """The pretraining options as one typed record: ``TrainConfig``, its YAML files and its command line.
 
 Every option of ``training/pretrain.py`` is a field of :class:`TrainConfig`; its default is the
-paper's recipe and its metadata holds the help text, the option names (``--wd`` and
-``--weight-decay`` for ``weight_decay``) and whether resuming compares it (``recipe``). The
+paper's recipe and its metadata holds the help text, the option names (``-b`` and
+``--batch-size`` for ``batch_size``) and whether resuming compares it (``recipe``). The
 argparse parser is generated from the fields, and so are the keys a resume compares
 (``recipe_keys``, read by ``training.checkpoint``), so no list of options is kept by hand.
+
+An option renamed keeps its old spelling for a release (``renamed_from``): a hidden flag on the
+command line and a key in files, each warning on stderr with the new name. The spellings are the
+command lines' vocabulary, shared with ``mec-embed`` and ``mec-hub`` (README, "Command-line vocabulary").
 
 ``--config FILE`` reads a YAML mapping of field names to values (the shipped recipes are in
 ``training/configs/``); options given on the command line override the file, and the file
@@ -27,6 +31,7 @@ import dataclasses
 import difflib
 import json
 import math
+import sys
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -136,6 +141,7 @@ def option(
     *,
     group: str | None = None,
     flags: Sequence[str] = (),
+    renamed_from: Sequence[str] = (),
     choices: Sequence[Any] | None = None,
     parse: Callable[[str], Any] | None = None,
     dump: Callable[[Any], Any] | None = None,
@@ -146,9 +152,11 @@ def option(
 ) -> Any:
     """A :class:`TrainConfig` field: its default, help text and command-line spelling.
 
-    ``flags``: the option names (default ``--field-name``); ``parse``: text (command line, or a
-    string in a file) to value; ``dump``: value to what ``config.yaml`` writes; ``expected``: what
-    a wrong value's error says the field takes (default: from its type); ``recipe``: a
+    ``flags``: the option names (default ``--field-name``); ``renamed_from``: the field's old names,
+    still read for a release as a hidden flag (``--old-name``) and a file's key, with a warning;
+    ``parse``: text (command line, or a string in a file) to value; ``dump``: value to what
+    ``config.yaml`` writes; ``expected``: what a wrong value's error says the field takes (default:
+    from its type); ``recipe``: a
     resumed run must have the same value (see ``training.checkpoint.check_resumable``); ``shown``:
     the default as ``--help`` prints it (default: the value).
     """
@@ -156,6 +164,7 @@ def option(
         "help": help,
         "group": group,
         "flags": tuple(flags),
+        "renamed_from": tuple(renamed_from),
         "choices": tuple(choices) if choices is not None else None,
         "parse": parse,
         "dump": dump,
@@ -226,9 +235,14 @@ class TrainConfig:
 
     # ---- recipe
     epochs: int = option(100, "epochs of the schedule", group="recipe", recipe=True)
-    batch_size: int = option(1024, "global batch m, over all processes", group="recipe", recipe=True)
+    batch_size: int = option(
+        1024, "global batch m, over all processes", group="recipe", flags=("-b", "--batch-size"), recipe=True
+    )
     lr: float = option(0.5, "base lr; the peak lr is lr * batch_size / 256", group="recipe", recipe=True)
-    weight_decay: float = option(1e-5, "weight decay", group="recipe", flags=("--wd", "--weight-decay"), recipe=True)
+    # --wd (the authors' spelling) is a hidden alias: mec-hub eval linear spells the concept --weight-decay.
+    weight_decay: float = option(
+        1e-5, "weight decay", group="recipe", flags=("--weight-decay",), renamed_from=("wd",), recipe=True
+    )
     momentum: float = option(0.9, "optimizer momentum", group="recipe", recipe=True)
     optimizer: str = option("sgd", "optimizer", group="recipe", choices=OPTIMIZERS, recipe=True)
     eps2: float | str | None = option(
@@ -262,8 +276,22 @@ class TrainConfig:
     seed: int = option(0, "seed of the data order, augmentations and initial weights", group="recipe", recipe=True)
 
     # ---- run
-    workers: int = option(8, "data-loading processes per training process", group="run")
-    device: str = option("auto", "where to train", group="run", choices=("auto", "cuda", "cpu"))
+    # --num-workers/-j as mec-embed and mec-hub eval spell it (mec_hub.cli.common.SPELLINGS says why).
+    num_workers: int = option(
+        8,
+        "data-loading processes per training process",
+        group="run",
+        flags=("-j", "--num-workers"),
+        renamed_from=("workers",),
+        metavar="N",
+    )
+    # Checked by mec_hub.runtime.devices.resolve_device, the grammar of every command line (training.distributed).
+    device: str = option(
+        "auto",
+        "where to train: auto (this process's GPU if CUDA works, else the CPU), cpu, cuda, cuda:N or mps",
+        group="run",
+        metavar="auto|cpu|cuda[:N]|mps",
+    )
     precision: str = option("fp32", "autocast dtype (fp16: scaled)", group="run", choices=tuple(PRECISIONS))
     channels_last: bool = option(False, "NHWC memory format (faster convolutions on GPUs)", group="run")
     compile: bool = option(False, "torch.compile the model", group="run")
@@ -322,7 +350,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "image_size", "dim", "pred_dim", "log_every", "knn_every", "knn_k"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{flag(name)} must be >= 1")
-        for name in ("warmup_epochs", "lamda_warmup_epochs", "workers", "save_every_steps", "snapshot_every", "seed"):
+        non_negative = ("warmup_epochs", "lamda_warmup_epochs", "num_workers", "save_every_steps", "snapshot_every")
+        for name in (*non_negative, "seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{flag(name)} must be >= 0")
         for name in ("hidden_dim", "max_steps", "extend_epochs"):
@@ -339,7 +368,7 @@ class TrainConfig:
             )
         eps2 = self._resolved_eps2()
         if not (self.lr > 0 and eps2 > 0 and self.lamda_warmup_factor > 0 and self.weight_decay >= 0):
-            raise ConfigError("--lr, --eps2 and --lamda-warmup-factor must be > 0, --wd >= 0")
+            raise ConfigError("--lr, --eps2 and --lamda-warmup-factor must be > 0, --weight-decay >= 0")
         if not 0 <= self.teacher_momentum <= 1:
             raise ConfigError("--teacher-momentum must be in [0, 1]")
         if self.batch_size % world_size:
@@ -394,10 +423,10 @@ class TrainConfig:
 
 
 def flag(name: str) -> str:
-    """The option of field ``name`` as a user writes it (its first flag)."""
+    """The option of field ``name`` as messages write it (its long flag: ``--batch-size``, not ``-b``)."""
     for f in fields(TrainConfig):
         if f.name == name:
-            return _flags(f)[0]
+            return next(o for o in _flags(f) if o.startswith("--"))
     raise KeyError(name)
 
 
@@ -408,6 +437,28 @@ def recipe_keys() -> tuple[str, ...]:
 
 def _flags(f: dataclasses.Field) -> tuple[str, ...]:
     return f.metadata["flags"] or ("--" + f.name.replace("_", "-"),)
+
+
+def _old_flags(f: dataclasses.Field) -> tuple[str, ...]:
+    return tuple("--" + old.replace("_", "-") for old in f.metadata["renamed_from"])
+
+
+def _renamed(old: str, new: str) -> None:
+    """The one warning an old spelling gets, as a line on stderr."""
+    print(f"{PROG}: warning: {old} is deprecated and will be removed in the next release; use {new}", file=sys.stderr)
+
+
+class _RenamedFlag(argparse.Action):
+    """A hidden old flag: stores into the field, with a warning naming the new flag."""
+
+    def __init__(self, *args: Any, new: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.new = new
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:  # fmt: skip
+        _renamed(option_string or "/".join(self.option_strings), self.new)
+        setattr(namespace, self.dest, values)
 
 
 # --------------------------------------------------------------------------------------------
@@ -490,8 +541,14 @@ def checked_values(mapping: Mapping[str, Any], *, source: str) -> dict[str, Any]
     if not isinstance(mapping, Mapping):
         raise ConfigError(f"{source}: expected a mapping of option names to values, got {type(mapping).__name__}")
     by_name = {f.name: f for f in fields(TrainConfig)}
+    renamed = {old: f.name for f in fields(TrainConfig) for old in f.metadata["renamed_from"]}
     out = {}
     for key, value in mapping.items():
+        if key in renamed:
+            if renamed[key] in mapping:
+                raise ConfigError(f"{source}: {key!r} is the old name of {renamed[key]!r}: give one of them")
+            _renamed(f"{source}: key {key!r}", repr(renamed[key]))
+            key = renamed[key]
         if key not in by_name:
             close = difflib.get_close_matches(str(key).replace("-", "_"), list(by_name), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -597,6 +654,9 @@ def build_parser(description: str | None = None, epilog: str | None = None) -> a
             if f.metadata["metavar"] is not None:
                 kwargs["metavar"] = f.metadata["metavar"]
         groups[group].add_argument(*_flags(f), **kwargs)
+        if _old_flags(f):
+            hidden = {**kwargs, "help": argparse.SUPPRESS, "action": _RenamedFlag, "new": flag(f.name)}
+            groups[group].add_argument(*_old_flags(f), **hidden)
     return parser
 
 

@@ -12,6 +12,7 @@ import datetime
 import torch
 import torch.distributed as dist
 
+from mec_hub.runtime.devices import DeviceError, resolve_device
 from mec_hub.runtime.distributed import DistEnv, dist_env, join_process_group
 from training.config import ConfigError
 
@@ -19,22 +20,23 @@ from training.config import ConfigError
 def setup(device: str = "auto", *, timeout_minutes: float = 30.0) -> DistEnv:
     """Read torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) and join the group.
 
-    NCCL on GPUs, gloo on CPUs. ``device``: ``auto`` (a GPU when there is one), ``cuda`` or ``cpu``;
-    a device this machine lacks is a :class:`ConfigError` (one line, before anything is read).
+    NCCL on GPUs, gloo otherwise. ``device``: the grammar of every command line (``auto``, ``cpu``,
+    ``cuda``, ``cuda:N``, ``mps``; ``mec_hub.runtime.devices.resolve_device``): ``auto`` and ``cuda``
+    take this process's GPU (``LOCAL_RANK``). A malformed device, or one this machine lacks, is a
+    :class:`ConfigError` naming ``--device`` (one line, exit 2, before anything is read).
     """
-    if device not in ("auto", "cuda", "cpu"):
-        raise ConfigError(f"--device must be auto, cuda or cpu, not {device!r}")
     env = dist_env()
-    local_rank = env.local_rank
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a build without CUDA"
-        raise ConfigError(f"--device cuda, but torch ({build}) sees no GPU: use --device cpu or auto")
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        target = torch.device("cuda", local_rank)
-    else:
-        target = torch.device("cpu")
+    try:
+        target = resolve_device(device)
+    except DeviceError as exc:
+        raise ConfigError(f"--device {exc.device} {exc.reason}") from None
+    if target.type == "cuda" and env.world_size > 1 and device not in ("auto", "cuda"):
+        raise ConfigError(
+            f"--device {device} puts all {env.world_size} processes on one GPU; give --device cuda (or auto): "
+            "each process takes the GPU of its LOCAL_RANK"
+        )
+    if target.type == "cuda":
+        torch.cuda.set_device(target)
     join_process_group(target, timeout=datetime.timedelta(minutes=timeout_minutes))
     return dataclasses.replace(env, device=target)
 

@@ -11,6 +11,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -80,10 +81,10 @@ class Run:
         self.loader = DataLoader(
             dataset,
             batch_sampler=self.sampler,
-            num_workers=args.workers,
+            num_workers=args.num_workers,
             pin_memory=env.device.type == "cuda",
-            persistent_workers=args.workers > 0,
-            prefetch_factor=4 if args.workers > 0 else None,
+            persistent_workers=args.num_workers > 0,
+            prefetch_factor=4 if args.num_workers > 0 else None,
         )
 
         if env.distributed and env.device.type == "cuda":
@@ -104,6 +105,8 @@ class Run:
         self.stats = StepStats()
         self.epoch_totals = EpochTotals()
         self.knn_top1: float | None = None
+        self.knn_measured: dict[str, Any] | None = None
+        """How and when ``knn_top1`` was measured (``KnnMonitor.settings`` and the step), for the export's card."""
         self.monitor: KnnMonitor | None = None
         if args.knn_train is not None:
             self.monitor = KnnMonitor(
@@ -112,7 +115,7 @@ class Run:
                 preprocessing=eval_preprocessing(args.image_size),
                 k=args.knn_k,
                 temperature=args.knn_temperature,
-                num_workers=min(args.workers, 8),
+                num_workers=min(args.num_workers, 8),
                 device=env.device,
             )
 
@@ -215,6 +218,7 @@ class Run:
             if self.env.is_main:
                 started = time.perf_counter()
                 self.knn_top1 = self.monitor(self.export_source().backbone)
+                self.knn_measured = {**self.monitor.settings(), "step": self.step}
                 self.log(f"kNN top-1 {self.knn_top1:.2f}% ({time.perf_counter() - started:.0f}s)", flush=True)
             distributed.barrier(self.env)
         if finished_epoch:

@@ -186,7 +186,8 @@ def load_query_embedder(meta: FeatureMeta, *, weights: str | None = None, device
         return Embedder.from_meta(meta, device=device)
     except ModelMismatchError as exc:
         raise WeightsMismatchError(
-            f"{exc}; pass --weights pointing to the original weights, or embed the images again"
+            f"{exc}; pass weights= pointing to the original weights, or embed the images again",
+            arguments=("weights",),
         ) from None
     except (ValueError, TypeError) as exc:  # a meta file whose fields the embedder does not accept
         raise MecHubError(f"cannot rebuild the model recorded in the metadata: {exc}") from None
@@ -208,7 +209,8 @@ def check_same_weights(meta: FeatureMeta, actual: str | None, *, origin: str) ->
         raise WeightsMismatchError(
             f"{origin} was made with weights sha256 {expected}, but {where!r} now loads "
             f"{actual or 'weights with no known digest'}; query features would not be comparable. "
-            "Pass --weights pointing to the original weights, or embed the images again."
+            "Pass weights= pointing to the original weights, or embed the images again.",
+            arguments=("weights",),
         )
 
 
@@ -264,7 +266,9 @@ def search_rows(
     """For each row of ``index`` given, its ``top_k`` nearest rows (``exclude_self``: other than itself)."""
     bad = [r for r in rows if not 0 <= r < len(index.matrix)]
     if bad:
-        raise MecHubError(f"--row {bad[0]}: {index.path} has rows 0 to {len(index.matrix) - 1}")
+        raise MecHubError(
+            f"rows= has {bad[0]}, but {index.path} has rows 0 to {len(index.matrix) - 1}", arguments=("rows",)
+        )
     query_features = np.asarray(index.matrix[list(rows)], dtype=np.float32)
     non_finite = NonFiniteRows()
     non_finite.add(query_features)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import click
 
 from mec_hub import __version__
-from mec_hub.cli.common import UserError, friendly_errors, show_warnings_briefly
+from mec_hub.cli.common import UserError, cli_message, device_option, friendly_errors, option, show_warnings_briefly
 from mec_hub.embedding import DEFAULT_BATCH_SIZE
 
 if TYPE_CHECKING:
@@ -51,12 +51,17 @@ Examples:
 """
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
+@click.command(
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=EPILOG,
+    short_help="Embed images (folders, files, globs, .tar shards) into a feature file.",
+)
 @click.argument("inputs", nargs=-1, metavar="INPUT...")
-@click.option("--out", "-o", required=True, metavar="OUT.npy",
-              help="Features file to write (N x D .npy, or .parquet); a file name, not a folder.")
-@click.option("--model", "-m", default=None, metavar="NAME",
-              help="Registry model (see `mec-hub list`).  [default: the package's default model]")
+@option("out", required=True, metavar="FEATS.npy|FEATS.parquet",
+        help="The feature file to write: FEATS.npy (N x D, with FEATS.paths.txt and FEATS.meta.json) or "
+             "FEATS.parquet; a name without a suffix is FEATS.npy, any other suffix is refused. Not a folder.")
+@option("model", default=None, metavar="NAME",
+        help="Registry model (see `mec-hub list`).  [default: the package's default model]")
 @click.option("--weights", default=None, metavar="SRC",
               help="Weights: a .safetensors file, a converted folder, hf-hub:org/name[@rev] or a URL.")
 @click.option("--sha256", default=None, metavar="HEX",
@@ -72,11 +77,11 @@ Examples:
 @click.option("--allow-large", is_flag=True, help="Let --pool none write its maps as float32.")
 @click.option("--runtime", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
               help="onnxruntime: run the .onnx file --weights names (written by `mec-hub export`).")
-@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True)
-@click.option("--num-workers", "-j", type=click.IntRange(min=0), default=None,
-              help="Decoding processes (0: decode in the main process).  [default: chosen for the device]")
-@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
-              help="auto: the GPU if there is one (under torchrun, this process's GPU), else CPU.")
+@option("batch_size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True,
+        help="Images per batch.")
+@option("num_workers", type=click.IntRange(min=0), default=None,
+        help="Image-decoding worker processes (0: decode in the main process).  [default: chosen for the device]")
+@device_option("run the model")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="Autocast precision of the model (fp16 needs CUDA).")
 @click.option("--out-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
@@ -127,7 +132,7 @@ def main(
     .tar shard is a row, named SHARD.tar/MEMBER, in the shard's order (other members are skipped);
     brace ranges such as 'shards/{000000..000099}.tar' name many shards. Files that cannot be
     read (truncated, empty, not images, decompression bombs) are skipped and listed with the
-    reason in OUT.meta.json; the run goes on.
+    reason in FEATS.meta.json; the run goes on.
     """
     show_warnings_briefly()
     if not inputs and files_from is None:
@@ -141,7 +146,7 @@ def main(
     # Everything that can be checked without the model, before loading it (the job checks again).
     if shard_rows is not None and not out.endswith(".parquet"):
         raise click.UsageError("--shard-rows applies to Parquet output: --out FEATS.parquet")
-    target = OutputTarget.for_out(out, shard_rows)
+    target = OutputTarget.for_out(out, shard_rows)  # --out n.csv: a usage error (friendly_errors)
     preflight(target, resume=resume, overwrite=overwrite)
     check_inputs_exist(inputs, files_from)
     if max_pixels is not None:
@@ -167,7 +172,7 @@ def main(
             progress=False if quiet else None, shard_rows=shard_rows,
         )
     except EmbeddingInterrupted as exc:
-        click.echo(f"mec-embed: {exc}", err=True)
+        click.echo(f"mec-embed: {cli_message(exc)}", err=True)
         raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
 
     talk = not quiet and dist_env().is_main

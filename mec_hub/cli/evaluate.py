@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from mec_hub.cli.common import UserError, friendly_errors
+from mec_hub.cli.common import UserError, device_option, friendly_errors, option
 
 if TYPE_CHECKING:  # imported when a command runs: `--help` stays free of torch
     import torch
@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # imported when a command runs: `--help` stays free of torch
 HEADS = ("backbone", "projector")
 
 
-@click.group("eval")
+@click.group("eval", short_help="Evaluate a model: kNN, linear probe or protocol, fine-tuning.")
 def eval_group() -> None:
     """Evaluate a model: weighted kNN (DINO's protocol), a linear classifier, or semi-supervised fine-tuning.
 
@@ -33,7 +33,9 @@ def eval_group() -> None:
     \b
     Inputs of knn and the probe, one of:
       --model NAME / --weights SPEC  with  --train DIR --val DIR   (ImageFolders)
-      --train-features X.npy --val-features Y.npy   (labels from X.paths.txt, or --train-labels)
+      --train-features X --val-features Y   (feature sets of mec-embed: X.npy, or X.parquet
+                                             or its shards; labels from their image paths,
+                                             or --train-labels / --val-labels)
     The paper protocol and finetune train on images: --model/--weights with --train/--val, and
     --output-dir for their checkpoint (rerun the same command to resume) and report.json; under
     torchrun (torchrun --nproc_per_node N -m mec_hub.cli.hub eval ...) each process takes its
@@ -42,7 +44,7 @@ def eval_group() -> None:
 
 
 _MODEL = [
-    click.option("--model", "model_name", metavar="NAME", help="Registry model (see `mec-hub list`)."),
+    option("model", "model_name", metavar="NAME", help="Registry model (see `mec-hub list`)."),
     click.option(
         "--weights",
         metavar="SPEC",
@@ -71,18 +73,19 @@ _FEATURE_FILES = [
     click.option(
         "--train-features",
         type=click.Path(),
-        help="Training features: an (N, D) .npy file, or a Parquet output of mec-embed (X.parquet or its shards).",
+        help="Training features: an (N, D) .npy file, or a feature set of mec-embed (X.npy, or X.parquet or its "
+        "shards).",
     ),
     click.option(
         "--train-labels",
         type=click.Path(),
         help="Labels of --train-features: an integer .npy, or a text file of CLASS/IMAGE paths "
-        "[default: X.paths.txt beside X.npy].",
+        "[default: the set's image paths: X.paths.txt beside X.npy, or the Parquet path column].",
     ),
     click.option(
         "--val-features",
         type=click.Path(),
-        help="Validation features: a .npy file or a Parquet output of mec-embed.",
+        help="Validation features, as --train-features.",
     ),
     click.option("--val-labels", type=click.Path(), help="Labels of --val-features (as --train-labels)."),
 ]
@@ -90,17 +93,15 @@ _FEATURE_FILES = [
 
 def _run(batch_help: str) -> list[Callable[..., Any]]:
     return [
-        click.option("--batch-size", type=click.IntRange(min=1), default=None, help=batch_help),
-        click.option(
-            "--num-workers",
+        option("batch_size", type=click.IntRange(min=1), default=None, help=batch_help),
+        option(
+            "num_workers",
             type=click.IntRange(min=0),
             default=0,
             show_default=True,
-            help="Image-decoding worker processes.",
+            help="Image-decoding worker processes (0: decode in the main process).",
         ),
-        click.option(
-            "--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: cuda if present)."
-        ),
+        device_option("run the model"),
         click.option(
             "--seed", type=int, default=0, show_default=True, help="Seed of --random-init, the probe or the training."
         ),
@@ -114,12 +115,12 @@ _SAVE_FEATURES = [
         help="Also write the extracted features as DIR/train.npy and DIR/val.npy (reusable as input).",
     ),
 ]
-_OUT = [click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Write a JSON report here.")]
+_OUT = [option("out", "out_path", type=click.Path(dir_okay=False), help="Write a JSON report here (a file).")]
 
 
 def _apply(func: Callable[..., Any], options: list[Callable[..., Any]]) -> Callable[..., Any]:
-    for option in reversed(options):
-        func = option(func)
+    for decorate in reversed(options):
+        func = decorate(func)
     return func
 
 
@@ -155,6 +156,7 @@ def _model_options(opts: dict[str, Any], hint: str) -> dict[str, Any]:
 def _splits(opts: dict[str, Any]) -> tuple[EvalSplits, torch.device]:
     """The train and val features the options name, with the device to evaluate on."""
     from mec_hub.evaluation.splits import EvalSplits
+    from mec_hub.progress import progress_enabled
     from mec_hub.runtime.devices import resolve_device
 
     folders = opts["train_dir"] is not None or opts["val_dir"] is not None
@@ -200,7 +202,7 @@ def _splits(opts: dict[str, Any]) -> tuple[EvalSplits, torch.device]:
         batch_size=opts["batch_size"] or 256,
         num_workers=opts["num_workers"],
         device=device,
-        progress=sys.stderr.isatty(),
+        progress=progress_enabled(),
     )
     if opts["save_features"]:
         try:
@@ -232,9 +234,17 @@ def _report_scores(report: EvalReport, out_path: str | None) -> None:
     click.echo(f"report: {out_path}")
 
 
-@eval_group.command("knn")
+@eval_group.command("knn", short_help="Weighted kNN top-1/top-5 of frozen features (DINO's protocol).")
 @_input_options
-@click.option("--k", type=click.IntRange(min=1), default=20, show_default=True, help="Neighbours per query.")
+@option(
+    "top_k",
+    "k",
+    old_names=("--k",),
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Neighbours that vote for each query's class.",
+)
 @click.option(
     "--temperature",
     type=click.FloatRange(min=0, min_open=True),
@@ -255,8 +265,8 @@ def knn_cmd(k: int, temperature: float, **opts: Any) -> None:
 def _training_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """Options of the evaluations that train on images (the paper's linear protocol, finetune)."""
     options = [
-        click.option(
-            "--output-dir",
+        option(
+            "output_dir",
             type=click.Path(file_okay=False),
             help="Folder for the run: checkpoint_last.pt (every epoch; the same command resumes from it), "
             "report.json and, for a subset, subset.txt. Required by the paper protocol and finetune.",
@@ -338,7 +348,7 @@ def _run_training(recipe_name: str, opts: dict[str, Any], **recipe_options: Any)
     click.echo(f"report: {Path(opts['output_dir']) / supervised.REPORT}")
 
 
-@eval_group.command("linear")
+@eval_group.command("linear", short_help="Linear top-1/top-5: the fast probe, or the authors' protocol.")
 @_input_options
 @_training_options
 @click.option(
@@ -397,7 +407,7 @@ def _finetune_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return _apply(func, [*_MODEL, *_FOLDERS, *_run(batch), *_OUT])
 
 
-@eval_group.command("finetune")
+@eval_group.command("finetune", short_help="Semi-supervised fine-tuning on 1% / 10% of the labels.")
 @_finetune_options
 @_training_options
 @click.option(

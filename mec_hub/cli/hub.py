@@ -1,4 +1,4 @@
-"""``mec-hub``: published models, conversion, publishing, evaluation, search and plots."""
+"""``mec-hub``: published models, conversion, export, publishing, evaluation, search, indexes, the browser and plots."""
 
 from __future__ import annotations
 
@@ -18,7 +18,13 @@ from mec_hub.cli.serve import serve_cmd
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mec-hub")
 def main() -> None:
-    """Maximum Entropy Coding models: list, fetch, convert, publish, evaluate."""
+    """Maximum Entropy Coding (MEC) models and their features.
+
+    Models: list, info, download, convert, export (ONNX, pt2, TorchScript), push (Hugging Face Hub),
+    eval (kNN, linear, fine-tuning). Feature sets that mec-embed writes (FEATS.npy or FEATS.parquet):
+    search, index (FAISS), serve (a neighbour browser). Training runs: plot. Images are embedded by
+    mec-embed, models pretrained by training/pretrain.py.
+    """
     show_warnings_briefly()
 
 

@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import click
 
-from mec_hub.cli.common import friendly_errors
+from mec_hub.cli.common import FEATURE_SET, friendly_errors, option
+
+HELP = f"""Build an index of FEATURES for fast cosine search (mec-hub search, mec-hub serve).
+
+FEATURES is {FEATURE_SET}. Rows are L2-normalised once and searched by inner product; rows holding NaN
+or infinite values are refused. The index records its kind, parameters, the recall@10 measured on
+held-out rows, the row count, the dimension and the SHA-256 of FEATURES; mec-hub search refuses it
+once FEATURES has changed. Needs FAISS: pip install 'mec-hub[index]'.
+"""
 
 
-@click.command("index")
+@click.command("index", help=HELP, short_help="Build a FAISS index of a feature set, for search and serve.")
 @click.argument("features", type=click.Path(dir_okay=False))
-@click.option(
-    "--out",
+@option(
     "out",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Where to write the index (default: FEATS.index beside FEATS.npy or FEATS.parquet); its record "
-    "goes to OUT.json.",
+    help="Where to write the index (default: FEATS.index beside FEATS.npy or FEATS.parquet, for a shard set "
+    "too); its record goes to OUT.json.",
 )
 @click.option(
     "--kind",
@@ -40,15 +47,8 @@ from mec_hub.cli.common import friendly_errors
 )
 @friendly_errors
 def index_cmd(features: str, out: str | None, kind: str, recall: float, exact_below: int) -> None:
-    """Build an index of FEATURES (an N x D .npy, or a .parquet set) for fast cosine search.
-
-    Rows are L2-normalised once and searched by inner product; rows holding NaN or infinite values
-    are refused. The index records its kind, parameters, the recall@10 measured on held-out rows,
-    the row count, the dimension and the SHA-256 of FEATURES; mec-hub search refuses it once
-    FEATURES has changed. Needs FAISS: pip install 'mec-hub[index]'.
-    """
+    """``mec-hub index``: its help is ``HELP``."""
     from mec_hub.apps.index import FeatureIndex, default_index_path, import_faiss, shard_set
-    from mec_hub.errors import InvalidArgumentError
 
     whole = shard_set(features)
     if whole is not None and out is None:
@@ -57,9 +57,6 @@ def index_cmd(features: str, out: str | None, kind: str, recall: float, exact_be
             "or give --out to index this shard alone"
         )
     import_faiss()
-    try:
-        index = FeatureIndex.build(features, kind=kind, recall=recall, exact_below=exact_below)
-    except InvalidArgumentError as exc:
-        raise click.UsageError(str(exc)) from None
+    index = FeatureIndex.build(features, kind=kind, recall=recall, exact_below=exact_below)
     written = index.save(out or default_index_path(features))
     click.echo(f"{written}: {index.describe()}, built in {index.build_seconds:.1f} s")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from mec_hub.cli.common import friendly_errors
+from mec_hub.cli.common import friendly_errors, option
 from mec_hub.models.head_names import DEFAULT_HEAD, HEADS
 
 HEADLINE_METRICS = (
@@ -17,7 +17,7 @@ HEADLINE_METRICS = (
 )
 
 
-@click.command("list")
+@click.command("list", short_help="List the published models.")
 @click.argument("pattern", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the records as JSON.")
 @friendly_errors
@@ -41,7 +41,7 @@ def list_cmd(pattern: str | None, as_json: bool) -> None:
         click.echo(f"{name:<28} {arch:<12} D={dim:<5} {where:<8} {verified:<12} {metric}")
 
 
-@click.command("info")
+@click.command("info", short_help="Show a model's record, locations and digests as JSON.")
 @click.argument("name")
 @friendly_errors
 def info_cmd(name: str) -> None:
@@ -51,7 +51,7 @@ def info_cmd(name: str) -> None:
     click.echo(json.dumps(model_info(name).to_dict(), indent=2))
 
 
-@click.command("download")
+@click.command("download", short_help="Download and verify a model, for offline use.")
 @click.argument("name")
 @click.option("--weights", "weights", help="Fetch from here instead of the published location.")
 @click.option("--head", type=click.Choice(HEADS), default=DEFAULT_HEAD, show_default=True)
@@ -63,16 +63,18 @@ def download_cmd(name: str, weights: str | None, head: str, cache_dir: str | Non
     from mec_hub.weights.sources import fetch_weights, parse_weights_spec, record_location
 
     record = model_info(name)
-    spec = parse_weights_spec(weights) if weights else record_location(record)
+    spec = parse_weights_spec(weights) if weights else None
+    if spec is None or spec.kind == "default":
+        spec = record_location(record)
     local = fetch_weights(spec, record=record, want_projector=head == "projector", cache_dir=cache_dir)
     click.echo(f"{name}: {local.model_file}")
     click.echo(f"sha256 {local.sha256}")
 
 
-@click.command("convert")
+@click.command("convert", short_help="Convert a checkpoint to safetensors, detectron2 or torchvision.")
 @click.argument("checkpoint", type=click.Path())
-@click.option(
-    "--out",
+@option(
+    "out",
     "out_dir",
     required=True,
     type=click.Path(),
@@ -162,7 +164,7 @@ def _convert_for_framework(
             click.echo(f"  {line.replace('<this file>', str(result.out))}")
 
 
-@click.command("push")
+@click.command("push", short_help="Upload a converted folder to the Hugging Face Hub.")
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
 @click.option("--repo-id", required=True, help="Hugging Face repo, e.g. org/mec_resnet50.in1k_ep100.")
 @click.option("--private", is_flag=True, help="Create the repo as private.")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import click
 
-from mec_hub.cli.common import UserError, friendly_errors
+from mec_hub.cli.common import UserError, friendly_errors, option
 
 
-@click.command("plot")
+@click.command("plot", short_help="Plot a training run's curves from its metrics.jsonl.")
 @click.argument("metrics", type=click.Path(dir_okay=False))
-@click.option(
-    "--out",
+@option(
+    "out",
     "out_path",
     required=True,
     type=click.Path(dir_okay=False),

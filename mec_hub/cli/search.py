@@ -7,10 +7,21 @@ from pathlib import Path
 
 import click
 
-from mec_hub.cli.common import UserError, friendly_errors
+from mec_hub.cli.common import FEATURE_SET, UserError, device_option, friendly_errors, option
+
+HELP = f"""Find the rows of FEATURES most similar to each QUERY image (or --row).
+
+FEATURES is {FEATURE_SET}. The queries are embedded with the model recorded in its meta
+(FEATS.meta.json, or the Parquet file's metadata), after checking that its weights are the very
+ones (SHA-256) that made the set; the search is an exact cosine search, read from disk in blocks,
+unless an index built by mec-hub index is found (FEATS.index, or --index), refused if FEATURES
+changed since (rebuild it then). Rows or query features holding NaN or infinite values are refused,
+naming them. With --grid, each query gets a row of 1 + K tiles of --tile pixels, 8 px apart with a
+16 px caption: (1 + K) * (T + 8) + 8 pixels wide and Q * (T + 24) + 8 tall.
+"""
 
 
-@click.command("search")
+@click.command("search", help=HELP, short_help="Find the rows of a feature set nearest to query images.")
 @click.argument("features", type=click.Path(dir_okay=False))
 @click.argument("queries", nargs=-1, type=click.Path(dir_okay=False))
 @click.option("--row", "rows", type=click.IntRange(min=0), multiple=True,
@@ -20,30 +31,20 @@ from mec_hub.cli.common import UserError, friendly_errors
                    "(said on stderr).")
 @click.option("--exclude-self", is_flag=True,
               help="Leave out the query's own row (a --row, or a query image that is a row of FEATURES).")
-@click.option("--top-k", "-k", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Neighbours per query.")
+@option("top_k", type=click.IntRange(min=1), default=5, show_default=True, help="Neighbours per query.")
 @click.option("--grid", "grid_path", type=click.Path(dir_okay=False),
               help="Also draw the queries beside their neighbours as one picture (PNG).")
 @click.option("--tile", type=click.IntRange(min=16, max=1024), default=128, show_default=True,
               help="Size of one image in the --grid picture, in pixels.")
 @click.option("--weights", default=None,
-              help="Load the model from here instead of the location in FEATS.meta.json (same SHA-256 required).")
-@click.option("--device", default="auto", show_default=True, help="Where to embed the queries (auto: cuda if present).")
+              help="Load the model from here instead of the location in FEATURES' meta (same SHA-256 required).")
+@device_option("embed the query images")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @friendly_errors
 def search_cmd(features: str, queries: tuple[str, ...], rows: tuple[int, ...], index_path: str | None,
                exclude_self: bool, top_k: int, grid_path: str | None, tile: int,
                weights: str | None, device: str, as_json: bool) -> None:
-    """Find the rows of FEATURES (a .npy written by mec-embed) most similar to each QUERY image.
-
-    The queries are embedded with the model recorded in FEATURES' .meta.json, after checking
-    that its weights are the very ones (SHA-256) that made the file; the search is an exact
-    cosine search, read from disk in blocks, unless an index built by mec-hub index is found
-    (FEATS.index, or --index), refused if FEATURES changed since (rebuild it then). Rows or query
-    features holding NaN or infinite values are refused, naming them. With --grid, each query gets a row of 1 + K tiles
-    of --tile pixels, 8 px apart with a 16 px caption: (1 + K) * (T + 8) + 8 pixels wide and
-    Q * (T + 24) + 8 tall.
-    """
+    """``mec-hub search``: its help is ``HELP``."""
     from mec_hub.apps.index import index_for
     from mec_hub.apps.search import FeatureFile, search, search_rows
 

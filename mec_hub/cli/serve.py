@@ -4,17 +4,27 @@ from __future__ import annotations
 
 import click
 
-from mec_hub.cli.common import friendly_errors
+from mec_hub.cli.common import FEATURE_SET, device_option, friendly_errors
+
+HELP = f"""Serve a web page over FEATURES: a paged grid of its images; click one to see its nearest rows
+with their cosine scores, or drop an image to search with the model recorded in the set's meta (its
+weights checked by SHA-256, as mec-hub search does).
+
+FEATURES is {FEATURE_SET}. The JSON API (GET /api/rows, GET /api/neighbours, POST /api/search,
+GET /thumb/ROW) is described in the README, with what the server refuses (foreign Host names,
+requests from other sites, files outside the set's folders, oversized or slow uploads). It is a local
+tool: no accounts, no TLS. Needs the `serve` extra: pip install 'mec-hub[serve]'.
+"""
 
 
-@click.command("serve")
+@click.command("serve", help=HELP, short_help="Browse a feature set's images and neighbours in a web page.")
 @click.argument("features", type=click.Path(dir_okay=False))
 @click.option(
     "--index",
     "index_path",
     type=click.Path(dir_okay=False),
     default=None,
-    help="A FAISS index of FEATURES (mec-hub index); default FEATURES' .index beside it if any, else exact.",
+    help="Search through this index (mec-hub index); default: FEATS.index when it exists, else exact.",
 )
 @click.option(
     "--host",
@@ -34,9 +44,9 @@ from mec_hub.cli.common import friendly_errors
 @click.option(
     "--weights",
     default=None,
-    help="Load the query model from here instead of the location in FEATS.meta.json (same SHA-256 required).",
+    help="Load the query model from here instead of the location in FEATURES' meta (same SHA-256 required).",
 )
-@click.option("--device", default="auto", show_default=True, help="Where to embed uploaded images.")
+@device_option("embed uploaded images")
 @friendly_errors
 def serve_cmd(
     features: str,
@@ -47,15 +57,7 @@ def serve_cmd(
     weights: str | None,
     device: str,
 ) -> None:
-    """Serve a web page over FEATURES (a .npy written by mec-embed): a paged grid of its images;
-    click one to see its nearest rows with their cosine scores, or drop an image to search with
-    the model recorded in the meta (its weights checked by SHA-256, as mec-hub search does).
-
-    The JSON API (GET /api/rows, GET /api/neighbours, POST /api/search, GET /thumb/ROW) is
-    described in the README, with what the server refuses (foreign Host names, requests from other
-    sites, files outside the set's folders, oversized or slow uploads). It is a local tool: no
-    accounts, no TLS. Needs the `serve` extra: pip install 'mec-hub[serve]'.
-    """
+    """``mec-hub serve``: its help is ``HELP``."""
     from mec_hub.apps.serve import serve
 
     serve(

@@ -387,8 +387,9 @@ def _check_one_set(path: Path, shape: tuple[int, ...], paths_sha256: str | None,
         raise MecHubError(
             f"{path}: {path.name}, {paths_file.name} and {meta_file.name} do not belong together ("
             + "; ".join(problems)
-            + "), as when a run is stopped while replacing them: finish it (the same mec-embed command "
-            "with --resume) or write them anew (--overwrite)"
+            + "), as when a run is stopped while replacing them: finish it (the same run with resume=True) "
+            "or write them anew (overwrite=True)",
+            arguments=("resume", "overwrite"),
         )
 
 
@@ -759,9 +760,10 @@ def _check_set(path: Path, parts: list[_ParquetPart]) -> None:
     first = parts[0].place
     single = len(parts) == 1 and parts[0].file == path
     advice = (
-        "as when a conversion is stopped while replacing an older set: finish it (the same mec-embed command "
-        "with --resume) or write the set anew (--overwrite)"
+        "as when a conversion is stopped while replacing an older set: finish it (the same run with "
+        "resume=True) or write the set anew (overwrite=True)"
     )
+    arguments = ("resume", "overwrite")  # what the advice names
     if single:
         if first.get("shard_count", 1) != 1 or first.get("set_rows", parts[0].rows) != parts[0].rows:
             raise MalformedFileError(
@@ -781,14 +783,17 @@ def _check_set(path: Path, parts: list[_ParquetPart]) -> None:
                 [f"{', '.join(extra)} not part of it"] if extra else []
             )
             raise MalformedFileError(
-                f"{path}: the set {expected[0]} names has {count} shards ({'; '.join(problems)}), {advice}"
+                f"{path}: the set {expected[0]} names has {count} shards ({'; '.join(problems)}), {advice}",
+                arguments=arguments,
             )
     offset = 0
     for index, part in enumerate(parts):
         place = part.place
         expected_name = _shard_name(stem, index)
         if part.file.name != expected_name:
-            raise MalformedFileError(f"{path}: {expected_name} is missing from the set of shards, {advice}")
+            raise MalformedFileError(
+                f"{path}: {expected_name} is missing from the set of shards, {advice}", arguments=arguments
+            )
         wrong = [
             key
             for key, value in (
@@ -803,7 +808,8 @@ def _check_set(path: Path, parts: list[_ParquetPart]) -> None:
         if wrong:
             raise MalformedFileError(
                 f"{part.file}: not a shard of the set {parts[0].file.name} starts ({', '.join(wrong)} "
-                f"{'differ' if len(wrong) > 1 else 'differs'}), {advice}"
+                f"{'differ' if len(wrong) > 1 else 'differs'}), {advice}",
+                arguments=arguments,
             )
         offset += part.rows
     if "set_rows" in first and first["set_rows"] != offset:

@@ -35,18 +35,20 @@ FINGERPRINT_LABELS = {
     "num_inputs": "the number of input files",
     "weights_sha256": "the model weights",
     "state_dict_sha256": "the model weights",
-    "head": "--head",
+    "head": "head=",
     "embed_dim": "the feature dimension",
     "preprocessing": "the model's preprocessing",
-    "precision": "--precision",
-    "normalize": "--normalize",
-    "out_dtype": "--out-dtype",
+    "precision": "precision=",
+    "normalize": "normalize=",
+    "out_dtype": "out_dtype=",
     "optimizations": "the model's inference rewrites (Embedder optimize=)",
-    "batch_size": "--batch-size",
+    "batch_size": "batch_size=",
     "world_size": "the number of processes (torchrun --nproc_per_node x nodes)",
-    "decoding": "image decoding (Pillow version or --max-pixels)",
+    "decoding": "image decoding (Pillow version or its pixel limit, PIL.Image.MAX_IMAGE_PIXELS)",
     "mec_hub_version": "the mec-hub version",
 }
+# The Python arguments the labels above name (``MecHubError.arguments``).
+FINGERPRINT_ARGUMENTS = ("head", "precision", "normalize", "out_dtype", "batch_size")
 
 
 class ResumeError(MecHubError):
@@ -112,7 +114,8 @@ class PartState:
             return state
         except (OSError, ValueError, TypeError, MalformedFileError) as exc:
             raise ResumeError(
-                f"the progress file {path} of the unfinished run is unreadable ({exc}); start over with --overwrite"
+                f"the progress file {path} of the unfinished run is unreadable ({exc}); start over with overwrite=True",
+                arguments=("overwrite",),
             ) from None
 
     def _check(self) -> None:
@@ -140,7 +143,9 @@ def read_failures(path: Path, length: int) -> list[tuple[int, str]]:
     with open(path, "rb") as fh:
         data = fh.read(length)
     if len(data) < length:
-        raise ResumeError(f"{path} is shorter than its checkpoint says; start over with --overwrite")
+        raise ResumeError(
+            f"{path} is shorter than its checkpoint says; start over with overwrite=True", arguments=("overwrite",)
+        )
     out = []
     try:
         for line in data.decode().splitlines():
@@ -151,7 +156,8 @@ def read_failures(path: Path, length: int) -> list[tuple[int, str]]:
             out.append((index, reason))
     except (ValueError, KeyError, TypeError, MalformedFileError) as exc:  # UnicodeDecodeError is a ValueError
         raise ResumeError(
-            f"{path}, the failure log of the unfinished run, is damaged ({exc}); start over with --overwrite"
+            f"{path}, the failure log of the unfinished run, is damaged ({exc}); start over with overwrite=True",
+            arguments=("overwrite",),
         ) from None
     return out
 

@@ -44,6 +44,7 @@ from mec_hub.models.protocol import identity_of, state_dict_sha256
 from mec_hub.runtime.devices import PRECISIONS, cpu_has_bf16, decoding_plan, default_num_workers, resolve_device
 from mec_hub.weights.identity import ModelIdentity, weights_origin
 from mec_hub.weights.registry import is_registered
+from mec_hub.weights.sources import is_default_weights
 
 OUT_DTYPES = {"float32": np.float32, "float16": np.float16}
 RUNTIMES = ("torch", "onnxruntime")
@@ -64,6 +65,7 @@ class Embedder:
             the package's default model, or the model ``weights`` holds.
         weights: where to load the weights from (a local ``.safetensors`` file, a converted folder,
             ``hf-hub:org/name[@rev]``, a URL); with ``model`` a name, relocates that model's files.
+            ``None`` or ``"DEFAULT"``: the model's own published weights.
         head: ``"backbone"`` (pooled features) or ``"projector"`` (MEC projector output).
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast; fp16 needs CUDA).
@@ -115,7 +117,8 @@ class Embedder:
         if precision == "fp16" and self.device.type != "cuda":
             raise MecHubError(
                 "fp16 autocast needs a CUDA device; CPU kernels for float16 are missing or slow. "
-                "On CPU use --precision bf16 (or fp32)."
+                "On CPU use precision='bf16' (or fp32).",
+                arguments=("precision",),
             )
         if precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise MecHubError(f"this GPU ({torch.cuda.get_device_name(self.device)}) has no bf16 support; use fp16")
@@ -179,6 +182,8 @@ class Embedder:
             raise TypeError(f"model must be a registry name or an nn.Module, not {type(model).__name__}")
         if model is not None and weights is None and not is_registered(model):
             model, weights = None, model  # a weights spec given as the model: a path, hf-hub:..., a URL
+        if weights is not None and is_default_weights(weights):
+            weights = None  # "DEFAULT": the model's own published weights, as when none are given
         if model is None and weights is None:
             model = loading.DEFAULT_MODEL  # read when called: the loader's default, wherever it is set
         name_from_weights, weights_text = weights_origin(weights)

@@ -245,9 +245,11 @@ def read_list_file(list_file: str) -> list[str]:
             with open(list_file, encoding="utf-8", errors="surrogateescape") as fh:
                 text = fh.read()
         except FileNotFoundError:
-            raise InputError(f"--files-from: no such file {list_file!r}") from None
+            raise InputError(f"files_from=: no such file {list_file!r}", arguments=("files_from",)) from None
         except OSError as exc:
-            raise InputError(f"--files-from: cannot read {list_file!r} ({exc.strerror or exc})") from None
+            raise InputError(
+                f"files_from=: cannot read {list_file!r} ({exc.strerror or exc})", arguments=("files_from",)
+            ) from None
     return [line.rstrip("\r") for line in text.split("\n") if line.strip()]
 
 
@@ -333,7 +335,7 @@ def check_inputs_exist(inputs: Sequence[str], files_from: str | None = None) -> 
     for _ in _expand(inputs):
         pass
     if files_from is not None and files_from != "-" and not os.path.isfile(files_from):
-        raise InputError(f"--files-from: no such file {files_from!r}")
+        raise InputError(f"files_from=: no such file {files_from!r}", arguments=("files_from",))
 
 
 def collect_inputs(
@@ -348,7 +350,9 @@ def collect_inputs(
     texts = [os.fspath(x) for x in inputs]
     list_entries = read_list_file(os.fspath(files_from)) if files_from is not None else []
     if not texts and files_from is None:
-        raise InputError("no input given: name folders, files or patterns, or use --files-from")
+        raise InputError(
+            "no input given: name folders, files or patterns, or use files_from=", arguments=("files_from",)
+        )
     expanded = list(_expand(texts))
     single_folder = len(texts) == 1 and files_from is None and os.path.isdir(texts[0])
     collector = _Collector(recursive)

@@ -47,6 +47,7 @@ from mec_hub.data.featurefile import (
 )
 from mec_hub.data.images import describe_decoding
 from mec_hub.embedding.checkpoint import (
+    FINGERPRINT_ARGUMENTS,
     PartState,
     ResumeError,
     append_failures,
@@ -61,6 +62,7 @@ from mec_hub.embedding.loader import ImageSource, StringTable
 from mec_hub.embedding.npy_writer import NpyRowWriter, read_npy_header
 from mec_hub.embedding.outputs import OutputError, OutputFiles, OutputTarget, RunLock, check_output_location
 from mec_hub.errors import MecHubError
+from mec_hub.progress import progress_enabled
 from mec_hub.runtime.distributed import DistEnv, ProcessGroup, batch_aligned_slice, dist_env
 from mec_hub.weights.identity import ModelIdentity
 
@@ -144,7 +146,10 @@ def _now() -> str:
 def preflight(target: OutputTarget, *, resume: bool, overwrite: bool) -> None:
     """The checks that need no model: a writable place, and no silent clobbering."""
     if resume and overwrite:
-        raise OutputError("--resume and --overwrite exclude each other: continue the old run, or replace it")
+        raise OutputError(
+            "resume=True and overwrite=True exclude each other: continue the old run, or replace it",
+            arguments=("resume", "overwrite"),
+        )
     if target.parquet is not None:
         target.parquet.refuse_clobbering(resume=resume, overwrite=overwrite)
     check_output_location(target.files)
@@ -157,12 +162,17 @@ def _refuse_clobbering(files: OutputFiles, *, resume: bool, overwrite: bool) -> 
         return
     if files.part_states():
         raise OutputError(
-            f"an unfinished run into {files.npy} was found; pass --resume to continue it, or --overwrite to start over"
+            f"an unfinished run into {files.npy} was found; pass resume=True to continue it, or overwrite=True to "
+            "start over",
+            arguments=("resume", "overwrite"),
         )
     existing = files.existing_finals()
     if existing:
         names = ", ".join(p.name for p in existing)
-        raise OutputError(f"{names} already exist in {files.npy.parent}; pass --overwrite to replace them")
+        raise OutputError(
+            f"{names} already exist in {files.npy.parent}; pass overwrite=True to replace them",
+            arguments=("overwrite",),
+        )
 
 
 def _agreed(group: ProcessGroup, step: Callable[[], T]) -> T:
@@ -170,11 +180,13 @@ def _agreed(group: ProcessGroup, step: Callable[[], T]) -> T:
     try:
         value, error = step(), None
     except MecHubError as exc:
-        value, error = None, f"{type(exc).__name__}\0{exc}"
+        value, error = None, f"{type(exc).__name__}\0{exc}\0{' '.join(exc.arguments)}"
     errors = [e for e in group.all_gather(error) if e]
     if errors:
-        kind, message = errors[0].split("\0", 1)
-        raise (ResumeError if kind == "ResumeError" else OutputError)(message)
+        kind, rest = errors[0].split("\0", 1)
+        message, _, arguments = rest.partition("\0")  # the arguments it names: the CLI spells them as flags
+        error_type = ResumeError if kind == "ResumeError" else OutputError
+        raise error_type(message, arguments=arguments.split())
     return value  # type: ignore[return-value]
 
 
@@ -238,7 +250,8 @@ def _plan(files: OutputFiles, env: DistEnv, fingerprint: dict[str, Any], *, resu
         if others:
             raise ResumeError(
                 f"the unfinished run used {' or '.join(others)} process(es), this one {env.world_size}; resume it "
-                "with the same number (torchrun --nproc_per_node), or pass --overwrite to start over"
+                "with the same number (torchrun --nproc_per_node), or pass overwrite=True to start over",
+                arguments=("overwrite",),
             )
         run_id = PartState.load(states[0]).run_id  # any process's: a run's processes share it
         meta = _finished_meta(files)
@@ -251,11 +264,15 @@ def _plan(files: OutputFiles, env: DistEnv, fingerprint: dict[str, Any], *, resu
             raise ResumeError(
                 f"cannot resume the unfinished run into {files.npy.name}: "
                 + "; ".join(changes)
-                + ". Run it with the same inputs and options, or pass --overwrite to start over."
+                + ". Run it with the same inputs and options, or pass overwrite=True to start over.",
+                arguments=(*FINGERPRINT_ARGUMENTS, "overwrite"),
             )
         published = state.publishing is not None  # the first process's .npy may be in place already
         if not mine.failed.exists() or not (mine.data.exists() or published):
-            raise ResumeError(f"the partial files of the unfinished run ({mine.data}) are missing; pass --overwrite")
+            raise ResumeError(
+                f"the partial files of the unfinished run ({mine.data}) are missing; pass overwrite=True",
+                arguments=("overwrite",),
+            )
         return _Plan("resume", state=state)
     finals = files.existing_finals()
     meta = _finished_meta(files)
@@ -263,7 +280,8 @@ def _plan(files: OutputFiles, env: DistEnv, fingerprint: dict[str, Any], *, resu
         return _Plan("complete", meta=meta)  # done before
     if finals:
         raise OutputError(
-            f"{files.npy.name} was made by a run with other inputs or options; pass --overwrite to replace it"
+            f"{files.npy.name} was made by a run with other inputs or options; pass overwrite=True to replace it",
+            arguments=("overwrite",),
         )
     return _Plan("fresh")
 
@@ -283,12 +301,16 @@ def _writing(folder: Path) -> Any:
         full = exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
         raise OutputError(
             f"{exc.filename or folder}: {exc.strerror or exc}. The run stopped and the work done so far is kept: "
-            f"{'free some space' if full else 'fix that'}, then run the same command with --resume"
+            f"{'free some space' if full else 'fix that'}, then run it again with resume=True",
+            arguments=("resume",),
         ) from None
 
 
 def _damaged(path: Path, exc: BaseException) -> ResumeError:
-    return ResumeError(f"{path}, a partial file of the unfinished run, is damaged ({exc}); start over with --overwrite")
+    return ResumeError(
+        f"{path}, a partial file of the unfinished run, is damaged ({exc}); start over with overwrite=True",
+        arguments=("overwrite",),
+    )
 
 
 def _reopen(path: Path, dim: int, dtype: str, rows: int) -> NpyRowWriter:
@@ -358,7 +380,8 @@ def _embed_slice(
     except KeyboardInterrupt:
         raise EmbeddingInterrupted(
             f"interrupted: {state.items_done - state.start} of {state.end - state.start} images done and kept; "
-            "run the same command with --resume to continue"
+            "run it again with resume=True to continue",
+            arguments=("resume",),
         ) from None
     finally:
         bar.close()
@@ -431,7 +454,9 @@ def _finalize(
     states = [PartState.load(p.state) for p in parts]
     unfinished = [rank for rank, s in enumerate(states) if not s.complete]
     if unfinished:
-        raise ResumeError(f"process(es) {unfinished} did not finish their share; run again with --resume")
+        raise ResumeError(
+            f"process(es) {unfinished} did not finish their share; run again with resume=True", arguments=("resume",)
+        )
     failures: list[tuple[int, str]] = []
     for part, state in zip(parts, states, strict=True):
         failures.extend(read_failures(part.failed, state.failed_bytes))
@@ -455,7 +480,10 @@ def _finalize(
     elif states[0].publishing and files.npy.is_file() and features_ends_sha256(files.npy) == states[0].publishing:
         rows, features_file = read_npy_header(files.npy)[0], None  # renamed into place by the run that stopped
     else:
-        raise ResumeError(f"the partial files of the unfinished run ({first.data}) are missing; pass --overwrite")
+        raise ResumeError(
+            f"the partial files of the unfinished run ({first.data}) are missing; pass overwrite=True",
+            arguments=("overwrite",),
+        )
     failed_indices = {index for index, _ in failures}
     if rows != len(collected) - len(failed_indices):
         raise MecHubError(
@@ -555,7 +583,7 @@ def run_job(
             state = plan.state
         if (state.start, state.end) != (start, end):
             raise ResumeError(f"the saved progress covers items {state.start}..{state.end}, expected {start}..{end}")
-        show = (sys.stderr.isatty() if progress is None else progress) and env.is_main
+        show = progress_enabled(progress) and env.is_main
         label = "embedding" if env.world_size == 1 else f"embedding (process 1 of {env.world_size}, its share)"
         _embed_slice(
             embedder,

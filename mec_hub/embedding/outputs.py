@@ -34,7 +34,16 @@ from mec_hub.data.featurefile import (
     sidecar,
     write_parquet,
 )
-from mec_hub.errors import MecHubError
+from mec_hub.errors import InvalidArgumentError, MecHubError
+
+NPY_SUFFIX = ".npy"
+#: The output formats, by the suffix of ``--out`` / ``out=`` that chooses them: the one rule, for the
+#: CLI and the Python API. A name without a suffix is ``NAME.npy`` (as ``np.save`` writes it); any other
+#: suffix is refused (``n.csv`` would otherwise become ``n.csv.npy``, a file that is not what it says).
+OUTPUT_FORMATS = {
+    NPY_SUFFIX: "an N x D .npy array with NAME.paths.txt and NAME.meta.json beside it",
+    PARQUET_SUFFIX: "a Parquet file, or its shards; pip install 'mec-hub[parquet]'",
+}
 
 
 class OutputError(MecHubError):
@@ -59,7 +68,8 @@ class OutputFiles:
 
     @classmethod
     def for_out(cls, out: str | os.PathLike[str]) -> OutputFiles:
-        """``feats`` and ``feats.npy`` both mean ``feats.npy`` (as ``np.save`` does).
+        """``feats`` and ``feats.npy`` both mean ``feats.npy`` (as ``np.save`` does); another suffix
+        (``feats.csv``) is an :class:`~mec_hub.errors.InvalidArgumentError` listing ``OUTPUT_FORMATS``.
 
         ``out`` names a file: a folder (``.``, ``""``, ``photos/``, an existing folder) is refused,
         rather than guessing a file name for it.
@@ -69,12 +79,16 @@ class OutputFiles:
         seps = (os.sep, os.altsep) if os.altsep else (os.sep,)
         if not text or text.endswith(seps) or os.path.basename(text) in (os.curdir, os.pardir) or os.path.isdir(text):
             if not given:
-                raise OutputError("--out is empty; it takes a file name, such as feats.npy")
+                raise OutputError("out= is empty; it takes a file name, such as feats.npy", arguments=("out",))
             example = os.path.join(given, "feats.npy")
-            raise OutputError(f"--out {given!r} names a folder; it takes a file name, such as {example}")
+            raise OutputError(
+                f"out={given!r} names a folder; it takes a file name, such as {example}", arguments=("out",)
+            )
         path = Path(os.path.abspath(text))
-        if path.suffix != ".npy":
-            path = path.with_name(path.name + ".npy")
+        if not path.suffix:
+            path = path.with_name(path.name + NPY_SUFFIX)
+        elif path.suffix != NPY_SUFFIX:
+            raise unsupported_format(given, path.suffix)
         return cls(path)
 
     @property
@@ -108,6 +122,15 @@ class OutputFiles:
         return [p for p in self.finals if p.exists()]
 
 
+def unsupported_format(out: str, suffix: str) -> InvalidArgumentError:
+    """The error for an ``out`` whose suffix names no output format, listing the formats."""
+    formats = " or ".join(f"NAME{known} ({what})" for known, what in OUTPUT_FORMATS.items())
+    return InvalidArgumentError(
+        f"out={out!r}: {suffix} is not an output format. Use {formats}; a NAME without a suffix is NAME.npy",
+        arguments=("out",),
+    )
+
+
 @dataclass(frozen=True)
 class ParquetTarget:
     """``--out FEATS.parquet`` (``shard_rows``: ``FEATS-00000.parquet`` ...), and the hidden
@@ -137,7 +160,10 @@ class ParquetTarget:
         existing = self.existing()
         if existing and not overwrite and not (resume and self.staging.existing_finals()):
             names = ", ".join(p.name for p in existing[:3]) + (" ..." if len(existing) > 3 else "")
-            raise OutputError(f"{names} already exist in {self.path.parent}; pass --overwrite to replace them")
+            raise OutputError(
+                f"{names} already exist in {self.path.parent}; pass overwrite=True to replace them",
+                arguments=("overwrite",),
+            )
 
     def publish(self) -> list[Path]:
         """Convert the finished hidden set to Parquet, then remove it."""
@@ -147,7 +173,8 @@ class ParquetTarget:
         except OSError as exc:
             raise OutputError(
                 f"cannot write {self.path.name} ({exc.strerror or exc}); the embedded rows are kept: "
-                "run the same command with --resume to finish"
+                "run it again with resume=True to finish",
+                arguments=("resume",),
             ) from None
         if self.shard_rows is not None:
             self.path.unlink(missing_ok=True)

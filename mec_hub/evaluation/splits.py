@@ -18,10 +18,11 @@ from typing import Any
 import torch
 
 from mec_hub.data.featurefile import PATHS_SUFFIX, FeatureMeta, sidecar
+from mec_hub.errors import InvalidArgumentError
 from mec_hub.evaluation.features import LabelledFeatures, extract_image_folder, load_feature_file, save_feature_file
 from mec_hub.evaluation.inputs import InvalidFeaturesError
 from mec_hub.models.encoder import MECEncoder
-from mec_hub.models.loading import load
+from mec_hub.models.loading import create_model, load
 from mec_hub.runtime.devices import resolve_device
 from mec_hub.weights.identity import weights_origin
 from mec_hub.weights.registry import is_registered
@@ -42,14 +43,21 @@ def load_eval_model(
     """The encoder to evaluate: ``mec_hub.load(name, weights=...)``.
 
     With ``random_init``, the same architecture and preprocessing with random weights drawn from
-    ``seed`` (the baseline a trained model must beat); the architecture then comes from ``name``
-    or from a weights folder's ``config.json``. The caller's random state is left as it was.
+    ``seed`` (the baseline a trained model must beat): ``mec_hub.create_model``, the architecture
+    taken from ``name`` or from what ``weights`` names (a folder's ``config.json``, a file's), never
+    from both. The caller's random state is left as it was.
     """
     if not random_init:
         return load(name, weights=weights, head=head, device=device)
+    if name is not None and weights is not None:
+        raise InvalidArgumentError(
+            "name= and weights= were both given with random_init=True: random weights take the "
+            "architecture from one of them; drop the other",
+            arguments=("name", "weights", "random_init"),
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return load(name, weights=weights, pretrained=False, head=head, device=device)
+        return create_model(name, config=weights, head=head, device=device)
 
 
 def check_same_source(train: LabelledFeatures, val: LabelledFeatures, *, train_name: str, val_name: str) -> None:

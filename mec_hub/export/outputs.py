@@ -40,7 +40,7 @@ def check_output(path: str | os.PathLike[str], *, folder: bool, overwrite: bool)
         if path.is_dir() != folder:
             raise OutputPathError(f"cannot write {path}: it is a {_kind(not folder)}, and a {_kind(folder)} goes here")
         if not overwrite:
-            raise OutputPathError(f"{path} already exists; pass --overwrite to replace it")
+            raise OutputPathError(f"{path} already exists; pass overwrite=True to replace it", arguments=("overwrite",))
         return path
     parent = path.parent
     while not os.path.lexists(parent) and parent != parent.parent:

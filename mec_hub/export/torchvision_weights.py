@@ -33,8 +33,9 @@ def torchvision_state_dict(
 
     if architecture not in models.list_models(module=models):
         raise IncompatibleWeightsError(
-            f"{origin}: torchvision has no {architecture!r}; --to torchvision takes its ResNets "
-            f"(resnet18-152, wide_resnet50_2, resnext50_32x4d, ...)"
+            f"{origin}: torchvision has no {architecture!r}; framework='torchvision' takes its ResNets "
+            f"(resnet18-152, wide_resnet50_2, resnext50_32x4d, ...)",
+            arguments=("framework",),
         )
     model = models.get_model(architecture, weights=None)
     model.fc = nn.Identity()

@@ -21,7 +21,7 @@ from mec_hub.export.detectron2 import detectron2_config, to_detectron2, write_de
 from mec_hub.export.outputs import check_output
 from mec_hub.export.torchvision_weights import torchvision_state_dict, write_torchvision
 from mec_hub.models.encoder import build_backbone, load_state_dict_strict
-from mec_hub.models.loading import without_classifier
+from mec_hub.models.loading import DEFAULT_MODEL, without_classifier
 from mec_hub.weights.checkpoint import read_checkpoint
 from mec_hub.weights.config import preprocessing_fields
 from mec_hub.weights.registry import model_info
@@ -118,8 +118,8 @@ def read_backbone(
 def _read_weights_spec(origin: str, *, arch: str | None) -> ExtractedWeights:
     spec = parse_weights_spec(origin)
     record = None
-    if spec.kind == "registry":
-        record = model_info(spec.value)
+    if spec.kind in ("registry", "default"):
+        record = model_info(spec.value if spec.kind == "registry" else DEFAULT_MODEL)
         spec = record_location(record)
     try:
         local = fetch_weights(spec, record=record)

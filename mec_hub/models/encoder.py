@@ -74,6 +74,17 @@ class MECEncoder(nn.Module):
     ``head="projector"`` appends the MEC projector, the space the MEC loss was computed in.
     The preprocessing the weights expect travels with the module as ``pretrained_cfg`` (timm
     vocabulary), so ``mec_hub.get_transform(model)`` needs nothing else.
+
+    It answers to timm's model interface with timm's meanings, so code written for a timm
+    backbone runs on it unchanged: ``num_features`` (the pooled width), ``forward_features``
+    (the unpooled feature map), ``forward_head(x, pre_logits=False)`` (pooling, then the
+    classifier), ``get_classifier``, ``reset_classifier(num_classes, global_pool=None)``,
+    ``num_classes`` and ``default_cfg`` (``pretrained_cfg``). The MEC projector takes the
+    classifier's place: it is what ``get_classifier()`` returns and what ``forward_head`` applies
+    after pooling (``pre_logits=True`` stops before it), and ``reset_classifier`` replaces it as
+    timm replaces a classifier. Without a projector the classifier is the backbone's, an
+    ``Identity`` until ``reset_classifier(n)`` makes it ``Linear(num_features, n)`` (``n=0``: no
+    classifier, the pooled features).
     """
 
     def __init__(
@@ -99,10 +110,66 @@ class MECEncoder(nn.Module):
 
     @property
     def embed_dim(self) -> int:
+        """D, the width of what ``forward`` returns."""
         if self.projector is not None and self.config.projector is not None:
             _, _, out_dim = self.config.projector
             return out_dim
-        return self.config.num_features
+        classes = int(getattr(self.backbone, "num_classes", 0) or 0)
+        return classes or self.num_features
+
+    # -- timm's model interface (see the class docstring) ------------------------------------
+
+    @property
+    def num_features(self) -> int:
+        """timm's: the width of the pooled features, before any classifier or projector."""
+        return int(self.backbone.num_features)
+
+    @property
+    def num_classes(self) -> int:
+        """timm's: the width of the classifier's (or projector's) output; 0 without either, when
+        ``forward`` returns the pooled features."""
+        if self.projector is None and not getattr(self.backbone, "num_classes", 0):
+            return 0
+        return self.embed_dim
+
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        """timm's older name of ``pretrained_cfg`` (the same dict)."""
+        return self.pretrained_cfg
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's: the backbone's unpooled feature map, ``(N, num_features, h, w)`` for a ResNet."""
+        return self.backbone.forward_features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """timm's: pool the map ``forward_features`` returns, then apply the classifier (the
+        projector, for ``head="projector"``); ``pre_logits=True`` returns the pooled features."""
+        pooled = self.backbone.forward_head(x, pre_logits=True)
+        if pre_logits:
+            return pooled
+        return self.get_classifier()(pooled)
+
+    def get_classifier(self) -> nn.Module:
+        """timm's: what ``forward_head`` applies after pooling: the projector, else the backbone's
+        classifier (an ``Identity`` until ``reset_classifier``)."""
+        if self.projector is not None:
+            return self.projector
+        return self.backbone.get_classifier()
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """timm's: a fresh ``Linear(num_features, num_classes)`` classifier (``0``: none, the pooled
+        features), pooling by ``global_pool`` (``None`` keeps the current). The projector, if any, is
+        the classifier this replaces: it is dropped. ``head`` becomes ``"classifier"`` (or, for
+        ``num_classes=0``, ``"backbone"``), and once the output is no longer the published
+        backbone's (a classifier, other pooling) ``weights_sha256`` is cleared: the identity
+        becomes the tensors' digest."""
+        current = getattr(getattr(self.backbone, "global_pool", None), "pool_type", None)
+        self.backbone.reset_classifier(num_classes, global_pool if global_pool is not None else current)
+        changed = num_classes > 0 or (global_pool or current) != current
+        self.projector = None
+        self.head = "classifier" if num_classes > 0 else "backbone"
+        if changed:
+            self.weights_sha256 = None
 
     @property
     def identity(self) -> ModelIdentity:

@@ -31,10 +31,11 @@ class MissingDependencyError(MecHubError):
     """An optional package (the ``onnx`` extra) is not installed."""
 
 
-def require(module: str, what: str) -> None:
-    """Raise ``MissingDependencyError`` when ``module`` (a package of the ``onnx`` extra) is missing."""
+def require(module: str, what: str, *, arguments: tuple[str, ...] = ()) -> None:
+    """Raise ``MissingDependencyError`` when ``module`` (a package of the ``onnx`` extra) is missing;
+    ``arguments``: the Python arguments ``what`` names (``MecHubError.arguments``)."""
     if importlib.util.find_spec(module) is None:
-        raise MissingDependencyError(f"{what} needs the Python package {module!r}: {ONNX_EXTRA}")
+        raise MissingDependencyError(f"{what} needs the Python package {module!r}: {ONNX_EXTRA}", arguments=arguments)
 
 
 class OnnxRuntimeModel(nn.Module):
@@ -59,7 +60,7 @@ class OnnxRuntimeModel(nn.Module):
         digest = sha256_file(path)
         if description.sha256 != digest:
             raise ChecksumMismatchError(str(path), description.sha256, digest)  # recorded in FILE.json by the export
-        require("onnxruntime", "--runtime onnxruntime")
+        require("onnxruntime", "runtime='onnxruntime'", arguments=("runtime",))
         import onnxruntime
 
         options = onnxruntime.SessionOptions()

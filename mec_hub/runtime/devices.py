@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from dataclasses import dataclass
 
 import torch
 
-from mec_hub.errors import MecHubError
+from mec_hub.errors import InvalidArgumentError
 from mec_hub.runtime.distributed import dist_env
 
 # Autocast dtype of each precision (``None``: no autocast), for training and embedding alike.
@@ -24,7 +25,9 @@ class Precision:
 
     def __post_init__(self) -> None:
         if self.name not in PRECISIONS:
-            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.name!r}")
+            raise InvalidArgumentError(
+                f"precision= must be one of {', '.join(PRECISIONS)}, not {self.name!r}", arguments=("precision",)
+            )
 
     def autocast(self) -> contextlib.AbstractContextManager:
         dtype = PRECISIONS[self.name]
@@ -44,25 +47,51 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+#: The one device grammar, for every command line (``--device``) and the Python API (``device=``).
+DEVICE_GRAMMAR = "auto, cpu, cuda, cuda:N or mps"
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(?::(?P<index>[0-9]+))?")
+
+
+class DeviceError(InvalidArgumentError):
+    """A device outside :data:`DEVICE_GRAMMAR`, or one this machine lacks.
+
+    ``reason`` follows the device's name (``'gpu' is not a device; ...``), so that each caller names
+    it its own way: ``device='gpu' ...`` here, ``--device gpu ...`` on a command line.
+    """
+
+    def __init__(self, device: str, reason: str) -> None:
+        super().__init__(f"device={device!r} {reason}", arguments=("device",))
+        self.device, self.reason = device, reason
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto``: the GPU of this process (``LOCAL_RANK`` under torchrun) if CUDA works, else CPU."""
-    text = str(device)
+    """The device ``device`` names, checked against this machine; :class:`DeviceError` otherwise.
+
+    The grammar is ``auto | cpu | cuda | cuda:N | mps``, nothing else (no ``cpu:0``, no ``CUDA``).
+    ``auto``: the GPU of this process if CUDA works (``LOCAL_RANK`` under torchrun), else CPU; it
+    never picks MPS, which is used only when asked for. ``cuda``: likewise this process's GPU.
+    """
+    # A torch.device is taken as it is spelled, except the index of a cpu or mps device (always 0).
+    text = device.type if isinstance(device, torch.device) and device.type != "cuda" else str(device)
+    match = _DEVICE.fullmatch(text)
+    if match is None:
+        raise DeviceError(text, f"is not a device; use {DEVICE_GRAMMAR}")
     if text == "auto":
         text = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        resolved = torch.device(text)
-    except RuntimeError:
-        raise MecHubError(f"device must be auto, cpu or cuda[:N], not {text!r}") from None
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise MecHubError(f"device {text!r} was asked for, but CUDA is not available here; use --device cpu")
-        if resolved.index is None:
-            resolved = torch.device("cuda", dist_env().local_rank % torch.cuda.device_count())
-        if resolved.index >= torch.cuda.device_count():
-            raise MecHubError(f"device {text!r} does not exist: {torch.cuda.device_count()} GPU(s) visible")
-    elif resolved.type != "cpu":
-        raise MecHubError(f"device must be auto, cpu or cuda[:N], not {text!r}")
-    return resolved
+    if text == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(text, "asks for MPS (Apple GPUs), which torch does not see here; use cpu or auto")
+    if not text.startswith("cuda"):
+        return torch.device(text)
+    if not torch.cuda.is_available():
+        build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a build without CUDA"
+        raise DeviceError(text, f"asks for CUDA, but torch ({build}) sees no GPU; use cpu or auto")
+    count = torch.cuda.device_count()
+    index = match["index"]
+    if index is None:
+        return torch.device("cuda", dist_env().local_rank % count)
+    if int(index) >= count:
+        raise DeviceError(text, f"does not exist: {count} GPU(s) visible (cuda:0 to cuda:{count - 1})")
+    return torch.device("cuda", int(index))
 
 
 def cpu_has_bf16() -> bool:

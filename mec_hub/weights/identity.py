@@ -120,10 +120,13 @@ def _resolved(preprocessing: Mapping[str, Any]) -> dict[str, Any] | str:
 def weights_origin(weights: str | os.PathLike[str] | None) -> tuple[str | None, str | None]:
     """(registry name, loadable weights string) of a weights spec, for ``ModelIdentity.model`` and
     ``.weights``: a registry name is a name; a local path is made absolute, so the record loads
-    from anywhere; anything else (``hf-hub:``, a URL) is kept as written."""
+    from anywhere; anything else (``hf-hub:``, a URL) is kept as written; ``"DEFAULT"`` (the
+    model's own weights) says no more than ``None``."""
     if weights is None:
         return None, None
     spec = parse_weights_spec(weights)
+    if spec.kind == "default":
+        return None, None
     if spec.kind == "registry":
         return spec.value, None
     if spec.kind in ("file", "folder"):
