@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,15 @@ def _require(path: Path) -> Path:
             )
         pytest.skip(f"shared data not found at {path}")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _restore_warning_display():
+    """The CLIs print warnings as one line (``show_warnings_briefly`` replaces ``warnings.showwarning``);
+    every test gets the display it started with back, so that no CLI run leaks into the next test."""
+    saved = warnings.showwarning
+    yield
+    warnings.showwarning = saved
 
 
 @pytest.fixture(scope="session")

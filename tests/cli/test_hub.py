@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -18,14 +17,6 @@ from mec_hub.cli.hub import main
 from mec_hub.weights.integrity import sha256_file
 from tests.support import fakehub_push
 from tests.support.official_checkpoint import make_official_checkpoint
-
-
-@pytest.fixture(autouse=True)
-def _restore_warning_display():
-    # The CLI prints warnings as one line; keep that from leaking into other tests.
-    saved = warnings.showwarning
-    yield
-    warnings.showwarning = saved
 
 
 @pytest.fixture(scope="module")

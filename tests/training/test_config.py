@@ -23,7 +23,6 @@ import yaml
 from safetensors.torch import load_file
 
 import training.pretrain as pretrain
-from tests.support.images import write_noise_images
 from tests.support.paths import REPO_ROOT
 from training import loop
 from training.config import TrainConfig, parse_args
@@ -32,11 +31,6 @@ from training.model import build_mec_model
 
 CONFIGS = REPO_ROOT / "training" / "configs"
 STEPS_PER_EPOCH = 2
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    return write_noise_images(tmp_path_factory.mktemp("images"))
 
 
 def arguments(images: Path, out: Path, *extra: str) -> list[str]:

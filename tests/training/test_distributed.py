@@ -17,7 +17,6 @@ from torch import nn
 
 import training.pretrain as pretrain
 from mec_hub.models.losses import MECLoss
-from tests.support.images import write_noise_images
 from tests.support.pretraining import WORLD, pretrain_arguments
 from training.model import MECModel, build_mec_model
 
@@ -161,11 +160,6 @@ def _pretrain_worker(rank: int, port: int, images: str, out: str) -> None:
     )
     pretrain.build_mec_model = _per_sample_batch_norm(pretrain.build_mec_model)
     assert pretrain.main(pretrain_arguments(Path(images), Path(out))) == 0
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    return write_noise_images(tmp_path_factory.mktemp("images"))
 
 
 @pytest.mark.slow

@@ -21,13 +21,11 @@ import glob
 import os
 import signal
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from tests.support.embedding import run_in_own_group, subprocess_env
-from tests.support.images import write_noise_images
 from tests.support.paths import REPO_ROOT
 from tests.support.pretraining import WORLD, pretrain_arguments
 
@@ -76,11 +74,6 @@ def describe_exit(code: int) -> str:
     if code < 0:
         return f"killed by {signal.Signals(-code).name}"
     return f"exit status {code}"
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    return write_noise_images(tmp_path_factory.mktemp("images"))
 
 
 def test_heap_checks_reach_the_run_processes(tmp_path):

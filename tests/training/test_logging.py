@@ -28,7 +28,6 @@ import training.pretrain as pretrain
 from mec_hub.models.heads import build_predictor, build_projector
 from mec_hub.models.losses import MECLoss
 from mec_hub.runtime.devices import Precision
-from tests.support.images import write_noise_images
 from training import loop
 from training.engine import EpochTotals, StepOutput, StepStats, taylor_fidelity, train_step
 from training.metrics import MetricsLog, read_metrics
@@ -353,11 +352,6 @@ def test_a_bar_per_epoch_when_asked(tmp_path):
 
 # --------------------------------------------------------------------------------------------
 # a real run: log lines, train.log, metrics.jsonl, TensorBoard
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    return write_noise_images(tmp_path_factory.mktemp("images"))
 
 
 def arguments(images: Path, out: Path, *extra: str) -> list[str]:

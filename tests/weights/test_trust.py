@@ -34,14 +34,6 @@ BUNDLED = Path(mec_hub.__file__).parent / "bundled" / "mec_resnet18_cifar10s"
 X48 = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True)
-def _restore_warning_display():
-    # The CLI prints warnings as one line; keep that from leaking into other tests.
-    saved = warnings.showwarning
-    yield
-    warnings.showwarning = saved
-
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("imgs")
