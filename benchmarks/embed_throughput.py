@@ -43,7 +43,7 @@ import mec_hub
 from mec_hub.embedding.engine import DEFAULT_BATCH_SIZE, Embedder
 
 # The 18 photos shipped with the tests (byte-identical to ../shared/data/photos), so a fresh clone runs it.
-PHOTOS = Path(__file__).resolve().parents[1] / "tests" / "data" / "photos"
+PHOTOS = Path(__file__).resolve().parents[1] / "tests" / "assets" / "photos"  # the shipped photos (tests/assets)
 
 
 def make_image_folder(root: Path, count: int) -> Path:

@@ -87,7 +87,9 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
 def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it replaces ``path`` in one rename.
 
-    On error the temporary folder is removed and an existing ``path`` is left as it was.
+    On error the temporary folder is removed and an existing ``path`` is left as it was. Without
+    ``overwrite``, a ``path`` that another process publishes meanwhile is never replaced either: the
+    rename fails (``FileExistsError``) and this folder is removed.
     """
     final = Path(path)
     if final.exists() and not overwrite:
@@ -97,6 +99,8 @@ def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = False) -
     try:
         yield tmp
         _publish_permissions(tmp)
+        if final.exists() and not overwrite:
+            raise FileExistsError(f"{final} was written by another process meanwhile")
         if final.exists():
             # Two renames, so that a crash in between leaves the old folder under a findable name.
             old = final.with_name(f".{final.name}.old")
@@ -105,7 +109,12 @@ def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = False) -
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, final)
+            try:
+                os.rename(tmp, final)  # fails on a non-empty folder published since the check above
+            except OSError as exc:
+                if overwrite or not final.exists():
+                    raise
+                raise FileExistsError(f"{final} was written by another process meanwhile") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -6,8 +6,11 @@ CIFAR-10 subset, which states no licence, comes from ../shared/data (or MEC_HUB_
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -18,6 +21,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_DATA_DIR = Path(__file__).resolve().parent / "assets"
 # MEC_HUB_TEST_DATA points the tests at another copy of the data (and lets a test point it nowhere).
 DATA_DIR = Path(os.environ.get("MEC_HUB_TEST_DATA") or REPO_ROOT.parent / "shared" / "data")
+
+
+# Caches (URL downloads, the ONNX exports mec-embed runs by default) go to one folder per test session,
+# never to the user's ~/.cache: a model exported once is found again by the tests that follow.
+if not os.environ.get("MEC_HUB_CACHE"):
+    _CACHE = tempfile.mkdtemp(prefix="mec-hub-test-cache-")
+    os.environ["MEC_HUB_CACHE"] = _CACHE
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 
 def _require(path: Path) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from mec_hub import __version__
+from mec_hub.cli.cache import cache_group
 from mec_hub.cli.common import show_warnings_briefly
 from mec_hub.cli.evaluate import eval_group
 from mec_hub.cli.export import export_cmd
@@ -22,8 +23,8 @@ def main() -> None:
 
     Models: list, info, download, convert, export (ONNX, pt2, TorchScript), push (Hugging Face Hub),
     eval (kNN, linear, fine-tuning). Feature sets that mec-embed writes (FEATS.npy or FEATS.parquet):
-    search, index (FAISS), serve (a neighbour browser). Training runs: plot. Images are embedded by
-    mec-embed, models pretrained by training/pretrain.py.
+    search, index (FAISS), serve (a neighbour browser). Training runs: plot. The ONNX exports mec-embed
+    keeps: cache. Images are embedded by mec-embed, models pretrained by training/pretrain.py.
     """
     show_warnings_briefly()
 
@@ -32,6 +33,7 @@ for command in (list_cmd, info_cmd, download_cmd, convert_cmd, export_cmd, push_
     main.add_command(command)
 main.add_command(index_cmd)
 main.add_command(serve_cmd)
+main.add_command(cache_group)
 
 if __name__ == "__main__":
     main()

@@ -35,8 +35,12 @@ from mec_hub.embedding.job import EmbedResult, ProgressCallback, run_job
 from mec_hub.embedding.loader import ImageSource
 from mec_hub.embedding.optimize import fold_batchnorm
 from mec_hub.embedding.runner import Batch, BatchRunner, device_settings
+from mec_hub.embedding.runtimes import choose_runtime, requested_runtime
 from mec_hub.errors import InvalidArgumentError, MecHubError
+from mec_hub.export.onnx_cache import CachedModel, describe, onnx_export
+from mec_hub.export.quantize import CALIBRATION_IMAGES, MIN_CALIBRATION_IMAGES, Agreement, int8_export
 from mec_hub.models import loading
+from mec_hub.models.encoder import MECEncoder
 from mec_hub.models.features import PooledStage
 from mec_hub.models.head_names import HEADS
 from mec_hub.models.onnx_runtime import onnx_embedding_model
@@ -47,7 +51,8 @@ from mec_hub.weights.registry import is_registered
 from mec_hub.weights.sources import is_default_weights
 
 OUT_DTYPES = {"float32": np.float32, "float16": np.float16}
-RUNTIMES = ("torch", "onnxruntime")
+#: ``precision=``: autocast ones (``PRECISIONS``), and int8 (ONNX Runtime on a CPU, ``mec_hub.export.quantize``).
+EMBED_PRECISIONS = (*PRECISIONS, "int8")
 
 
 class ModelMismatchError(MecHubError):
@@ -68,7 +73,11 @@ class Embedder:
             ``None`` or ``"DEFAULT"``: the model's own published weights.
         head: ``"backbone"`` (pooled features) or ``"projector"`` (MEC projector output).
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast; fp16 needs CUDA).
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast; fp16 needs CUDA), or ``"int8"``:
+            ONNX Runtime's static quantization of the model, on a CPU, calibrated on (a sample of
+            ``calibration_images`` of) the first images it embeds and refused unless it agrees with
+            fp32 on them (``mec_hub.export.quantize``; the figures are in ``int8_agreement`` and
+            the meta file).
         batch_size: images per forward pass.
         num_workers: decoding processes (``None``: a default for the device, 0: in this process).
         normalize: L2-normalise each feature vector.
@@ -80,8 +89,11 @@ class Embedder:
             pooled by ``pool`` (``"avg"``, ``"gem"`` with exponent ``gem_p``, or ``"none"``: the
             flattened ``C x H x W`` map) instead of the model's own output (see
             ``mec_hub.models.features.PooledStage``).
-        runtime: ``"torch"``, or ``"onnxruntime"`` to run an ONNX file written by ``mec-hub export``
-            (``weights`` names it; fp32, as exported, see ``mec_hub.models.onnx_runtime``).
+        runtime: ``"auto"`` (ONNX Runtime through a cached, checked export of the model on a CPU
+            where it is installed, else PyTorch; see ``mec_hub.embedding.runtimes``), ``"torch"``,
+            or ``"onnxruntime"``; an ONNX file written by ``mec-hub export`` (``weights=FILE.onnx``)
+            runs as it is (fp32, see ``mec_hub.models.onnx_runtime``).
+        calibration_images: how many of the images int8 is calibrated on.
     """
 
     def __init__(
@@ -101,10 +113,11 @@ class Embedder:
         pool: str | None = None,
         layer: int | None = None,
         gem_p: float = 3.0,
-        runtime: str = "torch",
+        runtime: str = "auto",
+        calibration_images: int = CALIBRATION_IMAGES,
     ) -> None:
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
+        if precision not in EMBED_PRECISIONS:
+            raise ValueError(f"precision must be one of {list(EMBED_PRECISIONS)}, not {precision!r}")
         if out_dtype not in OUT_DTYPES:
             raise ValueError(f"out_dtype must be one of {sorted(OUT_DTYPES)}, not {out_dtype!r}")
         if head not in HEADS:
@@ -113,6 +126,9 @@ class Embedder:
             raise ValueError(f"batch_size must be a whole number, at least 1, not {batch_size!r}")
         if num_workers is not None and (not _is_whole_number(num_workers) or num_workers < 0):
             raise ValueError(f"num_workers must be a whole number, 0 or more, not {num_workers!r}")
+        if not _is_whole_number(calibration_images) or calibration_images < MIN_CALIBRATION_IMAGES:
+            least = MIN_CALIBRATION_IMAGES
+            raise ValueError(f"calibration_images must be a whole number, at least {least}, not {calibration_images!r}")
         self.device = resolve_device(device)
         if precision == "fp16" and self.device.type != "cuda":
             raise MecHubError(
@@ -134,11 +150,15 @@ class Embedder:
         self.decode_threads, self.worker_niceness = decoding_plan(self.device)
         self.normalize = bool(normalize)
         self.out_dtype = out_dtype
-        if runtime not in RUNTIMES:
-            raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
-        if runtime == "onnxruntime":
-            if pool is not None or layer is not None or precision != "fp32":
-                raise ValueError("runtime='onnxruntime' runs the exported file as it is: fp32, no pool= or layer=")
+        wanted = requested_runtime(runtime)
+        pooled = pool is not None or layer is not None
+        if _names_onnx_file(model, weights):  # an exported file runs as it is
+            if wanted == "torch" or pooled or precision != "fp32":
+                raise InvalidArgumentError(
+                    "an .onnx file runs with runtime='onnxruntime' as it was exported: fp32, no pool= or layer=",
+                    arguments=("runtime", "precision"),
+                )
+            wanted = "onnxruntime"
             self.model, self.name, self.weights = onnx_embedding_model(model, weights, head=head, sha256=sha256)
         else:
             self.model, self.name, self.weights = self._load(model, weights, head, sha256)
@@ -161,7 +181,12 @@ class Embedder:
             identity = identity_of(self.model, embed_dim=self._probe_embed_dim(self.model))
         self.identity: ModelIdentity = identity.replace(model=self.name, weights=self.weights, head=self.head)
         self.embed_dim = self.identity.embed_dim
-        self._prepare_model(optimize and runtime == "torch")
+        self.requested_runtime = wanted
+        self.calibration_images = int(calibration_images)
+        self._onnx: CachedModel | None = None  # the cached export that runs (runtime onnxruntime)
+        self._int8: tuple[CachedModel, Agreement] | None = None  # once calibrated
+        self.runtime = self._choose_runtime(wanted, whole_encoder=isinstance(self.model, MECEncoder))
+        self._prepare_model(optimize)
 
     # -- model ------------------------------------------------------------------------------
 
@@ -190,11 +215,48 @@ class Embedder:
         module = loading.load(model, weights=weights, head=head, device="cpu", sha256=sha256)
         return module, model or name_from_weights, weights_text
 
+    def _choose_runtime(self, wanted: str, *, whole_encoder: bool) -> str:
+        """``torch`` or ``onnxruntime`` (``mec_hub.embedding.runtimes``); int8 needs the latter."""
+        if getattr(self.model, "runtime", None) == "onnxruntime":  # an exported file
+            return "onnxruntime"
+        chosen = choose_runtime(wanted, device=self.device, precision=self.precision, whole_encoder=whole_encoder)
+        if chosen == "onnxruntime" and not whole_encoder:
+            raise InvalidArgumentError(
+                "runtime='onnxruntime' runs an MEC encoder as mec_hub.load makes it, whole (no pool= or layer=), "
+                "or an exported .onnx file",
+                arguments=("runtime",),
+            )
+        if chosen == "onnxruntime" and self.device.type != "cpu":
+            raise InvalidArgumentError(
+                f"runtime='onnxruntime' runs on the CPU here, not {self.device}", arguments=("runtime", "device")
+            )
+        if self.precision == "int8" and chosen != "onnxruntime":
+            raise InvalidArgumentError(
+                "precision='int8' runs the model quantized by ONNX Runtime, on a CPU, whole (no pool= or layer=): "
+                "pip install 'mec-hub[onnx]', device='cpu', and not runtime='torch'",
+                arguments=("precision",),
+            )
+        return chosen
+
     def _prepare_model(self, optimize: bool) -> None:
-        """The module that runs: the model, or its BatchNorm-folded copy, on the device, channels-last."""
+        """The module that runs: the model's cached ONNX export, or the model (or its BatchNorm-folded
+        copy) on the device, channels-last."""
         self.model.eval()
+        self.optimizations: list[str] = []
+        if self.runtime == "onnxruntime" and isinstance(self.model, MECEncoder):
+            try:
+                self._onnx = onnx_export(self.model)
+            except MecHubError as exc:
+                if self.requested_runtime != "auto" or self.precision == "int8":
+                    raise
+                warnings.warn(f"ONNX Runtime is not used, PyTorch runs the model: {exc}", stacklevel=3)
+                self.runtime = "torch"
+            else:
+                self._runner, self.channels_last = self._onnx.model, False
+                self.identity = self.identity.replace(runtime="onnxruntime")
+                return
         folded = 0
-        if optimize:
+        if optimize and self.runtime == "torch":
             self._runner, folded = fold_batchnorm(self.model)
         else:
             self._runner = self.model
@@ -217,19 +279,59 @@ class Embedder:
         return int(probe.shape[1])
 
     def record(self) -> dict[str, Any]:
-        """The model and embedding fields of FEATS.meta.json: the identity, then how it was run."""
-        return {
+        """The model and embedding fields of FEATS.meta.json: the identity, then how it was run
+        (with the cached export that ran, and int8's calibration and agreement with fp32)."""
+        record = {
             **self.identity.to_json(),
             "normalize": self.normalize,
             "precision": self.precision,
             "out_dtype": self.out_dtype,
             "optimizations": self.optimizations,
         }
+        if self._onnx is not None:
+            record["onnx_export"] = describe(self._onnx)
+        if self._int8 is not None:
+            entry, agreement = self._int8
+            record["int8"] = {
+                "calibration_sha256": entry.record.get("calibration_sha256"),
+                "calibration_images": agreement.images,
+                "agreement_with_fp32": agreement.to_json(),
+                **describe(entry),
+            }
+        return record
+
+    @property
+    def int8_agreement(self) -> Agreement | None:
+        """With ``precision="int8"``, once calibrated: how the int8 vectors compare with fp32's."""
+        return None if self._int8 is None else self._int8[1]
+
+    def prepare(self, source: ImageSource) -> None:
+        """What must happen before the first batch: int8's calibration, on up to ``calibration_images``
+        of ``source``'s images spread evenly over it (the same ones for the same inputs, so a resumed
+        run finds its model in the cache). Called by ``embed_folder`` and ``embed``; nothing to do
+        for other precisions, or once calibrated."""
+        if self.precision != "int8" or self._int8 is not None:
+            return
+        count = len(source)
+        starts = np.unique(np.linspace(0, count, min(count, self.calibration_images), endpoint=False).astype(int))
+        images: list[torch.Tensor] = []
+        for start, stop in zip(starts, [*starts[1:], count], strict=True):
+            for index in range(int(start), int(stop)):  # an image that fails to decode: the next one instead
+                _, item = source[index]
+                if isinstance(item, torch.Tensor):
+                    images.append(item)
+                    break
+        self._calibrate(torch.stack(images).numpy() if images else np.empty((0, *self.input_size), np.float32))
+
+    def _calibrate(self, images: np.ndarray) -> None:
+        assert self._onnx is not None
+        self._int8 = int8_export(self._onnx, images)
+        self._runner = self._int8[0].model
 
     # -- forward ----------------------------------------------------------------------------
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        dtype = PRECISIONS[self.precision]
+        dtype = PRECISIONS.get(self.precision)  # int8: a quantized model, no autocast
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype)
@@ -287,6 +389,8 @@ class Embedder:
         and so does a FIFO, socket or device, at once, without being read.
         """
         if isinstance(items, torch.Tensor):
+            if self.precision == "int8" and self._int8 is None:
+                self._calibrate(items[: self.calibration_images].float().numpy())
             return self._embed_tensor(items)
         if isinstance(items, str | os.PathLike | Image.Image):
             items = [items]
@@ -299,8 +403,10 @@ class Embedder:
         sources = [x if isinstance(x, Image.Image) else os.fspath(x) for x in items]
         in_memory = any(isinstance(x, Image.Image) for x in sources)
         workers = 0 if in_memory or len(sources) <= self.batch_size else self.num_workers
+        source = ImageSource(sources, self.transform)
+        self.prepare(source)
         blocks = []
-        for batch in self.batches(ImageSource(sources, self.transform), num_workers=workers):
+        for batch in self.batches(source, num_workers=workers):
             if batch.failures:
                 index, reason = batch.failures[0]
                 where = sources[index] if isinstance(sources[index], str) else f"image #{index}"
@@ -388,8 +494,11 @@ class Embedder:
         pooling = meta.extra.get("pooling")
         if isinstance(pooling, Mapping):
             kwargs.update(pool=pooling.get("pool"), layer=pooling.get("layer"), gem_p=pooling.get("gem_p", 3.0))
-        if meta.extra.get("runtime"):
-            kwargs["runtime"] = meta.extra["runtime"]
+        # The runtime that made them (none recorded: torch); int8's calibration images are not at hand,
+        # so int8 features get fp32 ONNX Runtime queries (what their recorded recall@10 compares with).
+        kwargs["runtime"] = meta.extra.get("runtime") or "torch"
+        if kwargs["precision"] == "int8":
+            kwargs["precision"] = "fp32"
         if isinstance(overrides.get("model"), nn.Module):
             kwargs["weights"] = None
         kwargs.update(overrides)
@@ -424,8 +533,8 @@ class Embedder:
     def __repr__(self) -> str:
         return (
             f"Embedder(model={self.name!r}, head={self.head!r}, embed_dim={self.embed_dim}, "
-            f"device={str(self.device)!r}, precision={self.precision!r}, batch_size={self.batch_size}, "
-            f"normalize={self.normalize})"
+            f"device={str(self.device)!r}, runtime={self.runtime!r}, precision={self.precision!r}, "
+            f"batch_size={self.batch_size}, normalize={self.normalize})"
         )
 
 
@@ -436,6 +545,12 @@ def embed(items: Any, model: str | nn.Module | None = None, **kwargs: Any) -> np
     For many calls, build one ``Embedder`` and reuse it: each call here loads the model.
     """
     return Embedder(model, **kwargs).embed(items)
+
+
+def _names_onnx_file(model: Any, weights: Any) -> bool:
+    """Whether the weights spec (``weights``, or a path given as ``model``) is an exported ``.onnx`` file."""
+    spec = weights if weights is not None else model if isinstance(model, str | os.PathLike) else None
+    return spec is not None and os.fspath(spec).lower().endswith(".onnx")
 
 
 def _is_whole_number(value: Any) -> bool:

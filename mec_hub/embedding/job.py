@@ -86,6 +86,10 @@ class JobEmbedder(Protocol):
         """The model fields of ``FeatureMeta``: the identity's, then normalize, precision, out_dtype, optimizations."""
         ...
 
+    def prepare(self, source: ImageSource) -> None:
+        """Anything to do with the whole input before the first batch (int8's calibration), or nothing."""
+        ...
+
     def batches(self, source: ImageSource, start: int, end: int) -> Iterator[Batch]:
         """Embed ``source[start:end]`` in order, yielding one ``Batch`` per batch."""
         ...
@@ -217,6 +221,8 @@ def make_fingerprint(embedder: JobEmbedder, collected: CollectedInputs, world_si
     }
     # A pooled stage or another runtime (only in the runs that use them: other fingerprints stay as they were).
     fingerprint.update({key: record[key] for key in ("pooling", "runtime") if key in record})
+    if "int8" in record:  # the images int8 was calibrated on decide its model
+        fingerprint["int8_calibration_sha256"] = record["int8"]["calibration_sha256"]
     return fingerprint
 
 
@@ -346,10 +352,7 @@ def _embed_slice(
         writer = _reopen(part.data, dim, dtype, state.rows_done)
         truncate(part.failed, state.failed_bytes)
         failed_log = open(part.failed, "ab")  # noqa: SIM115
-    items = collected.items
-    source = ImageSource(
-        StringTable([it.path for it in items]), embedder.transform, names=StringTable([it.name for it in items])
-    )
+    source = image_source(collected, embedder.transform)
     bar = tqdm(
         total=state.end - state.start,
         initial=state.items_done - state.start,
@@ -390,6 +393,12 @@ def _embed_slice(
             failed_log.close()
         with contextlib.suppress(OSError):
             writer.close()
+
+
+def image_source(collected: CollectedInputs, transform: Callable[[Any], Any]) -> ImageSource:
+    """The inputs as the dataset the embedder reads (row i = ``collected.items[i]``)."""
+    items = collected.items
+    return ImageSource(StringTable([it.path for it in items]), transform, names=StringTable([it.name for it in items]))
 
 
 def _build_meta(
@@ -551,6 +560,7 @@ def run_job(
     group = ProcessGroup(env)
     lock = RunLock(files)
     try:
+        embedder.prepare(image_source(collected, embedder.transform))  # before its record is made
         model_fields = embedder.record()
         fingerprint = make_fingerprint(embedder, collected, env.world_size)
         digests = group.all_gather(fingerprint_digest(fingerprint))

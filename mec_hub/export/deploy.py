@@ -72,6 +72,7 @@ __all__ = [
     "MissingDependencyError",
     "OnnxRuntimeModel",
     "deployable",
+    "export_encoder",
     "export_model",
     "onnx_embedding_model",
     "read_export_description",
@@ -232,12 +233,33 @@ def export_model(
     if opset < MIN_OPSET:
         raise InvalidArgumentError(f"opset {opset}: the ONNX exporter writes opset {MIN_OPSET} or newer")
     out = Path(out)
-    side = sidecar_path(out)
-    for path in (out, side):  # before the work, not after it
+    for path in (out, sidecar_path(out)):  # before the work, not after it
         check_output(path, folder=False, overwrite=overwrite)
     if fmt == "onnx":
         require("onnxscript", "ONNX export")
     encoder = load(weights=weights, head=head, **({"sha256": sha256} if sha256 else {}))
+    return export_encoder(encoder, out, fmt=fmt, dynamic_batch=dynamic_batch, opset=opset, overwrite=overwrite)
+
+
+def export_encoder(
+    encoder: nn.Module,
+    out: str | os.PathLike[str],
+    *,
+    fmt: str,
+    dynamic_batch: bool = False,
+    opset: int | None = None,
+    overwrite: bool = False,
+) -> ExportResult:
+    """``export_model`` for an encoder already loaded (``mec_hub.load``'s ``MECEncoder``, its head as
+    loaded): the same file, the same check against the PyTorch model, the same ``FILE.json``.
+    ``mec_hub.export.onnx_cache`` makes the exports ``mec-embed`` runs through it."""
+    if fmt not in EXPORT_FORMATS:
+        raise InvalidArgumentError(f"format must be one of {EXPORT_FORMATS}, not {fmt!r}")
+    opset = MIN_OPSET if opset is None else int(opset)
+    out = Path(out)
+    side = sidecar_path(out)
+    for path in (out, side):
+        check_output(path, folder=False, overwrite=overwrite)
     module = deployable(encoder)
     config: ModelConfig = encoder.config
     c, h, w = (int(n) for n in config.input_size)
@@ -279,4 +301,4 @@ def export_model(
     max_rel_diff, digest = checked["max_rel_diff"], checked["sha256"]
     if fmt == "torchscript":  # once written: a failed export stays one error line
         warnings.warn(TORCHSCRIPT_DEPRECATED, FutureWarning, stacklevel=2)
-    return ExportResult(out, side, fmt, head, int(encoder.embed_dim), size, digest, max_rel_diff)
+    return ExportResult(out, side, fmt, str(encoder.head), int(encoder.embed_dim), size, digest, max_rel_diff)

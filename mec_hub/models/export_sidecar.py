@@ -144,3 +144,13 @@ def read_export_description(path: str | os.PathLike[str]) -> ExportDescription:
         )
     config = ModelConfig.from_json_dict(data, origin=str(side))
     return ExportDescription(side, config, fmt, sha256, head, dim, export, version, preprocessing)
+
+
+def write_derived_description(
+    path: str | os.PathLike[str], source: ExportDescription, *, sha256: str, changes: Mapping[str, Any]
+) -> Path:
+    """Write ``FILE.json`` for ``path``, a file made from the export ``source`` describes (e.g. its int8
+    quantization): the same description, with the file's name and SHA-256 and ``changes`` in ``export``."""
+    description = source.config.to_json_dict()
+    description["export"] = {**dict(source.export), "file": Path(path).name, "sha256": sha256, **dict(changes)}
+    return atomic_write_json(sidecar_path(path), description)

@@ -77,7 +77,7 @@ def test_precision_rules(tiny_weights_dir: Path, photos: list[Path], photo_refer
     with pytest.raises(MecHubError, match="fp16 autocast needs a CUDA device"):
         Embedder(weights=tiny_weights_dir, device="cpu", precision="fp16")
     with pytest.raises(ValueError, match="precision"):
-        Embedder(weights=tiny_weights_dir, device="cpu", precision="int8")
+        Embedder(weights=tiny_weights_dir, device="cpu", precision="int4")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "this CPU has no bf16 instructions" on older CPUs
         bf16 = Embedder(weights=tiny_weights_dir, device="cpu", precision="bf16").embed(photos[:6])

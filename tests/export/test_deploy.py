@@ -185,10 +185,14 @@ def test_usage_errors(tmp_path: Path, onnx_file: Path):
     assert script_opset.exit_code == 2 and "ONNX exports only" in script_opset.output
     existing = runner.invoke(hub_main, ["export", MODEL, "--format", "onnx", "--out", str(onnx_file)])
     assert existing.exit_code == 1 and "--overwrite" in existing.output
-    with_model = runner.invoke(
-        embed_main, [str(tmp_path), "--out", str(tmp_path / "f.npy"), "--runtime", "onnxruntime", "--model", MODEL]
+    pooled = runner.invoke(
+        embed_main, [str(tmp_path), "--out", str(tmp_path / "f.npy"), "--runtime", "onnxruntime", "--pool", "gem"]
     )
-    assert with_model.exit_code == 2 and "--weights" in with_model.output
+    assert pooled.exit_code == 2 and "no --pool or --layer" in pooled.output
+    onnx_with_model = runner.invoke(
+        embed_main, [str(tmp_path), "-o", str(tmp_path / "g.npy"), "--weights", str(onnx_file), "--model", MODEL]
+    )
+    assert onnx_with_model.exit_code == 2 and "no --model" in onnx_with_model.output
 
 
 def test_missing_onnx_packages_are_one_line(tmp_path: Path, onnx_file: Path, monkeypatch: pytest.MonkeyPatch):

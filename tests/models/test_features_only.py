@@ -161,7 +161,8 @@ def test_a_vit_goes_through_timms_getter_wrapper(tmp_path: Path):
 
 def test_average_of_the_last_stage_is_todays_default_embedding(tiny_weights_dir: Path, photos_dir: Path):
     photos = sorted(photos_dir.iterdir())[:6]
-    default = Embedder(weights=tiny_weights_dir, device="cpu", num_workers=0).embed(photos)
+    # A pooled stage runs on torch (runtime auto): compared with the default embedding run on torch too.
+    default = Embedder(weights=tiny_weights_dir, device="cpu", num_workers=0, runtime="torch").embed(photos)
     pooled = Embedder(weights=tiny_weights_dir, device="cpu", num_workers=0, pool="avg").embed(photos)
     np.testing.assert_array_equal(pooled, default)
     explicit = Embedder(weights=tiny_weights_dir, device="cpu", num_workers=0, pool="avg", layer=4).embed(photos)

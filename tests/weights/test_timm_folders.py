@@ -157,6 +157,7 @@ def _embed(args: list[str], hub: FakeHub, cache: Path) -> subprocess.CompletedPr
     )
 
 
+@pytest.mark.slow  # 18 s: a download, a run and an ONNX export of a model of its own
 def test_mec_embed_takes_a_timm_hub_repo_with_a_pinned_digest(hub, timm_folder, reference, tmp_path):
     paths = noise_images(tmp_path / "images", 3, seed=0)
     digest = digest_of(timm_folder / "model.safetensors")
