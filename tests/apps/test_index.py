@@ -252,7 +252,7 @@ def test_index_and_search_read_parquet_shards(tmp_path: Path):
     assert result.exit_code == 2 and "index the whole set (mec-hub index" in result.output
 
 
-@pytest.mark.parametrize("kind", ["ivf", "hnsw", "auto"])
+@pytest.mark.parametrize("kind", ["ivf", "hnsw", "ivfpq", "auto"])
 def test_a_tiny_file_gets_an_exact_index_whatever_the_kind(kind: str):
     matrix = clustered(12, seed=6)
     index = FeatureIndex.build(matrix, kind=kind)
