@@ -3,7 +3,7 @@
 A bar goes to standard error, and only when standard error is a terminal (a log file, a pipe, a
 notebook or a test runner gets none), unless the caller says ``progress=True`` or ``False``.
 Every long step follows this rule: feature extraction and ``mec-embed``, the linear probe's fits,
-and downloads (huggingface_hub's bars and ``torch.hub.download_url_to_file``'s).
+and downloads (huggingface_hub's bars and the bar of a plain URL's download).
 """
 
 from __future__ import annotations

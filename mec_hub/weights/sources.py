@@ -5,16 +5,19 @@ folder (``config.json`` + ``model.safetensors``), ``hf-hub:org/name[@revision]``
 ``https://`` URL of a ``.safetensors`` file, ``bundled:NAME`` (a folder shipped inside this
 package), or ``"DEFAULT"`` (torchvision's word: the model's own published weights, as when no
 weights are given). Downloads go through huggingface_hub (its cache, ``HF_HUB_OFFLINE``, revision pins)
-or ``torch.hub.download_url_to_file``. Only safetensors are ever read from a download.
+or, for a plain URL, ``_http_download`` (bounded reads, complete or nothing). Only safetensors are ever read
+from a download.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import inspect
 import os
 import re
 import urllib.error
+import urllib.request
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -39,7 +42,8 @@ from mec_hub.errors import (
     UnknownModelError,
     WeightsNotFoundError,
 )
-from mec_hub.progress import progress_enabled
+from mec_hub.fileio import atomic_write
+from mec_hub.progress import progress_bar, progress_enabled
 from mec_hub.weights.config import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -320,10 +324,36 @@ def hf_download(
     return Path(path)
 
 
+def _http_download(url: str, target: Path) -> None:
+    """``url``'s body into ``target``, published only when every byte the server announced has arrived.
+
+    Written here rather than through ``torch.hub.download_url_to_file``: that opens the URL with no
+    timeout, so a server that stops sending mid-file holds the run forever, and a connection closed
+    early surfaces as ``http.client.IncompleteRead``. Here every read waits at most
+    ``HF_HUB_DOWNLOAD_TIMEOUT`` seconds (huggingface_hub's per-read timeout, 10 s by default: one
+    setting for both kinds of download), and a short body is an error, never a cached file.
+    """
+    timeout = float(constants.HF_HUB_DOWNLOAD_TIMEOUT)
+    request = urllib.request.Request(url, headers={"User-Agent": f"mec-hub/{__version__}"})
+
+    def write(tmp: Path) -> None:
+        with urllib.request.urlopen(request, timeout=timeout) as response, open(tmp, "wb") as out:
+            announced = response.headers.get("Content-Length")
+            total = int(announced) if announced is not None and announced.isdigit() else None
+            received = 0
+            with progress_bar(total=total, desc=target.name, unit="B", unit_scale=True, unit_divisor=1024) as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+            if total is not None and received != total:
+                raise http.client.IncompleteRead(b"", total - received)
+
+    atomic_write(target, write)
+
+
 def url_download(url: str, *, cache_dir: str | os.PathLike[str] | None, name: str | None = None) -> Path:
     """Download ``url`` once into the cache; later calls (and offline runs) reuse the cached file."""
-    import torch.hub  # here: torch takes seconds to import, and `mec-hub list` or a local load needs none of it
-
     filename = Path(urlparse(url).path).name or "weights.safetensors"
     if not filename.endswith(".safetensors"):
         raise CheckpointReadError(f"{url}: only .safetensors files are loaded from a URL (no pickles)")
@@ -336,13 +366,21 @@ def url_download(url: str, *, cache_dir: str | os.PathLike[str] | None, name: st
         why = f"the server {urlparse(url).netloc} cannot be reached ({reason})"  # at once, not after retries
     if why is not None:
         raise WeightsNotFoundError(_not_cached_message(url, name, why=why), arguments=("weights",))
-    folder.mkdir(parents=True, exist_ok=True)
     try:
-        # download_url_to_file writes to a temporary file and renames it when complete.
-        torch.hub.download_url_to_file(url, str(target), progress=progress_enabled())
+        _http_download(url, target)
     except urllib.error.HTTPError as exc:
         raise WeightsNotFoundError(f"{url}: HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError) as exc:
+    except http.client.IncompleteRead as exc:
+        missing = f"{exc.expected} bytes missing" if exc.expected else "the connection closed early"
+        raise WeightsNotFoundError(
+            f"{url}: the download ended before the whole file arrived ({missing}); nothing was cached, try again"
+        ) from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+        if isinstance(exc, TimeoutError) or isinstance(getattr(exc, "reason", None), TimeoutError):
+            raise WeightsNotFoundError(
+                f"{url}: the server sent nothing for {constants.HF_HUB_DOWNLOAD_TIMEOUT:g} s; nothing was cached "
+                "(on a slow link set HF_HUB_DOWNLOAD_TIMEOUT to more seconds)"
+            ) from None
         raise WeightsNotFoundError(_not_cached_message(url, name) + f" ({exc})", arguments=("weights",)) from None
     return target
 

@@ -40,6 +40,7 @@ class FakeHub:
         self.requests: list[tuple[str, str]] = []
         self.tamper: dict[tuple[str, str], bytes] = {}  # (repo_id, filename) -> bytes served instead
         self.stall: dict[tuple[str, str], float] = {}  # (repo_id, filename) -> seconds a GET body stops halfway
+        self.cut: set[tuple[str, str]] = set()  # (repo_id, filename): the connection closes halfway through a GET body
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -61,7 +62,9 @@ class FakeHub:
             def log_message(self, *args: object) -> None:  # keep test output clean
                 pass
 
-            def _reply(self, status: int, headers: dict[str, str], body: bytes = b"", stall: float = 0.0) -> None:
+            def _reply(
+                self, status: int, headers: dict[str, str], body: bytes = b"", stall: float = 0.0, cut: bool = False
+            ) -> None:
                 self.send_response(status)
                 for key, value in headers.items():
                     self.send_header(key, value)
@@ -70,6 +73,10 @@ class FakeHub:
                 if self.command == "GET":
                     half = len(body) // 2
                     self.wfile.write(body[:half])
+                    if cut:  # the full length announced, half of it sent, the connection closed
+                        self.wfile.flush()
+                        self.close_connection = True
+                        return
                     if stall:  # a slow link: the rest comes after a pause
                         self.wfile.flush()
                         time.sleep(stall)
@@ -93,7 +100,8 @@ class FakeHub:
                 body = hub.tamper.get((repo_id, filename), files[filename])
                 etag = hashlib.sha256(files[filename]).hexdigest()
                 stall = hub.stall.get((repo_id, filename), 0.0)
-                self._reply(200, {"X-Repo-Commit": commit, "ETag": f'"{etag}"'}, body, stall)
+                cut = (repo_id, filename) in hub.cut
+                self._reply(200, {"X-Repo-Commit": commit, "ETag": f'"{etag}"'}, body, stall, cut)
 
             do_GET = _resolve
             do_HEAD = _resolve
