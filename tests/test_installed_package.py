@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.support.paths import REPO_ROOT
 
 # Run by the installed copy; every number it checks is computed here with plain torch.
@@ -68,6 +70,7 @@ def _site_packages() -> list[str]:
     return list(dict.fromkeys(found))
 
 
+@pytest.mark.slow  # 4 s: pip builds and installs the wheel
 def test_mec_loss_imports_from_a_non_editable_install_outside_the_repository(tmp_path):
     # Build from a copy of what the wheel is made of, so that nothing is written into the repository.
     source = tmp_path / "source"

@@ -43,7 +43,11 @@ def list_cmd() -> None:
         state = "current" if entry.current else "unusable (other versions)" if entry.key else "damaged"
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used))
         click.echo(f"  {entry.folder.name}  {entry.kind:9}  {entry.size_bytes / 1e6:8.1f} MB  {used}  {state}: {what}")
-    click.echo(f"{len(entries)} entries, {sum(e.size_bytes for e in entries) / 1e6:.1f} MB")
+    click.echo(f"{_count(len(entries))}, {sum(e.size_bytes for e in entries) / 1e6:.1f} MB")
+
+
+def _count(n: int) -> str:
+    return f"{n} entry" if n == 1 else f"{n} entries"
 
 
 @cache_group.command("clear", short_help="Remove entries that cannot be used (--all: every entry).")
@@ -57,4 +61,4 @@ def clear_cmd(everything: bool) -> None:
     doomed = [entry for entry in list_entries() if everything or not entry.current]
     for entry in doomed:
         remove_entry(entry)
-    click.echo(f"removed {len(doomed)} entries, {sum(e.size_bytes for e in doomed) / 1e6:.1f} MB")
+    click.echo(f"removed {_count(len(doomed))}, {sum(e.size_bytes for e in doomed) / 1e6:.1f} MB")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -13,13 +14,20 @@ from mec_hub.cli.hub import main as hub_main
 from mec_hub.embedding.engine import Embedder
 
 
+def _entry_of(weights: Path) -> str:
+    return Embedder(weights=weights, device="cpu").record()["onnx_export"]["cache_entry"]
+
+
 @pytest.fixture
 def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_weights_dir: Path) -> Path:
-    """A cache holding the tiny model's export, an entry made by other versions, and a damaged one."""
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("MEC_HUB_CACHE", str(folder))
+    """A cache holding the tiny model's export, an entry made by other versions, and a damaged one.
+
+    The export is copied from the test session's cache (made there once, by this or an earlier test)."""
     monkeypatch.delenv("MEC_HUB_RUNTIME", raising=False)
-    entry = folder / "onnx" / Embedder(weights=tiny_weights_dir, device="cpu").record()["onnx_export"]["cache_entry"]
+    session_entry = Path(os.environ["MEC_HUB_CACHE"]) / "onnx" / _entry_of(tiny_weights_dir)
+    folder = tmp_path / "cache"
+    entry = shutil.copytree(session_entry, folder / "onnx" / session_entry.name)
+    monkeypatch.setenv("MEC_HUB_CACHE", str(folder))
     old = shutil.copytree(entry, folder / "onnx" / ("0" * 32))
     stored = json.loads((old / "key.json").read_text())
     stored["key"]["versions"]["torch"] = "1.13.0"
@@ -44,8 +52,8 @@ def test_clear_removes_what_cannot_be_used_and_all_removes_the_rest(cache: Path,
     result = CliRunner().invoke(hub_main, ["cache", "clear"])
     assert result.exit_code == 0 and "removed 2 entries" in result.output
     assert sorted(p.name for p in cache.iterdir()) == kept  # nothing else left, no temporary folder
-    assert Embedder(weights=tiny_weights_dir, device="cpu").record()["onnx_export"]["cache_entry"] == kept[0]
+    assert _entry_of(tiny_weights_dir) == kept[0]
     result = CliRunner().invoke(hub_main, ["cache", "clear", "--all"])
-    assert result.exit_code == 0 and "removed 1 entries" in result.output
+    assert result.exit_code == 0 and "removed 1 entry" in result.output
     assert not any(cache.iterdir())
     assert "empty" in CliRunner().invoke(hub_main, ["cache", "list"]).output

@@ -189,6 +189,7 @@ def test_embed_refuses_a_fifo_at_once(images: Path, tiny_weights_dir: Path, tmp_
 # --------------------------------------------------------------------------- kills
 
 
+@pytest.mark.slow  # 4 s: a run killed mid-batch, its workers looked for in /proc
 @pytest.mark.skipif(not LINUX, reason="reads /proc; the parent-death signal is Linux's")
 def test_no_decoding_worker_outlives_a_killed_run(images: Path, tiny_weights_dir: Path, tmp_path: Path):
     mark = tmp_path / "hung.pids"
@@ -372,6 +373,7 @@ def test_one_run_at_a_time_into_the_same_outputs(images: Path, tiny_weights_dir:
 # --------------------------------------------------------------------------- --overwrite, then --resume
 
 
+@pytest.mark.slow  # 4 s: a killed --overwrite resumed; test_resume_right_after_kill_9 stays in the default suite
 def test_resume_of_an_interrupted_overwrite_continues_it(images: Path, tiny_weights_dir: Path, tmp_path: Path):
     folder = tmp_path / "imgs"
     shutil.copytree(images, folder)
@@ -399,7 +401,8 @@ def test_resume_of_an_interrupted_overwrite_continues_it(images: Path, tiny_weig
 # --------------------------------------------------------------------------- publishing the three files
 
 
-@pytest.mark.parametrize("renames_done", [1, 2])
+# [2] (slow) checks the same guarantee one rename later
+@pytest.mark.parametrize("renames_done", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_a_kill_while_publishing_never_shows_a_mix(
     images: Path, tiny_weights_dir: Path, tmp_path: Path, renames_done: int
 ):
@@ -538,6 +541,7 @@ def test_a_file_name_that_is_not_utf8(images: Path, tiny_weights_dir: Path, tmp_
 # --------------------------------------------------------------------------- warnings
 
 
+@pytest.mark.slow  # 5 s: three mec-embed processes for one warning's display
 def test_the_worker_count_warning_is_printed_once(images: Path, tiny_weights_dir: Path, tmp_path: Path):
     run = run_cli_subprocess(*cli_args(images, tmp_path / "f.npy", tiny_weights_dir, "-j", 2), faults={"cpus": 1})
     assert run.returncode == 0, run.stderr[-3000:]

@@ -98,6 +98,7 @@ def test_fixed_batch_onnx_export_and_the_adapter_slices_batches(tmp_path: Path):
     assert adapter.head == "projector" and got.shape == (3, 512) and _max_rel(got, want) < 1e-4
 
 
+@pytest.mark.slow  # TorchScript is deprecated (pt2 replaces it); kept checked, outside the default suite
 def test_torchscript_is_bit_equal_and_loads_without_mec_hub(tmp_path: Path):
     out = tmp_path / "model.pt"
     _export(MODEL, "--format", "torchscript", "--out", out, "--head", "projector")

@@ -168,6 +168,8 @@ def test_stopping_at_max_steps_and_rerunning_reaches_the_same_weights(uninterrup
     assert logged(tmp_path) == logged(uninterrupted)
 
 
+# 5 s; test_stopping_at_max_steps_and_rerunning_reaches_the_same_weights keeps resume in the default suite
+@pytest.mark.slow  # a run killed and resumed
 def test_a_killed_run_resumes_to_the_same_weights(uninterrupted, images, tmp_path):
     log = tmp_path / "killed.log"
     with open(log, "w") as fh:

@@ -214,6 +214,7 @@ def test_registry_entry_without_digest_warns_and_env_relocates_it(hub, folders, 
         torch.testing.assert_close(model(X), _reference(folders["v1"]), rtol=0, atol=0)
 
 
+@pytest.mark.slow  # 6 s: timm's own download and model creation
 def test_timm_reads_our_hub_repos(hub, folders, tmp_path):
     """A repo we publish loads in timm without mec_hub, identically."""
     cache = tmp_path / "hf"

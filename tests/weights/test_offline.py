@@ -151,6 +151,7 @@ def test_a_pinned_commit_in_the_cache_asks_nothing(hub, tmp_path, online):
     assert len(hub.requests) == asked
 
 
+@pytest.mark.slow  # 3 s of a deliberately stalled download
 def test_the_short_wait_is_for_the_first_answer_not_for_the_download(hub, folder, tmp_path, online):
     """A file whose bytes pause for longer than the wait for the first answer still downloads."""
     hub.stall[(REPO, "model.safetensors")] = 2.5  # > REACH_TIMEOUT_S (1.5 s), < HF_HUB_DOWNLOAD_TIMEOUT (10 s)
