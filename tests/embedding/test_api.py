@@ -16,7 +16,7 @@ import mec_hub
 from mec_hub.data.images import ImageDecodeError
 from mec_hub.embedding.engine import Embedder, ModelMismatchError
 from mec_hub.errors import MecHubError
-from tests.support.embedding import make_images, reference_features
+from tests.support.embedding import make_images
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -24,16 +24,6 @@ TOL = {"rtol": 1e-5, "atol": 1e-5}
 @pytest.fixture(scope="module")
 def embedder(tiny_weights_dir: Path) -> Embedder:
     return Embedder(weights=tiny_weights_dir, device="cpu", batch_size=5, num_workers=1)
-
-
-@pytest.fixture(scope="module")
-def photos(photos_dir: Path) -> list[Path]:
-    return sorted(photos_dir.iterdir())
-
-
-@pytest.fixture(scope="module")
-def photo_reference(tiny_weights_dir: Path, photos: list[Path]) -> np.ndarray:
-    return reference_features(tiny_weights_dir, photos)
 
 
 def test_paths_give_the_plain_forward(embedder: Embedder, photos: list[Path], photo_reference: np.ndarray):

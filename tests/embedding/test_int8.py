@@ -26,23 +26,6 @@ MODEL = "mec_resnet18_cifar10s"
 
 
 @pytest.fixture(scope="module")
-def module_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture
-def cache(module_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("MEC_HUB_CACHE", str(module_cache))
-    monkeypatch.delenv("MEC_HUB_RUNTIME", raising=False)
-    return module_cache
-
-
-@pytest.fixture(scope="module")
-def photos(photos_dir: Path) -> list[Path]:
-    return sorted(photos_dir.iterdir())
-
-
-@pytest.fixture(scope="module")
 def eager(photos: list[Path]) -> np.ndarray:
     """The bundled model's fp32 PyTorch forward, one photo at a time."""
     model = mec_hub.load(MODEL)

@@ -37,35 +37,12 @@ def entries(cache: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.exists() else []
 
 
-@pytest.fixture(scope="module")
-def module_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture
-def cache(module_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The cache of this module's tests: an export made by one is found by the next (each export takes seconds)."""
-    monkeypatch.setenv("MEC_HUB_CACHE", str(module_cache))
-    monkeypatch.delenv("MEC_HUB_RUNTIME", raising=False)
-    return module_cache
-
-
 @pytest.fixture
 def empty_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder = tmp_path / "cache"
     monkeypatch.setenv("MEC_HUB_CACHE", str(folder))
     monkeypatch.delenv("MEC_HUB_RUNTIME", raising=False)
     return folder
-
-
-@pytest.fixture(scope="module")
-def photos(photos_dir: Path) -> list[Path]:
-    return sorted(photos_dir.iterdir())
-
-
-@pytest.fixture(scope="module")
-def photo_reference(tiny_weights_dir: Path, photos: list[Path]) -> np.ndarray:
-    return reference_features(tiny_weights_dir, photos)
 
 
 def test_the_default_on_a_cpu_is_onnxruntime_and_agrees_with_the_eager_model(
