@@ -330,7 +330,7 @@ def _reopen(path: Path, dim: int, dtype: str, rows: int) -> NpyRowWriter:
 def _embed_slice(
     embedder: JobEmbedder,
     model_fields: dict[str, Any],
-    collected: CollectedInputs,
+    source: ImageSource,
     part: Any,
     state: PartState,
     *,
@@ -338,7 +338,7 @@ def _embed_slice(
     label: str = "embedding",
     on_commit: ProgressCallback | None = None,
 ) -> None:
-    """Embed ``collected.items[state.items_done:state.end]``, checkpointing after every batch."""
+    """Embed ``source[state.items_done:state.end]``, checkpointing after every batch."""
     dim, dtype = model_fields["embed_dim"], model_fields["out_dtype"]
     folder = part.data.parent
     with _writing(folder):
@@ -352,7 +352,6 @@ def _embed_slice(
         writer = _reopen(part.data, dim, dtype, state.rows_done)
         truncate(part.failed, state.failed_bytes)
         failed_log = open(part.failed, "ab")  # noqa: SIM115
-    source = image_source(collected, embedder.transform)
     bar = tqdm(
         total=state.end - state.start,
         initial=state.items_done - state.start,
@@ -560,7 +559,8 @@ def run_job(
     group = ProcessGroup(env)
     lock = RunLock(files)
     try:
-        embedder.prepare(image_source(collected, embedder.transform))  # before its record is made
+        source = image_source(collected, embedder.transform)  # every path packed once, for the whole run
+        embedder.prepare(source)  # before its record is made
         model_fields = embedder.record()
         fingerprint = make_fingerprint(embedder, collected, env.world_size)
         digests = group.all_gather(fingerprint_digest(fingerprint))
@@ -598,7 +598,7 @@ def run_job(
         _embed_slice(
             embedder,
             model_fields,
-            collected,
+            source,
             files.part(env.rank, env.world_size),
             state,
             show_progress=show,
