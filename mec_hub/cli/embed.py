@@ -16,6 +16,7 @@ from mec_hub import __version__
 from mec_hub.cli.common import UserError, cli_message, device_option, friendly_errors, option, show_warnings_briefly
 from mec_hub.embedding import DEFAULT_BATCH_SIZE
 from mec_hub.embedding.runtimes import RUNTIMES, auto_runtime_help
+from mec_hub.export.int8_targets import CALIBRATION_IMAGES, MIN_CALIBRATION_IMAGES, Agreement, targets_text
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -87,8 +88,9 @@ Examples:
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "int8"]), default="fp32", show_default=True,
               help="Autocast precision of the model (fp16 needs CUDA); int8: ONNX Runtime's static quantization "
                    "on a CPU, calibrated on a sample of the inputs (--calibration-images), refused unless it "
-                   "agrees with fp32 there (mean cosine >= 0.99, recall@10 >= 0.95).")
-@click.option("--calibration-images", type=click.IntRange(min=16), default=256, show_default=True, metavar="N",
+                   f"agrees with fp32 there ({targets_text()}).")
+@click.option("--calibration-images", type=click.IntRange(min=MIN_CALIBRATION_IMAGES), default=CALIBRATION_IMAGES,
+              show_default=True, metavar="N",
               help="With --precision int8: how many of the inputs, spread evenly, it is calibrated and checked on.")
 @click.option("--out-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--normalize/--no-normalize", default=False, show_default=True, help="L2-normalise each feature.")
@@ -244,12 +246,7 @@ def _report(result: EmbedResult) -> None:
     )
     figures = (meta.get("int8") or {}).get("agreement_with_fp32")
     if isinstance(figures, dict):
-        click.echo(
-            f"  int8 against fp32 on {figures.get('images')} calibration images: cosine mean "
-            f"{figures.get('cosine_mean'):.4f}, min {figures.get('cosine_min'):.4f}; recall@10 "
-            f"{figures.get('recall_at_10'):.3f}",
-            err=True,
-        )
+        click.echo(f"  {Agreement(**figures).summary()}", err=True)
     failed = meta["failed"]
     if failed:
         click.echo(f"  {len(failed)} failed (all listed in {result.meta_path.name}):", err=True)

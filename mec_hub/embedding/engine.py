@@ -37,8 +37,9 @@ from mec_hub.embedding.optimize import fold_batchnorm
 from mec_hub.embedding.runner import Batch, BatchRunner, device_settings
 from mec_hub.embedding.runtimes import choose_runtime, requested_runtime
 from mec_hub.errors import InvalidArgumentError, MecHubError
+from mec_hub.export.int8_targets import CALIBRATION_IMAGES, MIN_CALIBRATION_IMAGES, Agreement
 from mec_hub.export.onnx_cache import CachedModel, describe, onnx_export
-from mec_hub.export.quantize import CALIBRATION_IMAGES, MIN_CALIBRATION_IMAGES, Agreement, int8_export
+from mec_hub.export.quantize import int8_export
 from mec_hub.models import loading
 from mec_hub.models.encoder import MECEncoder
 from mec_hub.models.features import PooledStage

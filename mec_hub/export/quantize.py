@@ -13,7 +13,8 @@ recall@10 of a search of the int8 vectors against the fp32 ones (each image's 10
 itself left out, as found from its int8 vector, against those found from its fp32 vector). A model
 that misses ``TARGETS`` is refused with the figures, and nothing is cached. An entry that passed is
 cached like the fp32 export (``onnx_cache.cached_entry``), keyed by the fp32 entry, the digest of the
-calibration tensor and the quantization settings, and records its figures.
+calibration tensor and the quantization settings, and records its figures. The targets, sample sizes
+and ``Agreement`` live in the torch-free ``mec_hub.export.int8_targets``.
 """
 
 from __future__ import annotations
@@ -21,25 +22,18 @@ from __future__ import annotations
 import hashlib
 import tempfile
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mec_hub.errors import MecHubError
+from mec_hub.export.int8_targets import MIN_CALIBRATION_IMAGES, RECALL_K, Agreement
 from mec_hub.export.onnx_cache import CACHE_FORMAT, MODEL_FILE, CachedModel, cached_entry, package_versions
 from mec_hub.models.export_sidecar import INPUT_NAME, read_export_description, write_derived_description
 from mec_hub.models.onnx_runtime import OnnxRuntimeModel
 from mec_hub.weights.integrity import sha256_file
 
-#: Images of the user's collection the quantization is calibrated (and checked) on, by default.
-CALIBRATION_IMAGES = 256
-#: Fewer images than this calibrate too little, and make recall@10 meaningless.
-MIN_CALIBRATION_IMAGES = 16
-#: What an int8 model must reach against fp32 on the calibration images, or it is refused.
-TARGETS = {"cosine_mean": 0.99, "recall_at_10": 0.95}
-RECALL_K = 10
 #: ``quantize_static``'s settings (recorded, and part of the cache key).
 SETTINGS = {
     "method": "onnxruntime.quantization.quantize_static",
@@ -53,34 +47,6 @@ _CALIBRATION_BATCH = 16
 
 class Int8RefusedError(MecHubError):
     """The int8 model does not agree with fp32 closely enough on the calibration images."""
-
-
-@dataclass(frozen=True)
-class Agreement:
-    """How the int8 model's vectors compare with fp32's on the calibration images."""
-
-    images: int
-    cosine_mean: float
-    cosine_min: float
-    recall_at_10: float
-
-    def misses(self) -> list[str]:
-        """The targets missed, in words (empty: all met)."""
-        out = []
-        if not self.cosine_mean >= TARGETS["cosine_mean"]:
-            out.append(f"mean cosine {self.cosine_mean:.4f} < {TARGETS['cosine_mean']}")
-        if not self.recall_at_10 >= TARGETS["recall_at_10"]:
-            out.append(f"recall@10 {self.recall_at_10:.3f} < {TARGETS['recall_at_10']}")
-        return out
-
-    def summary(self) -> str:
-        return (
-            f"int8 against fp32 on {self.images} calibration images: cosine mean {self.cosine_mean:.4f}, "
-            f"min {self.cosine_min:.4f}; recall@10 {self.recall_at_10:.3f}"
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {key: (round(value, 6) if isinstance(value, float) else value) for key, value in asdict(self).items()}
 
 
 def agreement(fp32: np.ndarray, int8: np.ndarray) -> Agreement:

@@ -20,7 +20,7 @@ import mec_hub
 from mec_hub.cli.embed import main as embed_main
 from mec_hub.embedding.engine import Embedder
 from mec_hub.errors import MecHubError
-from mec_hub.export import quantize
+from mec_hub.export import int8_targets, quantize
 
 MODEL = "mec_resnet18_cifar10s"
 
@@ -79,7 +79,7 @@ def test_the_int8_model_is_cached_by_its_calibration_images(cache: Path, photos:
 def test_a_model_that_misses_the_targets_is_refused_with_its_figures(
     cache: Path, photos: list[Path], monkeypatch: pytest.MonkeyPatch
 ):
-    monkeypatch.setitem(quantize.TARGETS, "cosine_mean", 0.9999999)
+    monkeypatch.setitem(int8_targets.TARGETS, "cosine_mean", 0.9999999)
     before = int8_entries(cache)
     embedder = Embedder(MODEL, device="cpu", precision="int8")
     with pytest.raises(quantize.Int8RefusedError, match=r"mean cosine 0\.99\d\d < 0\.9999999.*recall@10"):
