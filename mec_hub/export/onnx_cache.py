@@ -44,7 +44,7 @@ from torch import nn
 from mec_hub import __version__
 from mec_hub.errors import MecHubError
 from mec_hub.export.deploy import MIN_OPSET, deployable, export_encoder
-from mec_hub.fileio import atomic_directory, atomic_write_json, read_json
+from mec_hub.fileio import atomic_directory, atomic_write_json, json_plain, read_json
 from mec_hub.models.onnx_runtime import OnnxRuntimeModel, require
 from mec_hub.models.protocol import state_dict_sha256
 from mec_hub.weights.sources import default_cache_dir
@@ -79,6 +79,11 @@ def package_versions(names: tuple[str, ...] = VERSIONED) -> dict[str, str | None
     return versions
 
 
+def installed_versions() -> dict[str, str | None]:
+    """The versions an entry's key records and is compared with: ``VERSIONED``'s and mec_hub's."""
+    return {**package_versions(), "mec_hub": __version__}
+
+
 def entry_name(key: Mapping[str, Any]) -> str:
     """The folder name of the entry for ``key``: a digest of its canonical JSON."""
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
@@ -99,7 +104,7 @@ def export_key(encoder: nn.Module) -> dict[str, Any]:
         "state_dict_sha256": state_dict_sha256(deployable(encoder)),
         "weights_sha256": identity.weights_sha256,
         "opset": MIN_OPSET,
-        "versions": {**package_versions(), "mec_hub": __version__},
+        "versions": installed_versions(),
     }
 
 
@@ -132,7 +137,7 @@ def cached_entry(
     """
     root = Path(cache_dir) if cache_dir is not None else export_cache_dir()
     folder = root / entry_name(key)
-    key = json.loads(json.dumps(key))  # the key as it reads back from key.json
+    key = json_plain(key)  # the key as it reads back from key.json
     if folder.is_dir():
         try:
             return _open(folder, key, threads=threads, made=False)
@@ -195,7 +200,7 @@ class EntryInfo:
         recorded = self.key.get("versions")
         if not isinstance(recorded, dict):
             return False
-        installed = {**package_versions(), "mec_hub": __version__}
+        installed = installed_versions()
         return all(installed.get(name) == version for name, version in recorded.items())
 
 
