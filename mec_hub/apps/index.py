@@ -66,6 +66,7 @@ from mec_hub.weights.integrity import sha256_file
 
 KINDS = ("auto", "flat", "ivf", "hnsw", "ivfpq")
 APPROXIMATE = ("ivf", "hnsw", "ivfpq")
+_IVF_KINDS = ("ivf", "ivfpq")  # the kinds with inverted lists (nprobe, the IVF file layout)
 INDEX_SUFFIX = ".index"
 INFO_SUFFIX = ".json"  # FEATS.index -> FEATS.index.json
 FORMAT = "mec-hub-index"
@@ -254,13 +255,24 @@ def rerank(
     """
     scores = np.full((len(queries), k), _NO_SCORE, dtype=np.float32)
     rows = np.full((len(queries), k), -1, dtype=np.int64)
-    chunk = max(1, _BLOCK_BUDGET // max(candidates.shape[1] * matrix.shape[1], 1))
+    chunk = _queries_per_block(candidates, matrix)
     for start in range(0, len(queries), chunk):
         found = candidates[start : start + chunk]
         best = _best(_exact_scores(matrix, queries[start : start + chunk], found), found, k)
         width = best[0].shape[1]
         scores[start : start + chunk, :width], rows[start : start + chunk, :width] = best
     return scores, rows
+
+
+def _queries_per_block(candidates: np.ndarray, matrix: np.ndarray) -> int:
+    """Queries whose gathered candidate rows fill about ``_BLOCK_BUDGET`` elements (32 MiB of float32)."""
+    return max(1, _BLOCK_BUDGET // max(candidates.shape[1] * matrix.shape[1], 1))
+
+
+def _rerank_depth(rows: int, k_factor: int, k: int) -> int:
+    """Candidates an ivfpq search re-ranks for ``k`` answers: ``k_factor`` times ``k``, and never fewer than
+    for the 10 its setting was tuned for, so the first ``k`` answers are the same whatever ``k <= 10``."""
+    return min(rows, k_factor * max(k, RECALL_K))
 
 
 def _exact_scores(matrix: np.ndarray, queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
@@ -273,7 +285,7 @@ def _exact_scores(matrix: np.ndarray, queries: np.ndarray, candidates: np.ndarra
     row is read once; memory: about 32 MiB of gathered rows at a time.
     """
     similarity = np.empty(candidates.shape, dtype=np.float32)
-    chunk = max(1, _BLOCK_BUDGET // max(candidates.shape[1] * matrix.shape[1], 1))
+    chunk = _queries_per_block(candidates, matrix)
     for start in range(0, len(queries), chunk):
         found = candidates[start : start + chunk]
         wanted, where = np.unique(found, return_inverse=True)  # -1 reads the last row: overwritten below
@@ -443,12 +455,8 @@ class FeatureIndex:
                 f"{self.origin} re-ranks from its feature set, which it was loaded without: "
                 f"FeatureIndex.load({str(self.path or 'PATH')!r}, features=FEATS)"
             )
-        return rerank(self.features, queries, self._search_faiss(queries, self._depth(k))[1], k)
-
-    def _depth(self, k: int) -> int:
-        """Candidates an ivfpq search re-ranks for ``k`` answers: ``k_factor`` times ``k``, and never fewer than
-        for the 10 its setting was tuned for, so the first ``k`` answers are the same whatever ``k <= 10``."""
-        return min(self.rows, int(self.params.get("k_factor", 1)) * max(k, RECALL_K))
+        depth = _rerank_depth(self.rows, int(self.params.get("k_factor", 1)), k)
+        return rerank(self.features, queries, self._search_faiss(queries, depth)[1], k)
 
     def _search_faiss(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         scores, rows = self.index.search(queries, k)
@@ -609,7 +617,7 @@ def _searcher(
         return lambda queries, k: index.search(queries, k)[1]
 
     def search(queries: np.ndarray, k: int) -> np.ndarray:
-        candidates = index.search(queries, min(len(matrix), params["k_factor"] * max(k, RECALL_K)))[1]
+        candidates = index.search(queries, _rerank_depth(len(matrix), params["k_factor"], k))[1]
         return rerank(matrix, queries, candidates, k)[1]
 
     return search
@@ -621,7 +629,7 @@ def _add_in_blocks(index: Any, matrix: np.ndarray, block_rows: int) -> None:
 
 
 def _apply_search_params(faiss: Any, index: Any, kind: str, params: dict[str, Any]) -> None:
-    if kind in ("ivf", "ivfpq") and "nprobe" in params:
+    if kind in _IVF_KINDS and "nprobe" in params:
         faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])
     elif kind == "hnsw" and "ef_search" in params:
         index.hnsw.efSearch = int(params["ef_search"])
@@ -629,7 +637,7 @@ def _apply_search_params(faiss: Any, index: Any, kind: str, params: dict[str, An
 
 def _check_search_params(faiss: Any, index: Any, record: _IndexRecord, path: Path) -> None:
     """A search setting bounded as ``build`` bounds it: FAISS allocates for it at every search."""
-    if record.kind in ("ivf", "ivfpq"):
+    if record.kind in _IVF_KINDS:
         limits = {"nprobe": faiss.extract_index_ivf(index).nlist, "k_factor": _K_FACTORS[0]}
     elif record.kind == "hnsw":
         limits = {"ef_search": max(16, min(4096, record.rows))}
@@ -957,7 +965,7 @@ def _read_faiss(faiss: Any, path: Path, record: _IndexRecord) -> Any:
         with open_regular_file(path) as fh:
             size = os.fstat(fh.fileno()).st_size
             _check_header(fh.read(_HEADER.size), size, record, path)
-            if record.kind in ("ivf", "ivfpq"):
+            if record.kind in _IVF_KINDS:
                 _check_ivf_layout(_Fields(fh, size, path), record)
     except OSError as exc:
         raise MalformedIndexError(f"{path}: cannot read ({exc.strerror or exc})") from None
@@ -1088,7 +1096,7 @@ def _check_structure(faiss: Any, index: Any, record: _IndexRecord, path: Path) -
     """The row numbers an index can answer are ``0`` to ``rows - 1``, each once in an IVF index; an HNSW
     graph stays inside itself. What FAISS read, checked again (``_check_ivf_layout`` read the bytes)."""
     rows = record.rows
-    if record.kind in ("ivf", "ivfpq"):
+    if record.kind in _IVF_KINDS:
         ivf = faiss.extract_index_ivf(index)
         nlist = ivf.nlist
         if record.params.get("nlist", nlist) != nlist or ivf.quantizer.ntotal != nlist:
